@@ -1,0 +1,133 @@
+"""Typed configuration shared by every stage. Hydra YAML under `configs/` mirrors these dataclasses field for field;
+`from_dict` turns a (resolved) Hydra node into them and rejects unknown keys by name."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from fedtina.errors import FedtinaError
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "shapes"              # shapes (embedded, offline) | cifar100 | folder
+    path: str | None = None           # folder: a directory or .zip of class folders; cifar100: download root
+    names_file: str | None = None     # folder: optional "id<TAB>readable name" lines
+    download: bool = True             # cifar100: try torchvision's download (fails fast offline)
+    images_per_class: int = 240       # shapes only
+    seed: int = 0                     # shapes: generation seed
+
+
+@dataclass
+class ProtocolConfig:
+    seen_fraction: float = 0.8        # classes the generic model and the zoo may use
+    backbone_fraction: float = 0.5    # per class: images for the generic model
+    zoo_fraction: float = 0.25        # per class: images for zoo heads and clients; the rest is test
+    seed: int = 0
+
+
+@dataclass
+class BackboneConfig:
+    arch: str = "resnet20"
+    width: int = 16                   # channels of the first stage (16 -> 64-d features for ResNet-20)
+    epochs: int = 15
+    batch_size: int = 128
+    lr: float = 0.1
+    weight_decay: float = 5e-4
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class EncoderConfig:
+    name: str = "minilm"              # minilm (offline default) | clip
+    model: str = "ViT-B-32"           # clip: open_clip architecture
+    pretrained: str | None = None     # clip: a pretrained tag ("openai") or a local checkpoint path; None = random
+    template: str = "a photo of a {}."
+    device: str = "auto"
+
+
+@dataclass
+class HeadTrainConfig:
+    """Fine-tuning a linear head on frozen features (zoo heads, oracle, clients)."""
+    steps: int = 100
+    lr: float = 0.05
+    l2_to_init: float = 1e-3          # pull toward the initial (generic) rows
+    weight_decay: float = 0.0
+
+
+@dataclass
+class ZooConfig:
+    num_tasks: int = 600
+    k_min: int = 10                   # classes per task, sampled uniformly in [k_min, k_max]
+    k_max: int = 10
+    seed: int = 0
+    finetune: HeadTrainConfig = field(default_factory=HeadTrainConfig)
+
+
+@dataclass
+class TinaConfig:
+    max_classes: int = 20             # largest label set Tina generates (tokens are masked beyond k)
+    d_model: int = 256
+    depth: int = 6
+    num_heads: int = 8
+    mlp_ratio: float = 4.0
+    timesteps: int = 1000             # DDPM training steps
+    sample_steps: int = 20            # DDIM steps at generation time
+    train_steps: int = 4000
+    batch_size: int = 128
+    lr: float = 3e-4
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class BenchConfig:
+    num_tasks: int = 100              # per task set (ID and OOD)
+    k: int = 10
+    ood_unseen: int = 3               # unseen classes in each OOD task
+    tina_ft: HeadTrainConfig = field(default_factory=lambda: HeadTrainConfig(steps=10))
+    seed: int = 1
+
+
+@dataclass
+class CoreConfig:
+    """Everything `build_assets` needs: dataset -> split -> backbone -> features -> zoo -> Tina."""
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    zoo: ZooConfig = field(default_factory=ZooConfig)
+    tina: TinaConfig = field(default_factory=TinaConfig)
+    cache_dir: str | None = None
+
+    @property
+    def cache_path(self) -> Path:
+        return resolve_cache_dir(self.cache_dir)
+
+
+def resolve_cache_dir(cache_dir: str | None) -> Path:
+    path = Path(cache_dir or os.environ.get("FEDTINA_CACHE") or Path.home() / ".cache" / "fedtina").expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], data: dict[str, Any] | None) -> T:
+    """Build dataclass `cls` from a plain dict, recursing into nested dataclasses; unknown keys are an error."""
+    data = dict(data or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise FedtinaError(f"unknown {cls.__name__} option(s) {unknown}; valid: {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        default = fields[name].default_factory() if fields[name].default_factory is not dataclasses.MISSING else None
+        kwargs[name] = from_dict(type(default), value) if dataclasses.is_dataclass(default) else value
+    return cls(**kwargs)
