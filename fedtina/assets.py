@@ -1,0 +1,85 @@
+"""Build (or reuse from the cache) everything downstream code needs, in the order data flows:
+dataset -> protocol split -> generic backbone + feature bank -> text encoder -> zoo -> Tina."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from fedtina.backbone import FeatureBank, build_feature_bank
+from fedtina.config import CoreConfig
+from fedtina.data import ImageDataset, load_dataset
+from fedtina.protocol import ProtocolSplit, make_split
+from fedtina.text import CachedTextEncoder, make_encoder
+from fedtina.tina.generator import TinaGenerator
+from fedtina.zoo import ZooStore, build_zoo
+
+
+@dataclass
+class Assets:
+    cfg: CoreConfig
+    dataset: ImageDataset
+    split: ProtocolSplit
+    bank: FeatureBank
+    encoder: CachedTextEncoder
+    zoo: ZooStore
+    zoo_dir: Path
+    tina: TinaGenerator
+    tina_path: Path
+    timings: dict[str, float]
+
+
+def zoo_key(cfg: CoreConfig, ds: ImageDataset, split: ProtocolSplit) -> str:
+    b, z = cfg.backbone, cfg.zoo
+    ft = z.finetune
+    return (f"{ds.name}-{ds.fingerprint}-{split.key}-{b.arch}{b.width}e{b.epochs}s{b.seed}"
+            f"-k{z.k_min}_{z.k_max}s{z.seed}-ft{ft.steps}_{ft.lr:g}_{ft.l2_to_init:g}")
+
+
+def tina_key(cfg: CoreConfig, encoder: CachedTextEncoder, num_entries: int) -> str:
+    t = cfg.tina
+    return (f"{encoder.id}-{abs(hash(encoder.template)) % 10**6:06d}-n{num_entries}-m{t.max_classes}-d{t.d_model}"
+            f"x{t.depth}h{t.num_heads}-T{t.timesteps}-st{t.train_steps}b{t.batch_size}lr{t.lr:g}s{t.seed}")
+
+
+def build_assets(cfg: CoreConfig, log: Callable[[str], None] = print, with_tina: bool = True) -> Assets:
+    """Everything is cached under cfg.cache_path; a second call with the same config loads in seconds."""
+    from fedtina.tina.train import load_checkpoint, save_checkpoint, train_tina
+
+    cache = cfg.cache_path
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    ds = load_dataset(cfg.dataset, cache)
+    split = make_split(ds, cfg.protocol)
+    timings["dataset_s"] = time.perf_counter() - t0
+    log(f"[data] {ds.name}: {len(ds.images)} images, {ds.num_classes} classes "
+        f"({len(split.seen)} seen, {len(split.unseen)} unseen)")
+
+    t0 = time.perf_counter()
+    bank = build_feature_bank(ds, split, cfg.backbone, cache, log=log)
+    timings["backbone_features_s"] = time.perf_counter() - t0
+
+    encoder = make_encoder(cfg.encoder, cache)
+    zoo_dir = cache / "zoo" / zoo_key(cfg, ds, split)
+    zoo = ZooStore(zoo_dir)
+    t0 = time.perf_counter()
+    build_zoo(zoo, bank, split, ds.class_names, ds.labels, cfg.zoo, log=log)
+    timings["zoo_s"] = time.perf_counter() - t0
+    log(f"[zoo] {len(zoo)} heads in {zoo_dir}")
+
+    tina = None
+    tina_path = cache / "tina" / zoo_dir.name / f"{tina_key(cfg, encoder, len(zoo))}.safetensors"
+    if with_tina:
+        t0 = time.perf_counter()
+        if tina_path.exists():
+            tina = load_checkpoint(tina_path, encoder)
+            log(f"[tina] loaded {tina_path}")
+        else:
+            tina = train_tina(zoo.entries(), encoder, cfg.tina, log=log)
+            tina_path.parent.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(tina_path, tina)
+            log(f"[tina] trained and saved {tina_path}")
+        timings["tina_s"] = time.perf_counter() - t0
+    return Assets(cfg, ds, split, bank, encoder, zoo, zoo_dir, tina, tina_path, timings)
