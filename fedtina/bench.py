@@ -1,0 +1,165 @@
+"""The core benchmark: how well each way of personalizing a head does on tasks Tina never saw.
+
+    python -m fedtina.bench dataset=shapes            # embedded dataset, offline
+    python -m fedtina.bench dataset=caltech101        # ../shared/data/caltech101-32.zip
+
+Protocol (seeded; see fedtina/protocol.py): classes are split into seen and unseen; each class's images into a backbone,
+a zoo and a test part. The generic model trains on backbone-part images of seen classes only; zoo heads and every
+fine-tuning below use zoo-part images only; every accuracy is measured on test-part images.
+Task sets: ID = new subsets of seen classes (none identical to a zoo task); OOD = subsets holding unseen classes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from fedtina.assets import Assets, build_assets
+from fedtina.config import BenchConfig, CoreConfig, HeadTrainConfig, from_dict
+from fedtina.heads import Head, accuracy, finetune_heads, oracle_heads, selection_head, train_scratch_heads
+from fedtina.protocol import sample_ood_tasks, sample_tasks
+
+log = logging.getLogger("fedtina.bench")
+
+ROWS = ("selection", "tina", "tina_ft", "oracle", "scratch")
+
+
+@dataclass
+class TaskData:
+    """One personalization task: its classes and their zoo-part (train) and test-part features."""
+
+    class_ids: tuple[int, ...]
+    class_names: tuple[str, ...]
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+
+
+def task_data(assets: Assets, class_ids: tuple[int, ...]) -> TaskData:
+    labels, feats = assets.dataset.labels, assets.bank.features
+    pos = {c: i for i, c in enumerate(class_ids)}
+
+    def part(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        idx = idx[np.isin(labels[idx], class_ids)]
+        return feats[idx], np.array([pos[c] for c in labels[idx]], dtype=np.int64)
+
+    names = tuple(assets.dataset.class_names[c] for c in class_ids)
+    return TaskData(class_ids, names, *part(assets.split.zoo_idx), *part(assets.split.test_idx))
+
+
+def sample_task_sets(assets: Assets, cfg: BenchConfig) -> dict[str, list[tuple[int, ...]]]:
+    """ID tasks exclude every zoo task; OOD tasks hold `ood_unseen` unseen classes each."""
+    rng = np.random.default_rng(cfg.seed)
+    name_to_id = {n: i for i, n in enumerate(assets.dataset.class_names)}
+    zoo_sets = {frozenset(name_to_id[n] for n in e.class_names) for e in assets.zoo.entries()}
+    id_tasks = sample_tasks(assets.split.seen, cfg.num_tasks, cfg.k, cfg.k, rng, exclude=zoo_sets)
+    ood_tasks = sample_ood_tasks(assets.split.seen, assets.split.unseen, cfg.num_tasks, cfg.k, cfg.ood_unseen, rng)
+    return {"id": id_tasks, "ood": ood_tasks}
+
+
+def selection_heads(assets: Assets, tasks: list[TaskData]) -> list[Head]:
+    return [selection_head(list(t.class_names), assets.bank, assets.dataset.class_names, assets.encoder) for t in tasks]
+
+
+def personalize(assets: Assets, tasks: list[TaskData], cfg: BenchConfig) -> dict[str, tuple[list[Head], float]]:
+    """Every row's heads for `tasks`, with the wall time per task of producing them: each method runs batched over
+    all tasks at once, and the time is divided by the number of tasks (amortized, as a server would serve them)."""
+    data = [(t.train_x, t.train_y) for t in tasks]
+    out: dict[str, tuple[list[Head], float]] = {}
+
+    def timed(name: str, fn: Callable[[], list[Head]]) -> None:
+        t0 = time.perf_counter()
+        heads = fn()
+        out[name] = (heads, (time.perf_counter() - t0) / len(tasks))
+        log.info("[bench] %-9s %.4f s/task", name, out[name][1])
+
+    timed("selection", lambda: selection_heads(assets, tasks))
+    timed("tina", lambda: assets.tina.generate([list(t.class_names) for t in tasks]))
+    t0 = time.perf_counter()
+    tuned = finetune_heads(out["tina"][0], data, cfg.tina_ft)
+    out["tina_ft"] = (tuned, out["tina"][1] + (time.perf_counter() - t0) / len(tasks))  # generation + tuning
+    timed("oracle", lambda: oracle_heads(out["selection"][0], data, assets.cfg.zoo.finetune))
+    timed("scratch", lambda: train_scratch_heads([t.class_names for t in tasks], data, HeadTrainConfig(
+        steps=300, lr=0.05, l2_to_init=0.0, weight_decay=1e-4), assets.bank.features.shape[1]))
+    return out
+
+
+def score(heads: list[Head], tasks: list[TaskData]) -> np.ndarray:
+    return np.array([accuracy(h, t.test_x, t.test_y) for h, t in zip(heads, tasks)])
+
+
+def run_bench(assets: Assets, cfg: BenchConfig) -> dict:
+    task_sets = sample_task_sets(assets, cfg)
+    result: dict[str, dict] = {row: {} for row in ROWS}
+    for set_name, class_sets in task_sets.items():
+        tasks = [task_data(assets, ids) for ids in class_sets]
+        log.info("[bench] %s: %d tasks of k=%d", set_name.upper(), len(tasks), cfg.k)
+        for row, (heads, secs) in personalize(assets, tasks, cfg).items():
+            acc = score(heads, tasks)
+            result[row][f"{set_name}_acc"] = float(acc.mean())
+            result[row][f"{set_name}_std"] = float(acc.std())
+            result[row].setdefault("personalize_s", {})[set_name] = secs
+    d = assets.bank.features.shape[1]
+    for row in ROWS:
+        result[row]["personalize_s"] = float(np.mean(list(result[row]["personalize_s"].values())))
+        result[row]["generated_params"] = cfg.k * (d + 1) if row.startswith("tina") else 0
+    return result
+
+
+def gain_captured(result: dict, set_name: str) -> float:
+    """(tina - selection) / (oracle - selection): share of the oracle's gain over selection that Tina captures."""
+    sel, tina, orc = (result[r][f"{set_name}_acc"] for r in ("selection", "tina", "oracle"))
+    return float((tina - sel) / (orc - sel)) if orc != sel else float("nan")
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{'method':<10} {'ID acc':>15} {'OOD acc':>15} {'personalize s':>14} {'gen. params':>12}"]
+    for row in ROWS:
+        r = result[row]
+        lines.append(f"{row:<10} {r['id_acc']:>8.3f} ± {r['id_std']:.3f} {r['ood_acc']:>8.3f} ± {r['ood_std']:.3f} "
+                     f"{r['personalize_s']:>14.4f} {r['generated_params']:>12}")
+    lines.append(f"Tina captures {gain_captured(result, 'id'):.2f} of the oracle's ID gain over selection "
+                 f"(target >= 0.80); OOD: tina - selection = "
+                 f"{result['tina']['ood_acc'] - result['selection']['ood_acc']:+.3f}")
+    return "\n".join(lines)
+
+
+def main_from_dict(cfg: dict, out_dir: Path) -> dict:
+    core = from_dict(CoreConfig, {k: v for k, v in cfg.items() if k != "bench"})
+    bench_cfg = from_dict(BenchConfig, cfg.get("bench"))
+    t0 = time.perf_counter()
+    assets = build_assets(core, log=log.info)
+    setup_s = time.perf_counter() - t0
+    result = run_bench(assets, bench_cfg)
+    report = {"dataset": assets.dataset.name, "encoder": assets.encoder.id, "num_tasks": bench_cfg.num_tasks,
+              "k": bench_cfg.k, "setup_s": setup_s, "timings": assets.timings,
+              "id_gain_captured": gain_captured(result, "id"), **result,
+              "config": {"core": asdict(core), "bench": asdict(bench_cfg)}}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench.json").write_text(json.dumps(report, indent=2, default=str))
+    print(format_table(result))
+    print(f"setup {setup_s:.1f} s; results in {out_dir / 'bench.json'}")
+    return report
+
+
+def _hydra_main() -> None:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import DictConfig, OmegaConf
+
+    @hydra.main(version_base="1.3", config_path="../configs", config_name="bench")
+    def main(cfg: DictConfig) -> None:
+        main_from_dict(OmegaConf.to_container(cfg, resolve=True), Path(HydraConfig.get().runtime.output_dir))
+
+    main()
+
+
+if __name__ == "__main__":
+    _hydra_main()

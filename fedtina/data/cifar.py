@@ -1,0 +1,83 @@
+"""CIFAR-100 through torchvision, train and test merged into one pool (the protocol re-splits it).
+
+Never waits on a download that cannot happen: when the files are absent and downloading is off or the host is
+unreachable (`fedtina.net.can_reach`), it raises `DatasetUnavailableError` at once, saying where to put the files.
+The merged arrays are cached as .npz, so later loads need neither torchvision nor the original files.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from fedtina import net
+from fedtina.config import resolve_cache_dir
+from fedtina.data.base import ImageDataset, clean_class_name
+from fedtina.data.folder import read_dataset_npz, write_dataset_npz
+from fedtina.errors import DatasetUnavailableError
+
+log = logging.getLogger(__name__)
+
+CIFAR_HOST = "www.cs.toronto.edu"
+CIFAR_URL = f"https://{CIFAR_HOST}/~kriz/cifar-100-python.tar.gz"
+ARCHIVE = "cifar-100-python.tar.gz"
+FOLDER = "cifar-100-python"
+CIFAR_VERSION = 1
+
+
+def _root(root: str | Path | None, cache_dir: str | Path | None) -> Path:
+    """The download root: given, or `<cache>/datasets/cifar100`. A path to the extracted folder means its parent."""
+    if root is None:
+        return Path(cache_dir or resolve_cache_dir(None)) / "datasets" / "cifar100"
+    path = Path(root).expanduser()
+    return path.parent if path.name == FOLDER else path
+
+
+def _ensure_files(root: Path, download: bool) -> bool:
+    """Make `root/cifar-100-python/` exist if possible offline (extract a present archive); return whether to let
+    torchvision download. Raise DatasetUnavailableError at once when the files are absent and cannot be fetched."""
+    if (root / FOLDER).is_dir():
+        return False
+    if (root / ARCHIVE).is_file():
+        from torchvision.datasets.utils import extract_archive
+
+        log.info("extracting %s", root / ARCHIVE)
+        extract_archive(str(root / ARCHIVE), str(root))
+        return False
+    if download and net.can_reach(CIFAR_HOST):
+        return True
+    why = "downloading is off (dataset.download=false)" if not download else f"{CIFAR_HOST} cannot be reached"
+    raise DatasetUnavailableError(
+        f"CIFAR-100 is not in {root} and {why}. Put {ARCHIVE} (from {CIFAR_URL}) or its extracted {FOLDER}/ folder "
+        f"in {root} (or point dataset.path at the folder holding it); or use dataset=shapes, which works offline."
+    )
+
+
+def load_cifar100(root: str | Path | None, download: bool, cache_dir: str | Path | None) -> ImageDataset:
+    """All 60,000 CIFAR-100 images (50k train + 10k test, in that order) with cleaned fine label names."""
+    cache = Path(cache_dir) / "datasets" / f"cifar100-v{CIFAR_VERSION}.npz" if cache_dir is not None else None
+    if cache is not None and (ds := read_dataset_npz(cache, "cifar100")) is not None:
+        return ds
+    root = _root(root, cache_dir)
+    fetch = _ensure_files(root, download)
+    try:
+        from torchvision.datasets import CIFAR100
+    except ImportError as e:
+        raise DatasetUnavailableError(f"dataset=cifar100 needs torchvision ({e}); use dataset=shapes") from None
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        parts = [CIFAR100(str(root), train=train, download=fetch) for train in (True, False)]
+    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
+        raise DatasetUnavailableError(f"CIFAR-100 in {root / FOLDER} is incomplete or corrupted ({e}); replace it "
+                                      f"with a fresh {ARCHIVE} from {CIFAR_URL}") from None
+    ds = ImageDataset(
+        name="cifar100",
+        images=np.ascontiguousarray(np.concatenate([p.data for p in parts]), dtype=np.uint8),
+        labels=np.concatenate([np.asarray(p.targets, dtype=np.int64) for p in parts]),
+        class_names=[clean_class_name(c) for c in parts[0].classes],
+    )
+    if cache is not None:
+        write_dataset_npz(ds, cache)
+    return ds

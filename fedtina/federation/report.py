@@ -1,0 +1,267 @@
+"""The comparison report: per-method accuracy over clients (mean, spread, worst decile, seen-only vs with-unseen),
+client cost (compute seconds, bytes moved) and per-phase times; written as JSON, CSVs, PNG plots and a text table.
+
+Which result counts for a client: the one of its *latest* round for that method (FedAvg's final global model, the
+round a Tina client arrived in). A client whose latest result is not "ok" counts as not ok and is left out of the
+accuracy statistics.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedtina.federation.profiling import PHASES, PhaseRecord
+
+
+@dataclass
+class ClientResult:
+    method: str
+    client_id: int
+    round: int
+    acc: float | None
+    num_examples: int
+    has_unseen: bool
+    status: str                        # ok | error | failed | refused
+    detail: str = ""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Statistics
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def worst_decile_mean(accs: list[float]) -> float | None:
+    """Mean of the lowest ceil(10%) of the values (at least one): how the worst-served clients fare."""
+    if not accs:
+        return None
+    m = max(1, math.ceil(0.1 * len(accs)))
+    return float(np.mean(np.sort(np.asarray(accs, dtype=np.float64))[:m]))
+
+
+def final_results(results: list[ClientResult]) -> dict[str, dict[int, ClientResult]]:
+    """Per method, per client: the result of the client's latest round (later entries win ties)."""
+    out: dict[str, dict[int, ClientResult]] = {}
+    for r in results:
+        per = out.setdefault(r.method, {})
+        if r.client_id not in per or r.round >= per[r.client_id].round:
+            per[r.client_id] = r
+    return out
+
+
+def _method_order(results: list[ClientResult], records: list[PhaseRecord], rounds: dict[str, int]) -> list[str]:
+    order: list[str] = []
+    for m in [*rounds, *(r.method for r in results), *(r.method for r in records)]:
+        if m not in order:
+            order.append(m)
+    return order
+
+
+def _cost(records: list[PhaseRecord]) -> dict[str, Any]:
+    """Client cost of one method: per client, sums over its phases and rounds; then means over those clients. The
+    per-phase means use the same denominator, so they add up to `client_wall_s`."""
+    clients = sorted({r.client_id for r in records})
+    n = len(clients)
+    if n == 0:
+        return {"profiled_clients": 0, "client_wall_s": None, "client_cpu_s": None, "bytes_per_client": None,
+                "mb_per_client": None, "peak_mem_mb": None, "phase_wall_s": {}, "phase_cpu_s": {}}
+    wall = sum(r.wall_s for r in records) / n
+    cpu = sum(r.cpu_s for r in records) / n
+    moved = sum(r.bytes_sent + r.bytes_recv for r in records) / n
+    phases = [p for p in PHASES if any(r.phase == p for r in records)]
+    phases += sorted({r.phase for r in records} - set(phases))
+    return {
+        "profiled_clients": n, "client_wall_s": wall, "client_cpu_s": cpu,
+        "bytes_per_client": moved, "mb_per_client": moved / 1e6,
+        "peak_mem_mb": max(r.peak_mem_mb for r in records),
+        "phase_wall_s": {p: sum(r.wall_s for r in records if r.phase == p) / n for p in phases},
+        "phase_cpu_s": {p: sum(r.cpu_s for r in records if r.phase == p) / n for p in phases},
+    }
+
+
+def summarize(results: list[ClientResult], records: list[PhaseRecord], rounds: dict[str, int]) -> dict:
+    """{"methods": {method: stats}} in a stable method order (`rounds` first). Per method:
+    acc_mean / acc_std (population std) / acc_worst10 over ok clients' final results; acc_seen_only and
+    acc_with_unseen (means over ok clients without / with unseen classes); n_clients, n_ok, n_failed (any status but
+    ok) and status_counts; rounds; client_wall_s, client_cpu_s (mean per profiled client of the sum over its phases),
+    bytes_per_client / mb_per_client (mean sent+received), peak_mem_mb (max), phase_wall_s / phase_cpu_s (mean per
+    client per phase). Missing statistics are None (JSON null), never NaN."""
+    final = final_results(results)
+    methods: dict[str, dict] = {}
+    for m in _method_order(results, records, rounds):
+        per = list(final.get(m, {}).values())
+        ok = [r for r in per if r.status == "ok" and r.acc is not None]
+        accs = [float(r.acc) for r in ok]
+        counts: dict[str, int] = {}
+        for r in per:
+            counts[r.status] = counts.get(r.status, 0) + 1
+        methods[m] = {
+            "acc_mean": _mean(accs),
+            "acc_std": float(np.std(accs)) if accs else None,
+            "acc_worst10": worst_decile_mean(accs),
+            "acc_seen_only": _mean([float(r.acc) for r in ok if not r.has_unseen]),
+            "acc_with_unseen": _mean([float(r.acc) for r in ok if r.has_unseen]),
+            "n_clients": len(per), "n_ok": len(ok), "n_failed": len(per) - len(ok), "status_counts": counts,
+            "rounds": int(rounds.get(m, max((r.round for r in per), default=0))),
+            **_cost([r for r in records if r.method == m]),
+        }
+    return {"methods": methods}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Text table
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def format_table(summary: dict) -> str:
+    """Fixed-width comparison table, one line per method (accuracies in %)."""
+    cols = [("method", 12), ("acc mean ± std", 16), ("worst10%", 9), ("seen-only", 10), ("with-unseen", 12),
+            ("ok/failed", 10), ("rounds", 7), ("client s", 9), ("MB/client", 10)]
+    lines = [" | ".join(name.ljust(w) for name, w in cols)]
+    lines.append("-+-".join("-" * w for _, w in cols))
+    pct = lambda v: None if v is None else 100 * v  # noqa: E731
+    for name, s in summary["methods"].items():
+        acc = "-" if s["acc_mean"] is None else f"{100 * s['acc_mean']:.1f} ± {100 * s['acc_std']:.1f}"
+        row = [name, acc, _fmt(pct(s["acc_worst10"]), ".1f"), _fmt(pct(s["acc_seen_only"]), ".1f"),
+               _fmt(pct(s["acc_with_unseen"]), ".1f"), f"{s['n_ok']}/{s['n_failed']}", str(s["rounds"]),
+               _fmt(s["client_wall_s"], ".3f"), _fmt(s["mb_per_client"], ".3f")]
+        lines.append(" | ".join(v.ljust(w) for v, (_, w) in zip(row, cols)))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Files
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows([["" if v is None else v for v in row] for row in rows])
+    return path
+
+
+COMPARISON_COLUMNS = ["method", "acc_mean", "acc_std", "acc_worst10", "acc_seen_only", "acc_with_unseen",
+                      "n_clients", "n_ok", "n_failed", "rounds", "client_wall_s", "client_cpu_s", "mb_per_client",
+                      "peak_mem_mb"]
+
+
+def _plot_acc(path: Path, results: list[ClientResult], methods: list[str]) -> Path:
+    from matplotlib.figure import Figure
+
+    final = final_results(results)
+    data = [[float(r.acc) for r in final.get(m, {}).values() if r.status == "ok" and r.acc is not None]
+            for m in methods]
+    fig = Figure(figsize=(max(4.0, 1.3 * len(methods) + 1), 4), layout="constrained")
+    ax = fig.subplots()
+    pos = [i + 1 for i, d in enumerate(data) if d]
+    if pos:
+        ax.boxplot([d for d in data if d], positions=pos, widths=0.5, showfliers=False)
+    rng = np.random.default_rng(0)
+    for i, d in enumerate(data):
+        ax.scatter(i + 1 + rng.uniform(-0.15, 0.15, len(d)), d, s=8, alpha=0.5)
+    ax.set_xticks(range(1, len(methods) + 1), methods, rotation=20)
+    ax.set_ylabel("client test accuracy (k-way)")
+    ax.set_title("accuracy per client, by method")
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _plot_phases(path: Path, summary: dict) -> Path:
+    from matplotlib.figure import Figure
+
+    methods = list(summary["methods"])
+    phases = [p for p in PHASES if any(p in s["phase_wall_s"] for s in summary["methods"].values())]
+    phases += sorted({p for s in summary["methods"].values() for p in s["phase_wall_s"]} - set(phases))
+    fig = Figure(figsize=(max(4.0, 1.3 * len(methods) + 2), 4), layout="constrained")
+    ax = fig.subplots()
+    bottom = np.zeros(len(methods))
+    for p in phases:
+        vals = np.array([summary["methods"][m]["phase_wall_s"].get(p, 0.0) for m in methods])
+        ax.bar(methods, vals, bottom=bottom, label=p)
+        bottom += vals
+    ax.set_ylabel("mean client wall time (s)")
+    ax.set_title("client time by phase")
+    if phases:
+        ax.legend(fontsize=8)
+    ax.tick_params(axis="x", rotation=20)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _plot_zoo(path: Path, zoo_growth: list[dict]) -> Path:
+    from matplotlib.figure import Figure
+
+    rows = sorted(zoo_growth, key=lambda r: r["round"])
+    size = [r["zoo_size"] for r in rows]
+    mean = [r["mean_acc"] if r.get("mean_acc") is not None else np.nan for r in rows]
+    std = [r.get("std_acc") or 0.0 for r in rows]
+    fig = Figure(figsize=(9, 4), layout="constrained")
+    ax1, ax2 = fig.subplots(1, 2)
+    ax1.errorbar(size, mean, yerr=std, marker="o", capsize=3)
+    for r, x, y in zip(rows, size, mean):
+        ax1.annotate(f"r{r['round']}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax1.set_xlabel("zoo size (heads) when the cohort arrived")
+    ax1.set_ylabel("accuracy of arriving clients")
+    ax1.set_title("new clients vs zoo size")
+    rounds = np.array([r["round"] for r in rows])
+    acc_n = np.array([r.get("accepted", 0) for r in rows])
+    ref_n = np.array([r.get("refused", 0) for r in rows])
+    ax2.bar(rounds, acc_n, label="accepted")
+    ax2.bar(rounds, ref_n, bottom=acc_n, label="refused")
+    ax2.set_xlabel("round")
+    ax2.set_ylabel("uploaded heads")
+    ax2.set_title("zoo uploads per round")
+    ax2.legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN/inf -> None, numpy scalars -> Python, recursively: summary.json stays strict JSON."""
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_report(out_dir: Path, summary: dict, results: list[ClientResult], records: list[PhaseRecord],
+                 zoo_growth: list[dict] | None = None) -> list[Path]:
+    """Write summary.json, clients.csv (one row per result), phases.csv (one row per record), comparison.csv (one
+    row per method), acc_by_method.png, time_by_phase.png and, with `zoo_growth` ({round, zoo_size, mean_acc,
+    std_acc, accepted, refused} per round), zoo_growth.png. Returns the paths written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"summary": summary, "table": format_table(summary), "clients": [asdict(r) for r in results],
+           "phases": [asdict(r) for r in records], "zoo_growth": zoo_growth}
+    paths = [out / "summary.json"]
+    paths[0].write_text(json.dumps(_json_safe(doc), indent=1, allow_nan=False))
+    cr = [f.name for f in fields(ClientResult)]
+    paths.append(_write_csv(out / "clients.csv", cr, [[getattr(r, k) for k in cr] for r in results]))
+    pr = [f.name for f in fields(PhaseRecord)]
+    paths.append(_write_csv(out / "phases.csv", pr, [[getattr(r, k) for k in pr] for r in records]))
+    methods = list(summary["methods"])
+    paths.append(_write_csv(out / "comparison.csv", COMPARISON_COLUMNS,
+                            [[m] + [summary["methods"][m].get(k) for k in COMPARISON_COLUMNS[1:]] for m in methods]))
+    paths.append(_plot_acc(out / "acc_by_method.png", results, methods))
+    paths.append(_plot_phases(out / "time_by_phase.png", summary))
+    if zoo_growth:
+        paths.append(_plot_zoo(out / "zoo_growth.png", zoo_growth))
+    return paths

@@ -1,0 +1,501 @@
+"""fedtina.federation library: partitions, client ops, head checks, profiling, report. Offline, small, fast."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pytest
+
+from fedtina.config import HeadTrainConfig
+from fedtina.data.base import ImageDataset
+from fedtina.errors import CorruptFileError, FedtinaError, LabelSetError, UnknownClassError
+from fedtina.federation.checks import CheckResult, HeadCheckConfig, check_head, server_val_data
+from fedtina.federation.client_ops import (
+    ClientData, evaluate_head, fedavg_local_train, finetune_local, load_client_data, load_client_images,
+    restrict_head, softmax_xent,
+)
+from fedtina.federation.partition import (
+    Partition, PartitionConfig, load_partition, make_partition, save_partition,
+)
+from fedtina.federation.profiling import (
+    PHASES, PhaseRecord, PhaseTimer, from_config, records_from_config, records_to_config, to_config,
+)
+from fedtina.federation.report import ClientResult, format_table, summarize, write_report
+from fedtina.heads import Head
+
+N_CLASSES, PER_CLASS, DIM = 12, 40, 8
+
+
+@dataclass
+class FakeSplit:
+    """Same fields as fedtina.protocol.ProtocolSplit (duck-typed), built by hand so the test fixes every part."""
+
+    seen: np.ndarray
+    unseen: np.ndarray
+    backbone_idx: np.ndarray
+    zoo_idx: np.ndarray
+    test_idx: np.ndarray
+
+
+def make_world(seed: int = 0):
+    """12 classes x 40 images; per class 20 backbone, 8 zoo, 12 test images; classes 0..8 seen, 9..11 unseen.
+    Features: Gaussian clusters around a random mean per class (well separated)."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(N_CLASSES), PER_CLASS)
+    images = rng.integers(0, 256, size=(len(labels), 8, 8, 3), dtype=np.uint8)
+    ds = ImageDataset("fake", images, labels, [f"class {i}" for i in range(N_CLASSES)])
+    parts = {"backbone": [], "zoo": [], "test": []}
+    for c in range(N_CLASSES):
+        idx = np.flatnonzero(labels == c)
+        parts["backbone"].append(idx[:20])
+        parts["zoo"].append(idx[20:28])
+        parts["test"].append(idx[28:])
+    split = FakeSplit(np.arange(9), np.arange(9, 12), *(np.concatenate(parts[k]) for k in ("backbone", "zoo", "test")))
+    means = rng.normal(0, 3, size=(N_CLASSES, DIM))
+    feats = (means[labels] + rng.normal(0, 1, size=(len(labels), DIM))).astype(np.float32)
+    return ds, split, feats, means
+
+
+def cfg(**kw) -> PartitionConfig:
+    return PartitionConfig(**{"k_min": 3, "k_max": 5, "unseen_share": 0.25, "unseen_per_client": 2, **kw})
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# partition
+
+
+def test_partition_constraints():
+    ds, split, _, _ = make_world()
+    part = make_partition(ds, split, 20, cfg())
+    assert len(part.clients) == 20
+    zoo, test, backbone = set(split.zoo_idx), set(split.test_idx), set(split.backbone_idx)
+    server = set(part.server_val_idx.tolist())
+    assert server and server <= test
+    assert sum(c.has_unseen for c in part.clients) == round(0.25 * 20)
+    unseen = set(split.unseen.tolist())
+    usage = np.zeros(N_CLASSES, dtype=int)
+    for c in part.clients:
+        assert 3 <= c.k <= 5 and len(set(c.class_ids)) == c.k
+        n_unseen = len(unseen & set(c.class_ids))
+        assert n_unseen == (2 if c.has_unseen else 0)
+        assert c.class_names == tuple(ds.class_names[i] for i in c.class_ids)
+        assert c.description == ", ".join(c.class_names)
+        tr, te = set(c.train_idx.tolist()), set(c.test_idx.tolist())
+        assert tr <= zoo and not tr & backbone and not tr & test
+        assert te <= test and not te & server
+        np.testing.assert_array_equal(c.train_labels, ds.labels[c.train_idx])
+        np.testing.assert_array_equal(c.test_labels, ds.labels[c.test_idx])
+        for k in c.class_ids:  # every client has >= 1 train and >= 1 test image of each of its classes
+            assert (c.train_labels == k).sum() >= 1 and (c.test_labels == k).sum() >= 1
+        assert set(c.train_labels.tolist()) == set(c.class_ids)
+        usage[list(c.class_ids)] += 1
+    assert usage[:9].max() - usage[:9].min() <= 1          # seen classes dealt evenly
+    assert usage[9:].max() - usage[9:].min() <= 1          # unseen classes dealt evenly
+
+
+def test_divide_dirichlet_skew():
+    from fedtina.federation.partition import _divide
+
+    rng = np.random.default_rng(0)
+    spread = {}
+    for alpha in (0.1, 1000.0):
+        parts = [_divide(np.arange(1000), 5, alpha, rng) for _ in range(20)]
+        for p in parts:
+            assert sorted(np.concatenate(p).tolist()) == list(range(1000)) and min(map(len, p)) >= 1
+        spread[alpha] = np.mean([np.std([len(x) for x in p]) for p in parts])
+    assert spread[0.1] > 5 * spread[1000.0]
+    shared = _divide(np.arange(3), 7, 0.5, rng)
+    assert all(len(x) == 1 for x in shared) and set(np.concatenate(shared).tolist()) == {0, 1, 2}
+
+
+def test_partition_holders_split_class_images_disjointly():
+    ds, split, _, _ = make_world()
+    part = make_partition(ds, split, 6, cfg(unseen_share=0.0, alpha=0.3))  # 6 clients x <=5 of 9 classes: 8 zoo/class
+    for c in range(9):
+        holders = [cl for cl in part.clients if c in cl.class_ids]
+        owned = [set(cl.train_idx[cl.train_labels == c].tolist()) for cl in holders]
+        if len(holders) <= 8:  # no sharing needed: the holders split the class's 8 zoo images exactly
+            assert sum(map(len, owned)) == 8 and len(set().union(*owned)) == 8
+
+
+def test_partition_shares_images_when_more_holders_than_images():
+    ds, split, _, _ = make_world()
+    part = make_partition(ds, split, 40, cfg(k_min=5, k_max=5, unseen_share=0.0))  # 200 slots / 9 classes ~ 22
+    for c in part.clients:
+        assert all((c.train_labels == k).sum() >= 1 for k in c.class_ids)
+
+
+def test_partition_deterministic_and_seeded():
+    ds, split, _, _ = make_world()
+    a, b = make_partition(ds, split, 10, cfg()), make_partition(ds, split, 10, cfg())
+    other = make_partition(ds, split, 10, cfg(seed=1))
+    for x, y in zip(a.clients, b.clients):
+        assert x.class_ids == y.class_ids and x.description == y.description
+        np.testing.assert_array_equal(x.train_idx, y.train_idx)
+        np.testing.assert_array_equal(x.test_idx, y.test_idx)
+    np.testing.assert_array_equal(a.server_val_idx, b.server_val_idx)
+    assert [c.class_ids for c in a.clients] != [c.class_ids for c in other.clients]
+
+
+def test_partition_with_the_real_protocol_split():
+    protocol = pytest.importorskip("fedtina.protocol")
+    from fedtina.config import ProtocolConfig
+
+    ds, _, _, _ = make_world()
+    split = protocol.make_split(ds, ProtocolConfig(seen_fraction=0.75))
+    part = make_partition(ds, split, 8, cfg())
+    zoo, test = set(split.zoo_idx.tolist()), set(split.test_idx.tolist())
+    for c in part.clients:
+        assert set(c.train_idx.tolist()) <= zoo and set(c.test_idx.tolist()) <= test
+        assert len(set(c.class_ids) & set(split.unseen.tolist())) == (2 if c.has_unseen else 0)
+
+
+def test_partition_sentence_description():
+    ds, split, _, _ = make_world()
+    part = make_partition(ds, split, 3, cfg(description="sentence", template="a model for: {names}"))
+    c = part.clients[0]
+    assert c.description == "a model for: " + ", ".join(c.class_names)
+
+
+@pytest.mark.parametrize("kw, n, match", [
+    ({"k_max": 13}, 5, "k_max=13"),
+    ({"alpha": 0.0}, 5, "alpha=0.0"),
+    ({"alpha": -1.0}, 5, "alpha=-1.0"),
+    ({}, 0, "n_clients=0"),
+    ({"unseen_per_client": 4}, 5, "unseen_per_client=4"),
+    ({"description": "poem"}, 5, "poem"),
+])
+def test_partition_bad_config(kw, n, match):
+    ds, split, _, _ = make_world()
+    with pytest.raises(FedtinaError, match=match):
+        make_partition(ds, split, n, cfg(**kw))
+
+
+def test_partition_save_load_roundtrip(tmp_path):
+    ds, split, _, _ = make_world()
+    part = make_partition(ds, split, 7, cfg(description="sentence"))
+    path = tmp_path / "partition.json"
+    save_partition(path, part)
+    loaded = load_partition(path)
+    assert isinstance(loaded, Partition) and loaded.config == part.config
+    assert load_partition(str(path)) is loaded  # cached per process
+    np.testing.assert_array_equal(loaded.server_val_idx, part.server_val_idx)
+    np.testing.assert_array_equal(loaded.server_val_labels, part.server_val_labels)
+    for x, y in zip(part.clients, loaded.clients):
+        assert (x.client_id, x.class_ids, x.class_names, x.has_unseen, x.description) == \
+               (y.client_id, y.class_ids, y.class_names, y.has_unseen, y.description)
+        for f in ("train_idx", "test_idx", "train_labels", "test_labels"):
+            np.testing.assert_array_equal(getattr(x, f), getattr(y, f))
+    assert not list(tmp_path.glob(".*tmp"))  # atomic write left no temp file
+    path.write_text("{not json")
+    with pytest.raises(CorruptFileError, match="partition.json"):
+        load_partition(path)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# client ops
+
+
+@pytest.fixture()
+def run_dir(tmp_path):
+    ds, split, feats, means = make_world()
+    part = make_partition(ds, split, 6, cfg())
+    np.save(tmp_path / "features.npy", feats)
+    np.save(tmp_path / "images.npy", ds.images)
+    save_partition(tmp_path / "partition.json", part)
+    return tmp_path, ds, part, feats, means
+
+
+def _client(run_dir, cid=0) -> ClientData:
+    path = run_dir[0]
+    return load_client_data(str(path / "features.npy"), str(path / "partition.json"), cid)
+
+
+def test_load_client_data(run_dir):
+    path, ds, part, feats, _ = run_dir
+    data = _client(run_dir, 2)
+    spec = part.clients[2]
+    assert data.class_ids == spec.class_ids and data.class_names == spec.class_names
+    np.testing.assert_array_equal(data.train_x, feats[spec.train_idx])
+    np.testing.assert_array_equal(data.test_x, feats[spec.test_idx])
+    ids = np.asarray(spec.class_ids)
+    np.testing.assert_array_equal(ids[data.train_y], ds.labels[spec.train_idx])
+    np.testing.assert_array_equal(ids[data.test_y], ds.labels[spec.test_idx])
+    np.testing.assert_array_equal(data.train_global_y, ds.labels[spec.train_idx])
+    assert _client(run_dir, 2) is data  # lru_cache per process
+    tr, tr_y, te, te_y = load_client_images(str(path / "images.npy"), str(path / "partition.json"), 2)
+    np.testing.assert_array_equal(tr, ds.images[spec.train_idx])
+    np.testing.assert_array_equal(te, ds.images[spec.test_idx])
+    np.testing.assert_array_equal(tr_y, ds.labels[spec.train_idx])
+    np.testing.assert_array_equal(ids[te_y], ds.labels[spec.test_idx])
+    with pytest.raises(FedtinaError, match="client id 99"):
+        load_client_data(str(path / "features.npy"), str(path / "partition.json"), 99)
+    with pytest.raises(CorruptFileError, match="missing.npy"):
+        load_client_data(str(path / "missing.npy"), str(path / "partition.json"), 0)
+
+
+def _mean_head(data: ClientData, means: np.ndarray) -> Head:
+    """Nearest-class-mean head: w_c = mu_c, b_c = -|mu_c|^2 / 2."""
+    mu = means[list(data.class_ids)].astype(np.float32)
+    return Head(data.class_names, mu, (-0.5 * (mu**2).sum(1)).astype(np.float32))
+
+
+def test_evaluate_head_reorders_rows_by_name(run_dir):
+    *_, means = run_dir
+    data = _client(run_dir, 1)
+    head = _mean_head(data, means)
+    rng = np.random.default_rng(3)
+    head = Head(head.class_names, head.weight + rng.normal(0, 1.5, head.weight.shape).astype(np.float32), head.bias)
+    manual = float(np.mean(np.argmax(data.test_x @ head.weight.T + head.bias, 1) == data.test_y))
+    out = evaluate_head(head, data)
+    assert out == {"acc": pytest.approx(manual), "num-examples": len(data.test_y)}
+    perm = rng.permutation(head.k)
+    shuffled = Head(tuple(head.class_names[i] for i in perm), head.weight[perm], head.bias[perm])
+    assert evaluate_head(shuffled, data)["acc"] == pytest.approx(manual)
+    exact = _mean_head(data, means)
+    assert evaluate_head(exact, data)["acc"] > 0.9
+    # names reversed but rows left in place: rows are taken by name, so the head now points at the wrong classes
+    wrong = Head(exact.class_names[::-1], exact.weight, exact.bias)
+    assert evaluate_head(wrong, data)["acc"] < 0.5
+
+
+def test_evaluate_head_rejects_other_class_sets(run_dir):
+    *_, means = run_dir
+    data = _client(run_dir, 0)
+    head = _mean_head(data, means)
+    with pytest.raises(UnknownClassError, match="tractor"):
+        evaluate_head(Head(head.class_names[:-1] + ("tractor",), head.weight, head.bias), data)
+    with pytest.raises(LabelSetError):
+        evaluate_head(Head(head.class_names[:-1], head.weight[:-1], head.bias[:-1]), data)
+    with pytest.raises(LabelSetError, match="duplicated"):
+        evaluate_head(Head(head.class_names[:-1] + head.class_names[:1], head.weight, head.bias), data)
+
+
+def test_restrict_head_and_fedavg_local_train(run_dir):
+    *_, means = run_dir
+    data = _client(run_dir, 3)
+    rng = np.random.default_rng(0)
+    w0 = rng.normal(0, 0.01, (N_CLASSES, DIM)).astype(np.float32)
+    b0 = np.zeros(N_CLASSES, np.float32)
+    w0_copy = w0.copy()
+    loss0 = softmax_xent(w0, b0, data.train_x, data.train_global_y)
+    w1, b1 = fedavg_local_train(w0, b0, data, epochs=5, lr=0.05, batch_size=8)
+    np.testing.assert_array_equal(w0, w0_copy)  # inputs untouched
+    assert w1.dtype == np.float32 and w1.shape == w0.shape and b1.shape == b0.shape
+    assert softmax_xent(w1, b1, data.train_x, data.train_global_y) < 0.5 * loss0
+    # rows of classes the client does not hold are pushed down only through the softmax, never up
+    head = restrict_head(w1, b1, data.class_ids, data.class_names)
+    np.testing.assert_array_equal(head.weight, w1[list(data.class_ids)])
+    assert evaluate_head(head, data)["acc"] > 0.8
+    with pytest.raises(UnknownClassError):
+        fedavg_local_train(w0[:5], b0[:5], data, 1, 0.1, 8)
+
+
+def _finetune_heads_available() -> bool:
+    import fedtina.heads as heads
+    return hasattr(heads, "finetune_heads")
+
+
+@pytest.mark.skipif(not _finetune_heads_available(), reason="heads.finetune_heads not written yet")
+def test_finetune_local_improves_a_noisy_head(run_dir):
+    *_, means = run_dir
+    data = _client(run_dir, 4)
+    rng = np.random.default_rng(1)
+    head = _mean_head(data, means)
+    noisy = Head(head.class_names, (0.2 * head.weight + rng.normal(0, 2, head.weight.shape)).astype(np.float32),
+                 np.zeros(head.k, np.float32))
+    perm = rng.permutation(head.k)
+    noisy = Head(tuple(noisy.class_names[i] for i in perm), noisy.weight[perm], noisy.bias[perm])
+    tuned = finetune_local(noisy, data, HeadTrainConfig(steps=100, lr=0.05, l2_to_init=0.0))
+    assert tuned.class_names == data.class_names
+    assert evaluate_head(tuned, data)["acc"] >= evaluate_head(noisy, data)["acc"]
+    assert evaluate_head(tuned, data)["acc"] > 0.8
+
+
+def test_fedavg_full_model_runs(run_dir):
+    torch = pytest.importorskip("torch")
+    from fedtina.config import BackboneConfig
+    from fedtina.federation.client_ops import evaluate_full_model, fedavg_full_local_train, init_full_model_state
+
+    path, ds, part, _, _ = run_dir
+    tr, tr_y, te, te_y = load_client_images(str(path / "images.npy"), str(path / "partition.json"), 0)
+    state = init_full_model_state(N_CLASSES, BackboneConfig(width=4), seed=0)
+    assert all(v.dtype == np.float32 for v in state.values())
+    new = fedavg_full_local_train(state, tr, tr_y, epochs=1, lr=0.05, batch_size=8, device="cpu")
+    assert set(new) == set(state)
+    assert any(not np.array_equal(new[k], state[k]) for k in state)
+    acc = evaluate_full_model(new, te, te_y, part.clients[0].class_ids)
+    assert 0.0 <= acc <= 1.0
+    del torch
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# head checks
+
+
+@pytest.fixture()
+def check_setup(run_dir):
+    path, ds, part, feats, means = run_dir
+    spec = part.clients[0]
+    x, y = server_val_data(feats, ds.labels, part.server_val_idx, spec.class_ids)
+    mu = means[list(spec.class_ids)].astype(np.float32)
+    good = Head(spec.class_names, mu, (-0.5 * (mu**2).sum(1)).astype(np.float32))
+    norm = float(np.linalg.norm(means[:9], axis=1).mean())
+    return spec, x, y, good, norm
+
+
+def _check(head, spec, x, y, ref, norm, **kw) -> CheckResult:
+    return check_head(head, spec.class_names, DIM, ref, x, y, norm, HeadCheckConfig(**kw))
+
+
+def test_server_val_data(run_dir):
+    path, ds, part, feats, _ = run_dir
+    ids = part.clients[0].class_ids
+    x, y = server_val_data(feats, ds.labels, part.server_val_idx, ids)
+    keep = part.server_val_idx[np.isin(ds.labels[part.server_val_idx], ids)]
+    assert len(x) == len(keep) > 0
+    np.testing.assert_array_equal(x, feats[keep])
+    np.testing.assert_array_equal(np.asarray(ids)[y], ds.labels[keep])
+
+
+def test_check_head_accepts_good_and_shuffled(check_setup):
+    spec, x, y, good, norm = check_setup
+    res = _check(good, spec, x, y, good, norm)
+    assert res.accepted and res.reason == "ok" and res.acc == res.reference_acc and res.acc > 0.9
+    perm = np.arange(good.k)[::-1]
+    shuffled = Head(tuple(good.class_names[i] for i in perm), good.weight[perm], good.bias[perm])
+    assert _check(shuffled, spec, x, y, good, norm).accepted
+
+
+def test_check_head_refusals(check_setup):
+    spec, x, y, good, norm = check_setup
+    nan_w = good.weight.copy()
+    nan_w[0, 0] = np.nan
+    cases = {
+        "non-finite": Head(good.class_names, nan_w, good.bias),
+        "wrong shape": Head(good.class_names, good.weight[:, :-1].copy(), good.bias),
+        "class set": Head(good.class_names[:-1] + ("tractor",), good.weight, good.bias),
+        "dtype": Head(good.class_names, good.weight.astype(np.float64), good.bias),
+        "row norm": Head(good.class_names, good.weight * 100, good.bias),
+    }
+    for word, head in cases.items():
+        res = _check(head, spec, x, y, good, norm)
+        assert not res.accepted and word in res.reason, (word, res)
+    res = _check(good, spec, x, y, good, norm, max_bytes=64)
+    assert not res.accepted and "oversized" in res.reason
+    # poor accuracy: rows rolled, so each row points to the wrong class mean
+    bad = Head(good.class_names, np.roll(good.weight, 1, axis=0), np.roll(good.bias, 1))
+    res = _check(bad, spec, x, y, good, norm)
+    assert not res.accepted and "accuracy" in res.reason and res.acc < res.reference_acc - 0.15
+    with pytest.raises(FedtinaError, match="generic_row_norm"):
+        _check(good, spec, x, y, good, 0.0)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# profiling
+
+
+def test_phase_timer_measures_cpu_wall_and_memory():
+    with PhaseTimer() as busy:
+        s = 0
+        for i in range(300_000):
+            s += i * i
+    assert busy.wall_s > 0 and busy.cpu_s > 0 and busy.peak_mem_mb > 0
+    with PhaseTimer() as alloc:
+        a = np.ones(200 * 2**20 // 8)  # 200 MiB, touched
+        a += 1
+        del a
+    assert alloc.mem_delta_mb > 150, alloc.mem_delta_mb
+    assert alloc.peak_mem_mb > busy.peak_mem_mb + 100
+    rec = alloc.record("tina", 1, 7, "finetune", bytes_sent=10, acc=0.5)
+    assert rec.peak_mem_mb == alloc.peak_mem_mb and rec.client_id == 7 and rec.bytes_sent == 10
+
+
+def test_phase_record_config_roundtrip():
+    recs = [PhaseRecord("tina", 2, 5, "generate", 0.5, 0.4, 300.0, 10, 20, 0.75, "ok", "x"),
+            PhaseRecord("fedavg", 1, 3, "train", acc=None, status="error", detail="boom")]
+    for rec in recs:
+        d = to_config(rec)
+        assert all(isinstance(v, (str, int, float, bool)) for v in d.values())
+        assert from_config(d) == rec
+    assert to_config(recs[1])["has_acc"] is False
+    assert records_from_config(records_to_config(recs)) == recs
+    assert "train" in PHASES
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# report
+
+
+def _results_and_records():
+    accs = {"tina": [0.9, 0.8, 0.7, 0.6, 0.5, 0.95, 0.85, 0.75, 0.65, 0.55, 0.45, 0.35],
+            "fedavg": [0.5, 0.6, 0.4, 0.3]}
+    results, records = [], []
+    for m, vals in accs.items():
+        for cid, a in enumerate(vals):
+            results.append(ClientResult(m, cid, 1, a, 10, cid % 3 == 0, "ok"))
+            records.append(PhaseRecord(m, 1, cid, "evaluate", wall_s=0.1 * cid, cpu_s=0.05, bytes_sent=100,
+                                       bytes_recv=1000))
+            records.append(PhaseRecord(m, 1, cid, "finetune", wall_s=1.0, cpu_s=0.5, bytes_recv=50))
+    # an earlier fedavg round is superseded by round 2 for client 0; client 4 failed
+    results[12] = replace(results[12], round=2)
+    results.append(ClientResult("fedavg", 0, 1, 0.1, 10, True, "ok"))
+    results.append(ClientResult("fedavg", 4, 2, None, 0, False, "failed", "actor died"))
+    return accs, results, records
+
+
+def test_summarize_matches_numpy():
+    accs, results, records = _results_and_records()
+    summary = summarize(results, records, {"tina": 3, "fedavg": 2})
+    t, f = summary["methods"]["tina"], summary["methods"]["fedavg"]
+    a = np.array(accs["tina"])
+    assert t["acc_mean"] == pytest.approx(a.mean()) and t["acc_std"] == pytest.approx(a.std())
+    assert t["acc_worst10"] == pytest.approx(np.sort(a)[:2].mean())  # ceil(1.2) = 2 lowest
+    unseen = np.arange(len(a)) % 3 == 0
+    assert t["acc_with_unseen"] == pytest.approx(a[unseen].mean())
+    assert t["acc_seen_only"] == pytest.approx(a[~unseen].mean())
+    assert (t["n_ok"], t["n_failed"], t["rounds"]) == (12, 0, 3)
+    wall = np.array([0.1 * c + 1.0 for c in range(12)])
+    assert t["client_wall_s"] == pytest.approx(wall.mean())
+    assert t["client_cpu_s"] == pytest.approx(0.55)
+    assert t["bytes_per_client"] == pytest.approx(1150)
+    assert t["phase_wall_s"]["finetune"] == pytest.approx(1.0)
+    assert sum(t["phase_wall_s"].values()) == pytest.approx(t["client_wall_s"])
+    b = np.array(accs["fedavg"])  # round 2 result of client 0 (0.5) wins over its round 1 (0.1)
+    assert f["acc_mean"] == pytest.approx(b.mean()) and f["acc_worst10"] == pytest.approx(b.min())
+    assert (f["n_ok"], f["n_failed"], f["n_clients"]) == (4, 1, 5)
+    assert f["status_counts"] == {"ok": 4, "failed": 1}
+    table = format_table(summary)
+    assert "tina" in table and "fedavg" in table and f"{100 * a.mean():.1f}" in table
+    assert len(table.splitlines()) == 4
+
+
+def test_write_report(tmp_path):
+    _, results, records = _results_and_records()
+    results.append(ClientResult("selection", 0, 1, None, 0, False, "error", "multi\nline"))
+    summary = summarize(results, records, {"tina": 3, "fedavg": 2})
+    growth = [{"round": r, "zoo_size": 100 + 10 * r, "mean_acc": 0.5 + 0.05 * r, "std_acc": 0.1,
+               "accepted": 10, "refused": r} for r in range(1, 4)]
+    paths = write_report(tmp_path, summary, results, records, growth)
+    names = {p.name for p in paths}
+    assert names == {"summary.json", "clients.csv", "phases.csv", "comparison.csv", "acc_by_method.png",
+                     "time_by_phase.png", "zoo_growth.png"}
+    assert all(p.exists() and p.stat().st_size > 0 for p in paths)
+
+    def rows(name):
+        with open(tmp_path / name, newline="") as fh:
+            return list(csv.DictReader(fh))
+
+    assert len(rows("clients.csv")) == len(results)
+    assert len(rows("phases.csv")) == len(records)
+    comp = rows("comparison.csv")
+    assert [r["method"] for r in comp] == ["tina", "fedavg", "selection"]
+    assert comp[2]["acc_mean"] == ""  # no ok client: empty, not NaN
+    doc = json.loads((tmp_path / "summary.json").read_text())
+    assert doc["summary"]["methods"]["tina"]["n_ok"] == 12 and len(doc["clients"]) == len(results)
+    assert not any(isinstance(v, float) and math.isnan(v) for v in doc["summary"]["methods"]["tina"].values())
+    assert "zoo_growth.png" not in {p.name for p in write_report(tmp_path / "b", summary, results, records, None)}
