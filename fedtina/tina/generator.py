@@ -1,0 +1,184 @@
+"""TinaGenerator: label sets (class names) -> personalized heads, in one batched sampler call.
+
+Generation is **order-invariant**: the initial noise of each class token comes from a generator seeded by a stable
+hash of (seed, class name), the network has no positional encoding and DDIM with eta = 0 is deterministic, so
+permuting a label set permutes the generated rows (up to float round-off) and the same (set, seed) always gives the
+same head.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from fedtina.config import TinaConfig
+from fedtina.device import pick_device
+from fedtina.errors import LabelSetError
+from fedtina.heads import Head
+from fedtina.tina.diffusion import DDIMSampler, NoiseSchedule
+from fedtina.tina.layout import ParamLayout
+from fedtina.tina.model import TinaNet
+
+
+def token_noise(seed: int, key: str, rows: int, width: int) -> np.ndarray:
+    """Standard normal float32 [rows, width] from a generator seeded by a stable hash of (seed, key)."""
+    digest = hashlib.sha256(f"fedtina.tina\x00{int(seed)}\x00{key}".encode("utf-8")).digest()
+    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    return rng.standard_normal((rows, width), dtype=np.float32)
+
+
+class TinaGenerator:
+    """A trained Tina network (EMA weights) + its layout + the text encoder it was trained with."""
+
+    def __init__(self, model: TinaNet, layout: ParamLayout, encoder: Any, cfg: TinaConfig,
+                 device: torch.device | str | None = None) -> None:
+        self.cfg = cfg
+        self.device = torch.device(device) if device is not None else pick_device(cfg.device)
+        self.model = model.to(self.device).eval()
+        self.layout = layout
+        self.encoder = encoder
+        self.schedule = NoiseSchedule(cfg.timesteps, cfg.schedule)
+
+    @property
+    def max_classes(self) -> int:
+        return self.cfg.max_classes
+
+    # ---------------------------------------------------------------- validation
+    def validate(self, label_sets: Sequence[Sequence[str]]) -> list[tuple[str, ...]]:
+        """Clean label sets (names stripped) or `LabelSetError` naming the problem and the set index."""
+        if isinstance(label_sets, str):
+            raise LabelSetError("label_sets must be a list of label sets, got one string; "
+                                "use generate_from_text() to parse text")
+        clean = []
+        for i, names in enumerate(label_sets):
+            if isinstance(names, str):
+                raise LabelSetError(f"label set {i} is a string ({names!r}), not a list of class names")
+            names = list(names)
+            if not names:
+                raise LabelSetError(f"label set {i} is empty")
+            bad = [n for n in names if not isinstance(n, str) or not n.strip()]
+            if bad:
+                raise LabelSetError(f"label set {i} has empty or non-string class names {bad!r}")
+            names = [n.strip() for n in names]
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise LabelSetError(f"label set {i} has duplicated class names {dup}")
+            if len(names) > self.max_classes:
+                raise LabelSetError(f"label set {i} has {len(names)} classes, more than max_classes="
+                                    f"{self.max_classes} this Tina was trained for")
+            clean.append(tuple(names))
+        return clean
+
+    # ---------------------------------------------------------------- generation
+    def generate_params(self, label_sets: Sequence[Sequence[str]], steps: int | None = None, seed: int = 0,
+                        eta: float = 0.0) -> list[dict[str, np.ndarray]]:
+        """Like `generate` but returns full params dicts (head.weight, head.bias and any global segments)."""
+        sets = self.validate(label_sets)
+        if not sets:
+            return []
+        steps = int(steps or self.cfg.sample_steps)
+        sampler = DDIMSampler(self.schedule, steps=steps, eta=eta, prediction=self.cfg.prediction)
+        G, T = self.layout.num_global_tokens, self.layout.token_dim
+        B, K = len(sets), max(len(s) for s in sets)
+        N, draws = G + K, 1 + sampler.num_noise_draws
+
+        unique = sorted({n for s in sets for n in s})
+        table = np.asarray(self.encoder.embed_names(unique), dtype=np.float32)
+        row = {n: i for i, n in enumerate(unique)}
+
+        noise = np.zeros((draws, B, N, T), dtype=np.float32)
+        text = np.zeros((B, N, table.shape[1]), dtype=np.float32)
+        mask = np.zeros((B, N), dtype=bool)
+        mask[:, :G] = True
+        for b, names in enumerate(sets):
+            set_key = "\x00".join(sorted(names))
+            for g in range(G):  # global tokens: seeded by the (unordered) set, so order still does not matter
+                noise[:, b, g] = token_noise(seed, f"global{g}\x00{set_key}", draws, T)
+            for j, name in enumerate(names):
+                noise[:, b, G + j] = token_noise(seed, name, draws, T)
+                text[b, G + j] = table[row[name]]
+                mask[b, G + j] = True
+
+        dev = self.device
+        noise_t = torch.from_numpy(noise).to(dev)
+        with torch.inference_mode():
+            x0 = sampler.sample(self.model, torch.from_numpy(text).to(dev), torch.from_numpy(mask).to(dev),
+                                noise_t[0], step_noise=noise_t[1:] if draws > 1 else None)
+        x0 = x0.float().cpu().numpy()
+        return [self.layout.decode(x0[b, G:G + len(names)], x0[b, :G]) for b, names in enumerate(sets)]
+
+    def generate(self, label_sets: Sequence[Sequence[str]], steps: int | None = None, seed: int = 0,
+                 eta: float = 0.0) -> list[Head]:
+        """One head per label set, rows in the given class order; one batched DDIM call for all sets."""
+        sets = self.validate(label_sets)
+        params = self.generate_params(sets, steps=steps, seed=seed, eta=eta)
+        return [Head(names, p["head.weight"], p["head.bias"]) for names, p in zip(sets, params)]
+
+    def generate_from_text(self, description: str, steps: int | None = None, seed: int = 0) -> Head:
+        """``"a model for: maple tree, oak tree and tractor"`` -> a Head for those classes."""
+        names = parse_label_text(description)
+        if not names:
+            raise LabelSetError(f"no class names found in {description!r}")
+        return self.generate([names], steps=steps, seed=seed)[0]
+
+    # ---------------------------------------------------------------- persistence
+    def save(self, path: str | Path) -> Path:
+        from fedtina.tina.train import save_checkpoint
+        return save_checkpoint(path, self)
+
+    @classmethod
+    def load(cls, path: str | Path, encoder: Any, device: str | None = None) -> "TinaGenerator":
+        from fedtina.tina.train import load_checkpoint
+        return load_checkpoint(path, encoder, device=device)
+
+    def __repr__(self) -> str:
+        n = sum(p.numel() for p in self.model.parameters())
+        return (f"TinaGenerator({self.layout!r}, encoder={getattr(self.encoder, 'id', '?')}, params={n:,}, "
+                f"cfg={asdict(self.cfg)})")
+
+
+_PREFIX = re.compile(
+    r"^\s*(?:please\s+)?(?:(?:give|make|generate|build|create)\s+(?:me\s+)?)?(?:an?\s+|the\s+)?"
+    r"(?:personali[sz]ed\s+)?(?:model|classifier|head|network)\s+"
+    r"(?:for|to\s+(?:classify|recogni[sz]e|tell\s+apart)|that\s+(?:classifies|recogni[sz]es))\b\s*:?\s*",
+    re.IGNORECASE,
+)
+_BULLET = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)])\s+")
+
+
+def parse_label_text(text: str) -> list[str]:
+    """Free text -> class names.
+
+    Accepts ``"a model for: maple tree, oak tree, tractor"``, comma/semicolon- or newline-separated names (bullets
+    and numbering are dropped), and ``"X, Y and Z"`` / ``"X, Y, and Z"`` / ``"X and Y"``. A prefix ending in a colon
+    on the first line (``"classes: ..."``) is dropped. Names are whitespace-normalised; order is kept; duplicates are
+    kept (generation rejects them with a clear error). Note: a lone ``" and "`` always splits, so "black and white cat"
+    must be written without "and" in a list of one.
+    """
+    text = text.strip()
+    m = _PREFIX.match(text)
+    if m:
+        text = text[m.end():]
+    else:
+        first, sep, rest = text.partition(":")
+        if sep and "\n" not in first and "," not in first and len(first.split()) <= 6:
+            text = rest
+    items = []
+    for line in text.splitlines():
+        line = _BULLET.sub("", line)
+        parts = [p for p in re.split(r"[,;]", line)]
+        # "X, Y and Z": split the last item on its last " and "/"&"; also "X and Y" alone
+        last = re.split(r"\s+(?:and|&)\s+", parts[-1]) if parts else []
+        parts = parts[:-1] + last
+        for p in parts:
+            p = re.sub(r"^\s*(?:and|&)\s+", "", p)          # Oxford comma: ", and Z"
+            p = re.sub(r"\s+", " ", p).strip().strip("\"'`").strip().rstrip(".!?").strip()
+            if p:
+                items.append(p)
+    return items
