@@ -40,6 +40,7 @@ class BackboneConfig:
     weight_decay: float = 5e-4
     seed: int = 0
     device: str = "auto"
+    precision: str = "auto"           # auto (bf16 where the CPU/GPU runs it natively) | fp32 | bf16
 
 
 @dataclass
