@@ -22,7 +22,8 @@ import numpy as np
 
 from fedtina.assets import Assets, build_assets
 from fedtina.config import BenchConfig, CoreConfig, HeadTrainConfig, from_dict
-from fedtina.heads import Head, accuracy, finetune_heads, oracle_heads, selection_head, train_scratch_heads
+from fedtina.heads import (Head, accuracy, finetune_heads, generic_rows, oracle_heads, selection_head,
+                           train_scratch_heads)
 from fedtina.protocol import sample_ood_tasks, sample_tasks
 
 log = logging.getLogger("fedtina.bench")
@@ -31,7 +32,7 @@ ROWS = ("selection", "tina", "tina_ft", "oracle", "scratch")
 
 
 @dataclass
-class TaskData:
+class BenchTask:
     """One personalization task: its classes and their zoo-part (train) and test-part features."""
 
     class_ids: tuple[int, ...]
@@ -42,7 +43,7 @@ class TaskData:
     test_y: np.ndarray
 
 
-def task_data(assets: Assets, class_ids: tuple[int, ...]) -> TaskData:
+def task_data(assets: Assets, class_ids: tuple[int, ...]) -> BenchTask:
     labels, feats = assets.dataset.labels, assets.bank.features
     pos = {c: i for i, c in enumerate(class_ids)}
 
@@ -51,7 +52,7 @@ def task_data(assets: Assets, class_ids: tuple[int, ...]) -> TaskData:
         return feats[idx], np.array([pos[c] for c in labels[idx]], dtype=np.int64)
 
     names = tuple(assets.dataset.class_names[c] for c in class_ids)
-    return TaskData(class_ids, names, *part(assets.split.zoo_idx), *part(assets.split.test_idx))
+    return BenchTask(class_ids, names, *part(assets.split.zoo_idx), *part(assets.split.test_idx))
 
 
 def sample_task_sets(assets: Assets, cfg: BenchConfig) -> dict[str, list[tuple[int, ...]]]:
@@ -64,11 +65,12 @@ def sample_task_sets(assets: Assets, cfg: BenchConfig) -> dict[str, list[tuple[i
     return {"id": id_tasks, "ood": ood_tasks}
 
 
-def selection_heads(assets: Assets, tasks: list[TaskData]) -> list[Head]:
-    return [selection_head(list(t.class_names), assets.bank, assets.dataset.class_names, assets.encoder) for t in tasks]
+def selection_heads(assets: Assets, tasks: list[BenchTask]) -> list[Head]:
+    rows = generic_rows(assets.bank, assets.dataset.class_names)
+    return [selection_head(t.class_names, rows, assets.encoder.embed_names) for t in tasks]
 
 
-def personalize(assets: Assets, tasks: list[TaskData], cfg: BenchConfig) -> dict[str, tuple[list[Head], float]]:
+def personalize(assets: Assets, tasks: list[BenchTask], cfg: BenchConfig) -> dict[str, tuple[list[Head], float]]:
     """Every row's heads for `tasks`, with the wall time per task of producing them: each method runs batched over
     all tasks at once, and the time is divided by the number of tasks (amortized, as a server would serve them)."""
     data = [(t.train_x, t.train_y) for t in tasks]
@@ -91,7 +93,7 @@ def personalize(assets: Assets, tasks: list[TaskData], cfg: BenchConfig) -> dict
     return out
 
 
-def score(heads: list[Head], tasks: list[TaskData]) -> np.ndarray:
+def score(heads: list[Head], tasks: list[BenchTask]) -> np.ndarray:
     return np.array([accuracy(h, t.test_x, t.test_y) for h, t in zip(heads, tasks)])
 
 
