@@ -3,8 +3,10 @@ dataset -> protocol split -> generic backbone + feature bank -> text encoder -> 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -39,9 +41,10 @@ def zoo_key(cfg: CoreConfig, ds: ImageDataset, split: ProtocolSplit) -> str:
 
 
 def tina_key(cfg: CoreConfig, encoder: CachedTextEncoder, num_entries: int) -> str:
-    t = cfg.tina
-    return (f"{encoder.id}-{abs(hash(encoder.template)) % 10**6:06d}-n{num_entries}-m{t.max_classes}-d{t.d_model}"
-            f"x{t.depth}h{t.num_heads}-T{t.timesteps}-st{t.train_steps}b{t.batch_size}lr{t.lr:g}s{t.seed}")
+    """Every TinaConfig field that changes the trained weights, hashed (device, logging and threads do not)."""
+    fields = {k: v for k, v in asdict(cfg.tina).items() if k not in ("device", "log_every", "cpu_threads")}
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{encoder.id}-n{num_entries}-{digest}"
 
 
 def build_assets(cfg: CoreConfig, log: Callable[[str], None] = print, with_tina: bool = True) -> Assets:

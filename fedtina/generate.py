@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("description", help='class names ("maple tree, oak tree, tractor"), a sentence, or @file')
     parser.add_argument("--out", type=Path, default=Path("personalized.safetensors"))
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. dataset=caltech101 encoder=clip")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         cfg = _compose(args.overrides)
         seed = int(cfg.pop("seed", 0))

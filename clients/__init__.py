@@ -1,0 +1,1 @@
+"""fedtina's Flower ClientApp (evaluates, fine-tunes and uploads heads; FedAvg local steps)."""

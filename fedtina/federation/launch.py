@@ -1,0 +1,126 @@
+"""The one place that starts a Flower simulation.
+
+`flwr.simulation.run_simulation` is deprecated in flwr 1.42 (in favour of `flwr run`, which needs a SuperLink daemon,
+FLWR_HOME and a per-run virtualenv built with network access), but it is the only in-process launcher: the ServerApp
+runs in a thread of this process, so it can use the Tina generator, the encoder and the feature bank that the driver
+already loaded. If a future Flower removes it, only this module changes (the apps stay importable for `flwr run`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from fedtina.errors import FedtinaError
+from fedtina.federation.runtime import RunSpec, set_run_spec
+
+
+
+class _OnceFilter(logging.Filter):
+    """Lets Flower's `DEPRECATED FEATURE` banner through once per process (every run_simulation call logs it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if not msg.startswith("DEPRECATED FEATURE"):
+            return True
+        key = msg.splitlines()[0]
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+class _ClientTracebackFilter(logging.Filter):
+    """Console only: drops Flower's ERROR records of a ClientApp exception (a full Ray traceback per failed message).
+    The ServerApp logs one warning line per failed client instead; the traceback still reaches the log file."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        msg = record.getMessage()
+        return not ("ClientAppException" in msg or msg.startswith("An exception was raised when processing a message"))
+
+
+_once = _OnceFilter()
+_client_tracebacks = _ClientTracebackFilter()
+
+
+def quiet_flower(console_level: int = logging.WARNING, file_handlers: list[logging.Handler] = ()) -> None:
+    """Flower's logger keeps its own console handler (at `console_level`); it does not propagate to the root logger
+    (Hydra's handlers would print every line twice) but writes to the run's log file through `file_handlers`."""
+    import flwr.common  # noqa: F401 - Flower installs its console handler on import: it must exist to be tuned
+
+    flwr_log = logging.getLogger("flwr")
+    flwr_log.propagate = False
+    flwr_log.setLevel(logging.DEBUG if console_level <= logging.DEBUG else logging.INFO)  # no DEBUG in the log file
+    if _once not in flwr_log.filters:
+        flwr_log.addFilter(_once)
+    for h in flwr_log.handlers:
+        if type(h).__name__ == "ConsoleHandler":
+            h.setLevel(console_level)
+            if _client_tracebacks not in h.filters:
+                h.addFilter(_client_tracebacks)
+    for h in file_handlers:
+        if h not in flwr_log.handlers:
+            flwr_log.addHandler(h)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("ray").setLevel(logging.WARNING)
+
+
+def backend_config(resources: dict[str, Any]) -> dict[str, Any]:
+    """The `resources` Hydra node -> run_simulation's backend_config.
+
+    resources: num_cpus / num_gpus per ClientApp actor; ray_address (null: start a local Ray with `init_num_cpus`
+    CPUs, default all); object_store_mb (cap Ray's object store, useful with a small /dev/shm).
+    With ray_address set (`auto`, `ray://host:10001`), init_args carry only the address: passing num_cpus to a
+    running cluster makes ray.init fail, and the ServerApp would then wait until its timeout.
+    """
+    num_cpus = float(resources.get("num_cpus", 1))
+    num_gpus = float(resources.get("num_gpus", 0.0) or 0.0)
+    if num_gpus > 0:
+        import torch
+
+        if not torch.cuda.is_available() and not resources.get("ray_address"):
+            raise FedtinaError(f"resources.num_gpus={num_gpus} but no CUDA device is visible: Ray's actor pool would "
+                               "be empty. Use resources=cpu")
+    init_args: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": False}
+    if resources.get("ray_address"):
+        init_args["address"] = str(resources["ray_address"])
+    else:
+        if resources.get("init_num_cpus"):
+            init_args["num_cpus"] = int(resources["init_num_cpus"])
+        if resources.get("object_store_mb"):
+            init_args["object_store_memory"] = int(resources["object_store_mb"]) * 1024 * 1024
+    return {"client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus}, "init_args": init_args}
+
+
+def run(spec: RunSpec, backend: dict[str, Any], verbose: bool = False) -> Any:
+    """Run the ServerApp and `spec.n_clients` ClientApps (Ray actors) to completion; returns `spec.outcome`
+    (filled by the ServerApp). A ServerApp exception is re-raised here."""
+    import torch
+
+    if not torch.cuda.is_available():
+        # no GPU: keep Ray quiet about accelerator env vars (with a GPU Ray's default masking stays in force)
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    quiet_flower(logging.DEBUG if verbose else logging.WARNING)
+
+    from flwr.simulation import run_simulation  # deprecated in 1.42, see the module docstring
+
+    from clients.client_app import app as client_app
+    from server.server_app import app as server_app
+
+    set_run_spec(spec)
+    try:
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=spec.n_clients,
+                       backend_config=backend, verbose_logging=verbose)
+    finally:
+        set_run_spec(None)
+    if spec.outcome is None:
+        raise FedtinaError("the simulation ended without results (the ServerApp did not finish); see the log above")
+    return spec.outcome

@@ -1,0 +1,169 @@
+"""The RunSpec: everything the ServerApp needs for one simulated federation, handed over in-process.
+
+Under `run_simulation` the ServerApp runs in a thread of the driver (`python -m fedtina.simulate`), and
+`context.run_config` is empty, so the driver sets a module global here and the ServerApp reads it. Large in-process
+objects (the Tina generator, the text encoder, the feature bank) travel this way; the clients never see them: they
+get file paths in their messages and load what they need lazily.
+
+Under `flwr run` the global is unset; the ServerApp may rebuild a spec from a prepared run dir whose
+`run_spec.json` the driver wrote (`spec_from_run_config`).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedtina.config import HeadTrainConfig, from_dict
+from fedtina.errors import FedtinaError
+from fedtina.heads import Head
+
+METHODS = ("tina", "selection", "local_ft", "fedavg", "fedavg_ft", "fedavg_full")
+
+
+@dataclass
+class MethodOptions:
+    """Options of the server-side method loops (the `method` Hydra node, minus `names`)."""
+
+    finetune: bool = True           # tina: clients fine-tune the generated head and upload it
+    refresh_every: int = 20         # tina: refresh Tina after this many accepted heads (0 = never)
+    refresh_steps: int = 30         # tina: training steps per refresh
+    gen_seed: int = 0               # tina: generation noise seed
+    fedavg_epochs: int = 5          # fedavg: local epochs per round (frozen features)
+    fedavg_lr: float = 0.1
+    fedavg_batch_size: int = 32
+    full_epochs: int = 1            # fedavg_full: local epochs per round (ResNet-20 on images)
+    full_lr: float = 0.05
+    full_batch_size: int = 32
+
+
+@dataclass
+class Faults:
+    """Fault injection for tests (client ids = partition ids). Crashes hit the work handlers, not `describe`."""
+
+    crash_clients: list[int] = field(default_factory=list)          # raise in evaluate/train handlers
+    poison_clients: list[int] = field(default_factory=list)         # train.finetune uploads a bad head
+    poison_kind: str = "nan"                                        # nan | huge | shape
+    unknown_class_clients: list[int] = field(default_factory=list)  # describe adds a class the dataset lacks
+    slow_clients: list[int] = field(default_factory=list)           # sleep slow_s in work handlers (timeouts)
+    slow_s: float = 0.0
+
+
+@dataclass
+class RunSpec:
+    """One federation run. Paths are absolute; `assets` and `outcome` are in-process only (not serialised)."""
+
+    out_dir: str
+    features_path: str
+    partition_path: str
+    zoo_dir: str                    # the run's own copy of the zoo (grows during the run)
+    tina_path: str                  # the run's Tina checkpoint (written on every refresh)
+    n_clients: int
+    rounds: int
+    methods: list[str]
+    images_path: str | None = None  # only for fedavg_full
+    options: MethodOptions = field(default_factory=MethodOptions)
+    head_ft: HeadTrainConfig = field(default_factory=lambda: HeadTrainConfig(steps=30))
+    checks: dict[str, Any] = field(default_factory=dict)   # HeadCheckConfig fields
+    faults: Faults = field(default_factory=Faults)
+    timeout_s: float = 120.0        # every send_and_receive
+    node_wait_s: float = 120.0      # how long to wait for all nodes to register
+    client_device: str = "auto"     # torch device inside the ClientApps
+    core: dict[str, Any] = field(default_factory=dict)     # the CoreConfig as a dict (to rebuild assets)
+    assets: Any = field(default=None, repr=False, compare=False)
+    outcome: Any = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise FedtinaError(f"unknown method(s) {unknown}; valid: {list(METHODS)}")
+        if not self.methods:
+            raise FedtinaError("no method to run: method.names is empty")
+        if self.n_clients < 1 or self.rounds < 1:
+            raise FedtinaError(f"need clients >= 1 and rounds >= 1, got clients={self.n_clients} rounds={self.rounds}")
+        if "fedavg_full" in self.methods and not self.images_path:
+            raise FedtinaError("method fedavg_full needs images_path (the driver writes images.npy)")
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: asdict(self)[f.name] for f in fields(self) if f.name not in ("assets", "outcome")}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "RunSpec":
+        data = dict(data)
+        data["options"] = from_dict(MethodOptions, data.get("options"))
+        data["head_ft"] = from_dict(HeadTrainConfig, data.get("head_ft"))
+        data["faults"] = from_dict(Faults, data.get("faults"))
+        return cls(**data)
+
+    def save(self) -> Path:
+        path = Path(self.out_dir) / "run_spec.json"
+        path.write_text(json.dumps(self.to_json(), indent=2))
+        return path
+
+
+def head_record(head: Head):
+    """A head on the wire (both directions): ArrayRecord {"weight" [k, d], "bias" [k]}; class names ride in the
+    message's ConfigRecord."""
+    from flwr.app import Array, ArrayRecord
+
+    return ArrayRecord({"weight": Array(np.ascontiguousarray(head.weight, np.float32)),
+                        "bias": Array(np.ascontiguousarray(head.bias, np.float32))})
+
+
+def record_head(rec, class_names) -> Head:
+    return Head(tuple(class_names), rec["weight"].numpy(), rec["bias"].numpy())
+
+
+def arrays_record(arrays: dict[str, np.ndarray]):
+    """{name: numpy array} (e.g. a model state dict) -> ArrayRecord, keys kept."""
+    from flwr.app import Array, ArrayRecord
+
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def record_arrays(rec) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in rec.items()}
+
+
+_lock = threading.Lock()
+_spec: RunSpec | None = None
+
+
+def set_run_spec(spec: RunSpec | None) -> None:
+    """Called by the driver before launching the simulation (and with None afterwards)."""
+    global _spec
+    with _lock:
+        _spec = spec
+
+
+def get_run_spec() -> RunSpec | None:
+    with _lock:
+        return _spec
+
+
+def spec_from_run_config(run_config: dict[str, Any], log=print) -> RunSpec:
+    """Under `flwr run`: rebuild the spec of a run dir prepared by `python -m fedtina.simulate`
+    (`--run-config 'run-dir="outputs/simulate/<stamp>"'`); the assets come from the cache."""
+    run_dir = str(run_config.get("run-dir") or "")
+    if not run_dir:
+        raise FedtinaError("no RunSpec: the ServerApp was started without `python -m fedtina.simulate` and "
+                           "run_config has no 'run-dir'. Run `python -m fedtina.simulate clients=N` instead, or pass "
+                           "--run-config 'run-dir=\"<a run dir written by fedtina.simulate>\"'")
+    path = Path(run_dir).expanduser() / "run_spec.json"
+    if not path.exists():
+        raise FedtinaError(f"run-dir {run_dir!r} has no run_spec.json; prepare it with `python -m fedtina.simulate`")
+    spec = RunSpec.from_json(json.loads(path.read_text()))
+    from fedtina.assets import build_assets
+    from fedtina.config import CoreConfig
+
+    spec.assets = build_assets(from_dict(CoreConfig, spec.core), log=log)
+    if Path(spec.tina_path).exists():  # the run's own (refreshed) Tina
+        from fedtina.tina.train import load_checkpoint
+
+        spec.assets.tina = load_checkpoint(spec.tina_path, spec.assets.encoder)
+    return spec

@@ -1,0 +1,140 @@
+"""The simulated federation: Tina against FedAvg and local fine-tuning on the same clients.
+
+    python -m fedtina.simulate clients=100                    # compare: tina, selection, local_ft, fedavg, fedavg_ft
+    python -m fedtina.simulate clients=20 rounds=2 method=tina dataset=caltech101
+    python -m fedtina.simulate method=fedavg_full clients=10  # FedAvg of the whole ResNet-20 on images (costly)
+
+The driver builds (or loads from the cache) the core assets, writes the run's inputs into the Hydra run dir
+(features.npy, partition.json, a copy of the zoo that the run grows), and runs ONE Flower simulation on Ray in which
+the ServerApp (a thread of this process, holding Tina) plays every requested method. See docs/federation.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from fedtina.config import CoreConfig, HeadTrainConfig, from_dict
+from fedtina.errors import FedtinaError
+from fedtina.federation.runtime import Faults, MethodOptions, RunSpec
+
+log = logging.getLogger("fedtina.simulate")
+
+CORE_KEYS = ("dataset", "protocol", "backbone", "encoder", "zoo", "tina", "cache_dir")
+
+
+def _plain(cfg: DictConfig | dict) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+
+
+def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.npy")
+    np.save(tmp, array)
+    tmp.replace(path)
+
+
+def prepare(cfg: dict[str, Any], out_dir: Path, assets=None) -> RunSpec:
+    """Build (or load) the assets and write the run's inputs into `out_dir`; the RunSpec for the ServerApp."""
+    from fedtina.federation.partition import PartitionConfig, make_partition, save_partition
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    core = from_dict(CoreConfig, {k: cfg[k] for k in CORE_KEYS if k in cfg})
+    method = dict(cfg["method"])
+    names = list(method.pop("names"))
+    if assets is None:
+        from fedtina.assets import build_assets
+
+        t0 = time.perf_counter()
+        assets = build_assets(core, log=log.info)
+        log.info("[assets] ready in %.1f s", time.perf_counter() - t0)
+
+    features = out_dir / "features.npy"
+    _atomic_save_npy(features, np.ascontiguousarray(assets.bank.features, dtype=np.float32))
+    images = None
+    if "fedavg_full" in names:
+        images = out_dir / "images.npy"
+        _atomic_save_npy(images, np.ascontiguousarray(assets.dataset.images))
+    partition = make_partition(assets.dataset, assets.split, int(cfg["clients"]),
+                               from_dict(PartitionConfig, cfg["partition"]))
+    partition_path = out_dir / "partition.json"
+    save_partition(partition_path, partition)
+    st = partition.stats()
+    log.info("[partition] %d clients, %.1f classes and %.0f train images each (min %d), %d with unseen classes, "
+             "%d server hold-out images", st["clients"], st["k_mean"], st["train_mean"], st["train_min"],
+             st["with_unseen"], st["server_val"])
+
+    zoo_dir = out_dir / "zoo"  # the run's zoo grows; the cached one is never modified
+    if zoo_dir.exists():
+        shutil.rmtree(zoo_dir)
+    shutil.copytree(assets.zoo_dir, zoo_dir)
+
+    res = cfg["resources"]
+    spec = RunSpec(out_dir=str(out_dir.resolve()), features_path=str(features.resolve()),
+                   partition_path=str(partition_path.resolve()), zoo_dir=str(zoo_dir.resolve()),
+                   tina_path=str((out_dir / "tina" / "tina.safetensors").resolve()),
+                   n_clients=int(cfg["clients"]), rounds=int(cfg["rounds"]), methods=names,
+                   images_path=str(images.resolve()) if images else None,
+                   options=from_dict(MethodOptions, method), head_ft=from_dict(HeadTrainConfig, cfg["head_ft"]),
+                   checks=dict(cfg["checks"]), faults=from_dict(Faults, cfg.get("faults")),
+                   timeout_s=float(cfg["timeout_s"]), node_wait_s=float(cfg["node_wait_s"]),
+                   client_device=str(res.get("device", "auto")),
+                   core={k: cfg[k] for k in CORE_KEYS if k in cfg})
+    spec.save()
+    spec.assets = assets
+    return spec
+
+
+def _log_file_handlers() -> list[logging.Handler]:
+    return [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+
+
+def run(cfg: DictConfig | dict, out_dir: str | Path, assets=None):
+    """Prepare the run dir, run the simulation, write the report there; returns the Outcome (summary, results,
+    records, zoo growth, files). Tests call this with a composed config and their own `out_dir`."""
+    from fedtina.federation import launch
+
+    plain = _plain(cfg)
+    out_dir = Path(out_dir)
+    t0 = time.perf_counter()
+    launch.quiet_flower(logging.DEBUG if plain.get("verbose") else logging.WARNING, _log_file_handlers())
+    spec = prepare(plain, out_dir, assets)
+    backend = launch.backend_config(plain["resources"])
+    log.info("[simulate] %d clients, %d rounds, methods %s; Ray: %s", spec.n_clients, spec.rounds,
+             ", ".join(spec.methods), backend)
+    outcome = launch.run(spec, backend, verbose=bool(plain.get("verbose")))
+    log.info("[simulate] finished in %.1f s", time.perf_counter() - t0)
+    return outcome
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="simulate")
+def main(cfg: DictConfig) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from fedtina.federation.report import format_table
+
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        if cfg.get("prepare_only"):
+            prepare(_plain(cfg), out_dir)
+            print(f"prepared {out_dir}; run it with: flwr run . --run-config 'run-dir=\"{out_dir.resolve()}\"' "
+                  f"--federation-config 'num_supernodes={cfg.clients}'")
+            return None
+        outcome = run(cfg, out_dir)
+    except FedtinaError as e:
+        log.error("%s", e)
+        raise SystemExit(2) from None
+    print(format_table(outcome.summary))
+    print(f"results: {out_dir}")
+    tina = outcome.summary["methods"].get("tina", {})
+    return tina.get("acc_mean")  # for sweepers
+
+
+if __name__ == "__main__":
+    main()
