@@ -391,7 +391,7 @@ def test_check_head_refusals(check_setup):
     bad = Head(good.class_names, np.roll(good.weight, 1, axis=0), np.roll(good.bias, 1))
     res = _check(bad, spec, x, y, good, norm)
     assert not res.accepted and "accuracy" in res.reason and res.acc < res.reference_acc - 0.15
-    with pytest.raises(FedtinaError, match="generic_row_norm"):
+    with pytest.raises(FedtinaError, match="reference_row_norm"):
         _check(good, spec, x, y, good, 0.0)
 
 

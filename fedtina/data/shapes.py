@@ -29,7 +29,7 @@ from fedtina.errors import FedtinaError
 
 log = logging.getLogger(__name__)
 
-SHAPES_VERSION = 1        # bump whenever rendering or the class list changes: it is part of the cache key
+SHAPES_VERSION = 2        # bump whenever rendering or the class list changes: it is part of the cache key
 SIZE = 32
 _CHUNK = 1024             # images rendered per batch; fixed, because the noise stream is drawn per chunk
 
@@ -175,8 +175,9 @@ class _Params:
     tex_phase: np.ndarray    # [N, 2] in [0, 1)
     bg: np.ndarray           # [N, 2, 3] the two rgb ends of the background gradient
     bg_dir: np.ndarray       # [N, 2] unit direction of the gradient
-    blobs: np.ndarray        # [N, 3, 6] small distractors: active, is_square, x, y, radius, colour index
-    blob_rgb: np.ndarray     # [N, 3, 3]
+    blobs: np.ndarray        # [N, 4, 6] small distractors: active, is_square, x, y, radius, colour index;
+                             # the last one is drawn over the object (partial occlusion)
+    blob_rgb: np.ndarray     # [N, 4, 3]
     line: np.ndarray         # [N, 4] active, angle, offset, width
     line_rgb: np.ndarray     # [N, 3]
     noise: np.ndarray        # [N] pixel noise standard deviation
@@ -195,9 +196,9 @@ def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
 def _jittered_palette(idx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Palette colours with per-image hue (+-7 degrees), saturation and brightness jitter -> rgb [..., 3]."""
     hsv = np.array(list(COLOURS.values()))[idx]
-    h = hsv[..., 0] + rng.uniform(-0.02, 0.02, idx.shape)
-    s = np.clip(hsv[..., 1] * rng.uniform(0.85, 1.1, idx.shape), 0, 1)
-    v = np.clip(hsv[..., 2] * rng.uniform(0.72, 1.0, idx.shape), 0, 1)
+    h = hsv[..., 0] + rng.uniform(-0.045, 0.045, idx.shape)
+    s = np.clip(hsv[..., 1] * rng.uniform(0.6, 1.1, idx.shape), 0, 1)
+    v = np.clip(hsv[..., 2] * rng.uniform(0.5, 1.0, idx.shape), 0, 1)
     return _hsv_to_rgb(h, s, v)
 
 
@@ -206,19 +207,19 @@ def _draw_params(labels: np.ndarray, rng: np.random.Generator) -> _Params:
     n = len(labels)
     combos = np.array(class_list())[labels]
     colour_idx, texture, shape = combos[:, 0], combos[:, 1], combos[:, 2]
-    radius = rng.uniform(7.0, 11.5, n)
+    radius = rng.uniform(5.0, 11.0, n)
     slack = np.maximum(SIZE / 2 - 0.85 * radius - 1.0, 0.0)
     centre = (SIZE - 1) / 2 + rng.uniform(-1, 1, (n, 2)) * slack[:, None]
-    bg = _hsv_to_rgb(rng.uniform(0, 1, (n, 2)), rng.uniform(0, 0.3, (n, 2)), rng.uniform(0.12, 0.6, (n, 2)))
+    bg = _hsv_to_rgb(rng.uniform(0, 1, (n, 2)), rng.uniform(0, 0.45, (n, 2)), rng.uniform(0.1, 0.75, (n, 2)))
     bg_angle = rng.uniform(0, 2 * np.pi, n)
     n_colours = len(COLOURS)
-    blob_colour = (colour_idx[:, None] + rng.integers(1, n_colours, (n, 3))) % n_colours  # never the class colour
+    blob_colour = (colour_idx[:, None] + rng.integers(1, n_colours, (n, 4))) % n_colours  # never the class colour
     blobs = np.stack([
-        rng.uniform(0, 1, (n, 3)) < 0.6,
-        rng.uniform(0, 1, (n, 3)) < 0.5,
-        rng.uniform(0, SIZE - 1, (n, 3)),
-        rng.uniform(0, SIZE - 1, (n, 3)),
-        rng.uniform(1.5, 3.0, (n, 3)),
+        rng.uniform(0, 1, (n, 4)) < 0.7,
+        rng.uniform(0, 1, (n, 4)) < 0.5,
+        rng.uniform(0, SIZE - 1, (n, 4)),
+        rng.uniform(0, SIZE - 1, (n, 4)),
+        rng.uniform(1.5, 4.0, (n, 4)),
         blob_colour,
     ], axis=-1).astype(np.float64)
     line = np.stack([
@@ -236,7 +237,7 @@ def _draw_params(labels: np.ndarray, rng: np.random.Generator) -> _Params:
         radius=radius,
         angle=rng.uniform(0, 2 * np.pi, n),
         tex_angle=rng.uniform(0, np.pi, n),
-        tex_period=rng.uniform(0.9, 1.15, n),
+        tex_period=rng.uniform(0.8, 1.3, n),
         tex_phase=rng.uniform(0, 1, (n, 2)),
         bg=bg,
         bg_dir=np.stack([np.cos(bg_angle), np.sin(bg_angle)], -1),
@@ -244,7 +245,7 @@ def _draw_params(labels: np.ndarray, rng: np.random.Generator) -> _Params:
         blob_rgb=_jittered_palette(blob_colour, rng),
         line=line,
         line_rgb=_jittered_palette(rng.integers(0, n_colours, n), rng),
-        noise=rng.uniform(0.015, 0.05, n),
+        noise=rng.uniform(0.03, 0.1, n),
     )
 
 
@@ -271,14 +272,19 @@ def _background(p: _Params) -> np.ndarray:
     return p.bg[:, None, None, 0] * (1 - t) + p.bg[:, None, None, 1] * t
 
 
+def _blob(img: np.ndarray, p: _Params, j: int) -> None:
+    """Distractor j: a small disc or square in another colour than the class's."""
+    active, square, bx, by, br, _ = (p.blobs[:, j, i] for i in range(6))
+    dx, dy = _GRID_X - _col(bx), _GRID_Y - _col(by)
+    dist = np.where(_col(square) > 0, np.maximum(np.abs(dx), np.abs(dy)), _length(dx, dy))
+    alpha = np.clip(_col(br) - dist + 0.5, 0, 1) * _col(active)
+    _paint(img, alpha, p.blob_rgb[:, j])
+
+
 def _distractors(img: np.ndarray, p: _Params) -> np.ndarray:
-    """A few small discs/squares in other colours, and maybe one thin line, under the main object."""
-    for j in range(p.blobs.shape[1]):
-        active, square, bx, by, br, _ = (p.blobs[:, j, i] for i in range(6))
-        dx, dy = _GRID_X - _col(bx), _GRID_Y - _col(by)
-        dist = np.where(_col(square) > 0, np.maximum(np.abs(dx), np.abs(dy)), _length(dx, dy))
-        alpha = np.clip(_col(br) - dist + 0.5, 0, 1) * _col(active)
-        _paint(img, alpha, p.blob_rgb[:, j])
+    """All distractors but the last, and maybe one thin line, under the main object."""
+    for j in range(p.blobs.shape[1] - 1):
+        _blob(img, p, j)
     active, angle, offset, width = (p.line[:, i] for i in range(4))
     dist = np.abs((_GRID_X - SIZE / 2) * _col(np.cos(angle)) + (_GRID_Y - SIZE / 2) * _col(np.sin(angle))
                   - _col(offset))
@@ -339,6 +345,7 @@ def _render_chunk(p: _Params, rng: np.random.Generator) -> np.ndarray:
     mask = _texture_mask(p)[..., None]
     fill = p.colour[:, None, None] * (mask + (1 - mask) * _col(p.shade)[..., None])
     _paint(img, _object_alpha(p), fill)
+    _blob(img, p, p.blobs.shape[1] - 1)   # an occluder: it may hide part of the object
     img += rng.standard_normal(img.shape, dtype=np.float32) * _col(p.noise)[..., None]
     return np.round(np.clip(img, 0, 1) * 255).astype(np.uint8)
 

@@ -17,7 +17,7 @@ from fedtina.heads import Head
 
 @dataclass
 class HeadCheckConfig:
-    max_row_norm_ratio: float = 4.0   # vs the mean row norm of the generic head
+    max_row_norm_ratio: float = 4.0   # vs the mean row norm of plausible heads (the zoo's)
     max_acc_drop: float = 0.15        # below selection on the server's held-out features
     max_bytes: int = 1_000_000
 
@@ -50,13 +50,13 @@ def server_val_data(features: np.ndarray, labels: np.ndarray, server_val_idx: np
 
 
 def check_head(head: Head, expected_names: tuple[str, ...], feature_dim: int, reference: Head,
-               val_x: np.ndarray, val_y: np.ndarray, generic_row_norm: float, cfg: HeadCheckConfig) -> CheckResult:
+               val_x: np.ndarray, val_y: np.ndarray, reference_row_norm: float, cfg: HeadCheckConfig) -> CheckResult:
     """Accept or refuse an uploaded head (see the module docstring). `val_y` are positions in `expected_names`;
     `reference` is the selection head for the same classes (any order). With no held-out image the accuracy check
     is skipped (acc None). Bad *server-side* inputs (reference, norm) raise FedtinaError rather than refuse."""
     expected = tuple(expected_names)
-    if generic_row_norm <= 0 or not np.isfinite(generic_row_norm):
-        raise FedtinaError(f"generic_row_norm={generic_row_norm}: must be a positive finite number")
+    if reference_row_norm <= 0 or not np.isfinite(reference_row_norm):
+        raise FedtinaError(f"reference_row_norm={reference_row_norm}: must be a positive finite number")
     names = tuple(head.class_names)
     if len(set(names)) != len(names) or sorted(names) != sorted(expected):
         return _refuse(f"class set mismatch: head has {list(names)}, expected {list(expected)}")
@@ -73,7 +73,7 @@ def check_head(head: Head, expected_names: tuple[str, ...], feature_dim: int, re
         return _refuse(f"wrong shape: weight {weight.shape}, bias {bias.shape}; expected {want} and ({want[0]},)")
     if not (np.isfinite(weight).all() and np.isfinite(bias).all()):
         return _refuse("non-finite values (NaN or inf) in weight or bias")
-    ratio = float(np.linalg.norm(weight, axis=1).max()) / generic_row_norm
+    ratio = float(np.linalg.norm(weight, axis=1).max()) / reference_row_norm
     if ratio > cfg.max_row_norm_ratio:
         return _refuse(f"implausible row norm: largest row is {ratio:.2f}x the generic head's mean row norm "
                        f"(max_row_norm_ratio={cfg.max_row_norm_ratio})")

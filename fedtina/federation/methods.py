@@ -14,7 +14,6 @@ client's cost.
 from __future__ import annotations
 
 import csv
-import inspect
 import logging
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -302,27 +301,12 @@ def refresh_tina(fed: Federation, zoo, rnd: int) -> None:
                   warmup_steps=min(int(tina.cfg.warmup_steps), max(1, opts.refresh_steps // 5)))
     with PhaseTimer() as t:
         entries = zoo.entries()
-        if "init" in inspect.signature(tina_train.train_tina).parameters:
-            new = tina_train.train_tina(entries, tina.encoder, cfg, log=None, init=tina)
-        else:
-            new = _warm_start_trainer(tina_train, tina, entries, cfg).fit()
+        new = tina_train.train_tina(entries, tina.encoder, cfg, log=None, init=tina)
         tina_train.save_checkpoint(Path(fed.spec.tina_path), new)   # temp file + os.replace
     fed.tina = new
     fed.server_record("tina", rnd, "refresh", t, detail=f"{opts.refresh_steps} steps on {len(entries)} heads")
     fed.progress("tina", rnd, fed.spec.rounds, f"Tina refreshed on {len(entries)} zoo heads "
                  f"({opts.refresh_steps} steps, {t.wall_s:.1f} s)")
-
-
-def _warm_start_trainer(tina_train, tina, entries, cfg):
-    """A TinaTrainer on `entries` that starts from `tina`'s weights and keeps its normalisation statistics (refitting
-    them would change what the weights mean). Used while `train_tina` has no `init=` keyword."""
-    trainer = tina_train.TinaTrainer(entries, tina.encoder, cfg, global_segments=tina.layout.global_segments,
-                                     log=None)
-    trainer.layout = tina.layout
-    trainer.data = tina_train.ZooTensors(entries, tina.encoder, tina.layout).to(trainer.device)
-    trainer.model.load_state_dict(tina.model.state_dict())
-    trainer.ema.load_state_dict(tina.model.state_dict())
-    return trainer
 
 
 def row_norm_scale(fed: Federation, zoo) -> float:
