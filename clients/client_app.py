@@ -83,7 +83,7 @@ def finetune(msg: Message, ctx: Context) -> Message:
     with PhaseTimer() as t:
         data = _data(cfg, cid)
         ft = HeadTrainConfig(steps=int(cfg["steps"]), lr=float(cfg["lr"]), l2_to_init=float(cfg["l2_to_init"]),
-                             weight_decay=float(cfg["weight_decay"]))
+                             weight_decay=float(cfg["weight_decay"]), select=bool(cfg.get("select", False)))
         tuned = client_ops.finetune_local(record_head(msg.content["head"], cfg["class_names"]), data, ft)
         res = client_ops.evaluate_head(tuned, data)
     records: dict = {"metrics": _metrics(res["acc"], res["num-examples"])}

@@ -37,7 +37,7 @@ def zoo_key(cfg: CoreConfig, ds: ImageDataset, split: ProtocolSplit) -> str:
     b, z = cfg.backbone, cfg.zoo
     ft = z.finetune
     return (f"{ds.name}-{ds.fingerprint}-{split.key}-{b.arch}{b.width}e{b.epochs}s{b.seed}"
-            f"-k{z.k_min}_{z.k_max}s{z.seed}-ft{ft.steps}_{ft.lr:g}_{ft.l2_to_init:g}")
+            f"-k{z.k_min}_{z.k_max}s{z.seed}-ft{ft.steps}_{ft.lr:g}_{ft.l2_to_init:g}{'-sel' if ft.select else ''}")
 
 
 def tina_key(cfg: CoreConfig, encoder: CachedTextEncoder, num_entries: int) -> str:

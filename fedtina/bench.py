@@ -85,7 +85,7 @@ def personalize(assets: Assets, tasks: list[BenchTask], cfg: BenchConfig) -> dic
     timed("selection", lambda: selection_heads(assets, tasks))
     timed("tina", lambda: assets.tina.generate([list(t.class_names) for t in tasks]))
     t0 = time.perf_counter()
-    tuned = finetune_heads(out["tina"][0], data, cfg.tina_ft)
+    tuned = (oracle_heads if cfg.tina_ft.select else finetune_heads)(out["tina"][0], data, cfg.tina_ft)
     out["tina_ft"] = (tuned, out["tina"][1] + (time.perf_counter() - t0) / len(tasks))  # generation + tuning
     timed("oracle", lambda: oracle_heads(out["selection"][0], data, assets.cfg.zoo.finetune))
     timed("scratch", lambda: train_scratch_heads([t.class_names for t in tasks], data, HeadTrainConfig(
@@ -143,6 +143,8 @@ def main_from_dict(cfg: dict, out_dir: Path) -> dict:
     report = {"dataset": assets.dataset.name, "encoder": assets.encoder.id, "num_tasks": bench_cfg.num_tasks,
               "k": bench_cfg.k, "setup_s": setup_s, "timings": assets.timings,
               "id_gain_captured": gain_captured(result, "id"), **result,
+              "seen_classes": [assets.dataset.class_names[c] for c in assets.split.seen],   # the backbone's classes
+              "unseen_classes": [assets.dataset.class_names[c] for c in assets.split.unseen],
               "config": {"core": asdict(core), "bench": asdict(bench_cfg)}}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench.json").write_text(json.dumps(report, indent=2, default=str))

@@ -59,6 +59,8 @@ class HeadTrainConfig:
     lr: float = 0.05
     l2_to_init: float = 1e-3          # pull toward the initial (generic) rows
     weight_decay: float = 0.0
+    select: bool = False              # client fine-tuning only: pick steps/lr/l2 on a hold-out of the client's own
+                                      # training images (heads.oracle_search; keeping the received head is a candidate)
 
 
 @dataclass

@@ -34,7 +34,7 @@ import safetensors.numpy
 
 from fedtina.config import ZooConfig
 from fedtina.errors import CorruptFileError, FedtinaError, LabelSetError
-from fedtina.heads import Head, accuracy, finetune_heads, generic_rows, selection_head
+from fedtina.heads import Head, accuracy, finetune_heads, generic_rows, oracle_heads, selection_head
 from fedtina.protocol import sample_tasks
 
 INDEX_NAME = "index.sqlite"
@@ -440,7 +440,7 @@ def build_zoo(store: ZooStore, bank, split, class_names: Sequence[str], labels: 
 
     Tasks: distinct subsets of split.seen, k uniform in [cfg.k_min, cfg.k_max], seeded by cfg.seed. Each head starts
     from the generic rows of its classes (bank.generic_weight/bias, row i = class bank.seen[i]) and is fine-tuned
-    (cfg.finetune) on the zoo-part images (split.zoo_idx) of its classes. Metrics: zoo_acc (train), test_acc and
+    (cfg.finetune; with cfg.finetune.select, per-task hyper-parameters from `oracle_heads`) on the zoo-part images (split.zoo_idx) of its classes. Metrics: zoo_acc (train), test_acc and
     generic_test_acc (the un-tuned selection head) on the task's split.test_idx images, n_zoo, n_test.
     Idempotent top-up: with >= num_tasks "zoo" entries present nothing happens; otherwise only the missing number
     of tasks is added (tasks already in the store are skipped). Nothing is ever deleted.
@@ -467,7 +467,13 @@ def build_zoo(store: ZooStore, bank, split, class_names: Sequence[str], labels: 
         if len(x) == 0 or len(xt) == 0:
             raise FedtinaError(f"zoo task {list(t)} has {len(x)} zoo images and {len(xt)} test images; need both")
     t0 = time.perf_counter()
-    heads = finetune_heads(inits, train, cfg.finetune)
+    # select: per-task steps/lr/l2 chosen on hold-outs of the task's own zoo images (heads.oracle_heads); a fixed
+    # recipe over-fits the few images per class of small datasets and makes zoo heads worse than the generic rows
+    # (one hold-out split per task, not three: 600 tasks stay around a minute on a CPU)
+    if cfg.finetune.select:
+        heads = oracle_heads(inits, train, cfg.finetune, repeats=1, seed=cfg.seed)
+    else:
+        heads = finetune_heads(inits, train, cfg.finetune)
     log(f"zoo: fine-tuned {len(heads)} heads (k {cfg.k_min}..{cfg.k_max}) in {time.perf_counter() - t0:.1f}s")
     entries = [ZooEntry.from_head(h, {"zoo_acc": accuracy(h, *tr), "test_acc": accuracy(h, *te),
                                       "generic_test_acc": accuracy(g, *te), "n_zoo": float(len(tr[1])),

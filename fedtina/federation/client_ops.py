@@ -162,11 +162,16 @@ def evaluate_head(head: Head, data: ClientData) -> dict[str, float]:
 
 def finetune_local(head: Head, data: ClientData, cfg: HeadTrainConfig, device: str | None = None) -> Head:
     """Fine-tune `head` on the client's train features (heads.finetune_heads; `device` None = CUDA when visible);
-    returns it in the client's class order."""
-    from fedtina.heads import finetune_heads
+    returns it in the client's class order. With `cfg.select` the client first picks steps/lr/l2 on hold-outs of its
+    own training images (heads.oracle_heads): with a few images per class a fixed recipe can overfit and make a good
+    received head worse, and "0 steps" (keep it) is one of the candidates."""
+    from fedtina.heads import finetune_heads, oracle_heads
 
     aligned = align_head(head, data.class_names, data.feature_dim)
-    return finetune_heads([aligned], [(data.train_x, data.train_y)], cfg, device=device)[0]
+    train = [(data.train_x, data.train_y)]
+    if cfg.select:
+        return oracle_heads([aligned], train, cfg, device=device)[0]
+    return finetune_heads([aligned], train, cfg, device=device)[0]
 
 
 def restrict_head(weight: np.ndarray, bias: np.ndarray, class_ids: tuple[int, ...],

@@ -284,7 +284,7 @@ class Federation:
     def finetune_config(self, upload: bool) -> dict:
         ft = self.spec.head_ft
         return {"steps": int(ft.steps), "lr": float(ft.lr), "l2_to_init": float(ft.l2_to_init),
-                "weight_decay": float(ft.weight_decay), "upload": bool(upload)}
+                "weight_decay": float(ft.weight_decay), "select": bool(ft.select), "upload": bool(upload)}
 
 
 # ------------------------------------------------------------------------------------------------------------------
