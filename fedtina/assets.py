@@ -41,14 +41,17 @@ def zoo_key(cfg: CoreConfig, ds: ImageDataset, split: ProtocolSplit) -> str:
 
 
 def tina_key(cfg: CoreConfig, encoder: CachedTextEncoder, num_entries: int) -> str:
-    """Every TinaConfig field that changes the trained weights, hashed (device, logging and threads do not)."""
-    fields = {k: v for k, v in asdict(cfg.tina).items() if k not in ("device", "log_every", "cpu_threads")}
+    """Every TinaConfig field that changes the trained weights, hashed (device, logging and threads do not; the
+    residual-only fields count only when residual is on, so plain checkpoints keep the key they had before them)."""
+    skip = ("device", "log_every", "cpu_threads") + (() if cfg.tina.residual else ("residual", "borrow_prob"))
+    fields = {k: v for k, v in asdict(cfg.tina).items() if k not in skip}
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
     return f"{encoder.id}-n{num_entries}-{digest}"
 
 
 def build_assets(cfg: CoreConfig, log: Callable[[str], None] = print, with_tina: bool = True) -> Assets:
     """Everything is cached under cfg.cache_path; a second call with the same config loads in seconds."""
+    from fedtina.tina.base import BaseRows
     from fedtina.tina.train import load_checkpoint, save_checkpoint, train_tina
 
     cache = cfg.cache_path
@@ -76,11 +79,12 @@ def build_assets(cfg: CoreConfig, log: Callable[[str], None] = print, with_tina:
     tina_path = cache / "tina" / zoo_dir.name / f"{tina_key(cfg, encoder, len(zoo))}.safetensors"
     if with_tina:
         t0 = time.perf_counter()
+        base = BaseRows.from_bank(bank, ds.class_names, encoder)   # used by residual Tina only
         if tina_path.exists():
-            tina = load_checkpoint(tina_path, encoder)
+            tina = load_checkpoint(tina_path, encoder, base=base)
             log(f"[tina] loaded {tina_path}")
         else:
-            tina = train_tina(zoo.entries(), encoder, cfg.tina, log=log)
+            tina = train_tina(zoo.entries(), encoder, cfg.tina, log=log, base=base)
             tina_path.parent.mkdir(parents=True, exist_ok=True)
             save_checkpoint(tina_path, tina)
             log(f"[tina] trained and saved {tina_path}")

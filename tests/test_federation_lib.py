@@ -97,19 +97,30 @@ def test_partition_constraints():
     assert usage[9:].max() - usage[9:].min() <= 1          # unseen classes dealt evenly
 
 
-def test_divide_dirichlet_skew():
+def test_divide_follows_the_shares():
     from fedtina.federation.partition import _divide
 
     rng = np.random.default_rng(0)
     spread = {}
     for alpha in (0.1, 1000.0):
-        parts = [_divide(np.arange(1000), 5, alpha, rng) for _ in range(20)]
+        parts = [_divide(np.arange(1000), rng.dirichlet(np.full(5, alpha)), rng) for _ in range(20)]
         for p in parts:
             assert sorted(np.concatenate(p).tolist()) == list(range(1000)) and min(map(len, p)) >= 1
         spread[alpha] = np.mean([np.std([len(x) for x in p]) for p in parts])
     assert spread[0.1] > 5 * spread[1000.0]
-    shared = _divide(np.arange(3), 7, 0.5, rng)
+    big = _divide(np.arange(1000), np.array([0.7, 0.2, 0.1]), rng)
+    assert [round(len(x), -2) for x in big] == [700, 200, 100]
+    shared = _divide(np.arange(3), np.full(7, 1 / 7), rng)
     assert all(len(x) == 1 for x in shared) and set(np.concatenate(shared).tolist()) == {0, 1, 2}
+
+
+def test_partition_train_and_test_follow_the_same_skew():
+    """A client's local train and test data come from one distribution: class shares agree across the two parts."""
+    ds, split, _, _ = make_world()
+    part = make_partition(ds, split, 3, cfg(unseen_share=0.0, alpha=0.2, k_min=9, k_max=9))
+    n_train = np.array([[(cl.train_labels == c).sum() for c in range(9)] for cl in part.clients], float)
+    n_test = np.array([[(cl.test_labels == c).sum() for c in range(9)] for cl in part.clients], float)
+    assert np.corrcoef(n_train.ravel(), n_test.ravel())[0, 1] > 0.6   # independent draws give ~0
 
 
 def test_partition_holders_split_class_images_disjointly():

@@ -156,17 +156,17 @@ def _assign_classes(cfg: PartitionConfig, n_clients: int, seen: np.ndarray, unse
     return out
 
 
-def _divide(images: np.ndarray, n_holders: int, alpha: float, rng: np.random.Generator) -> list[np.ndarray]:
-    """Split one class's image indices among `n_holders` clients with Dirichlet(alpha) proportions, each holder
+def _divide(images: np.ndarray, shares: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
+    """Split one class's image indices among `len(shares)` clients in proportion to `shares`, each holder
     getting at least one image. When there are fewer images than holders, images are *shared*: holder j gets
     image j mod len(images), so every holder still has one (the clients then overlap on that class)."""
-    n = len(images)
+    n, n_holders = len(images), len(shares)
     if n == 0:
         return [images[:0] for _ in range(n_holders)]
     images = images[rng.permutation(n)]
     if n < n_holders:
         return [images[j % n : j % n + 1] for j in range(n_holders)]
-    extra = rng.multinomial(n - n_holders, rng.dirichlet(np.full(n_holders, alpha)))
+    extra = rng.multinomial(n - n_holders, shares)
     bounds = np.concatenate([[0], np.cumsum(1 + extra)])
     return [images[bounds[j] : bounds[j + 1]] for j in range(n_holders)]
 
@@ -212,9 +212,11 @@ def make_partition(ds: ImageDataset, split: "ProtocolSplit", n_clients: int, cfg
         if len(zoo_c) == 0:
             raise FedtinaError(f"class {c} ({ds.class_names[c]!r}) has no zoo-part image in the split; "
                                f"the {len(holders[c])} client(s) holding it would have nothing to train on")
-        for cid, part in zip(holders[c], _divide(zoo_c, len(holders[c]), cfg.alpha, rng)):
+        # one Dirichlet draw per class for both parts: a client's local train and test data follow the same skew
+        shares = rng.dirichlet(np.full(len(holders[c]), cfg.alpha))
+        for cid, part in zip(holders[c], _divide(zoo_c, shares, rng)):
             train_parts[cid].append(part)
-        for cid, part in zip(holders[c], _divide(test_c[n_server:], len(holders[c]), cfg.alpha, rng)):
+        for cid, part in zip(holders[c], _divide(test_c[n_server:], shares, rng)):
             test_parts[cid].append(part)
 
     clients = []

@@ -165,5 +165,5 @@ def spec_from_run_config(run_config: dict[str, Any], log=print) -> RunSpec:
     if Path(spec.tina_path).exists():  # the run's own (refreshed) Tina
         from fedtina.tina.train import load_checkpoint
 
-        spec.assets.tina = load_checkpoint(spec.tina_path, spec.assets.encoder)
+        spec.assets.tina = load_checkpoint(spec.tina_path, spec.assets.encoder, base=spec.assets.tina.base)
     return spec

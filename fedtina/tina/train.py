@@ -6,6 +6,12 @@ weights (the EMA is what generates). Augmentation: with probability ``cfg.subset
 sub-head of k' in [1, k] of its classes (rows of a fine-tuned head are a fine target for the smaller task), so every
 k up to ``max_classes`` is seen; batches are padded to the largest k in the batch and masked.
 
+Residual mode (``cfg.residual``, needs a `BaseRows`): the target of a class token is its row minus a base row,
+normalised with the layout's residual statistics, and the network also sees the base and an OWN / BORROWED
+indicator. The base is the class's own generic row, except for a fraction ``cfg.borrow_prob`` of the tokens, which
+borrow the row of the nearest-named other seen class: the situation of an unseen class at generation time, which
+the zoo (seen classes only) never shows otherwise.
+
 Default size (TinaConfig): d_model 128, depth 4, 4 heads, batch 64 tasks, 1500 steps, lr 1e-3 (1.4M parameters with a
 384-d text encoder). Measured on the shared 2-core CPU for 600 tasks of k = 10, d = 64: d_model 256 / depth 6 /
 batch 128 (7.6M params) ran at 0.2 steps/s, far too slow; the default runs at ~7 steps/s with 1 thread, so 1500 steps
@@ -24,7 +30,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -34,23 +40,49 @@ from safetensors.torch import load_file, save_file
 from fedtina.config import TinaConfig
 from fedtina.device import pick_device
 from fedtina.errors import CorruptFileError, FedtinaError
+from fedtina.tina.base import BORROWED, OWN, BaseRows
 from fedtina.tina.diffusion import PREDICTIONS, NoiseSchedule, training_loss
 from fedtina.tina.generator import TinaGenerator
 from fedtina.tina.layout import BIAS_KEY, WEIGHT_KEY, GlobalSegment, ParamLayout
-from fedtina.tina.model import TinaNet
+from fedtina.tina.model import TinaNet, with_base
 
 CHECKPOINT_FORMAT = "fedtina.tina/1"
 
 
 def build_model(cfg: TinaConfig, layout: ParamLayout, text_dim: int) -> TinaNet:
     return TinaNet(layout.token_dim, text_dim, d_model=cfg.d_model, depth=cfg.depth, num_heads=cfg.num_heads,
-                   mlp_ratio=cfg.mlp_ratio, num_global_tokens=layout.num_global_tokens)
+                   mlp_ratio=cfg.mlp_ratio, num_global_tokens=layout.num_global_tokens, residual=cfg.residual)
+
+
+class Batch(NamedTuple):
+    """A training batch; ``base`` [B,N,T] (normalised base tokens) and ``indicator`` [B,N] only in residual mode."""
+
+    x0: torch.Tensor
+    text: torch.Tensor
+    mask: torch.Tensor
+    base: torch.Tensor | None = None
+    indicator: torch.Tensor | None = None
+
+
+def fit_residual_stats(layout: ParamLayout, entries: Sequence[Any], base: BaseRows) -> ParamLayout:
+    """Residual statistics of every zoo token against its own base row and against its leave-one-out borrowed one."""
+    rows = np.concatenate([layout.class_tokens(e.params) for e in entries])
+    names = [n for e in entries for n in e.class_names]
+    unique = list(dict.fromkeys(names))
+    own_of = dict(zip(unique, base.tokens(unique)[0]))
+    borrowed_of = dict(zip(unique, base.borrowed_tokens(unique)))
+    own = np.stack([own_of[n] for n in names])
+    borrowed = np.stack([borrowed_of[n] for n in names])
+    kind = np.repeat([OWN, BORROWED], len(rows))
+    return layout.fit_residual(np.concatenate([rows - own, rows - borrowed]), kind)
 
 
 class ZooTensors:
-    """The zoo as padded tensors: normalised class tokens, name indices, k per task, global tokens, text table."""
+    """The zoo as padded tensors: normalised class tokens, name indices, k per task, global tokens, text table
+    (+ in residual mode: raw tokens and every name's own and leave-one-out borrowed base tokens)."""
 
-    def __init__(self, entries: Sequence[Any], encoder: Any, layout: ParamLayout) -> None:
+    def __init__(self, entries: Sequence[Any], encoder: Any, layout: ParamLayout, base: BaseRows | None = None,
+                 borrow_prob: float = 0.0) -> None:
         if not entries:
             raise FedtinaError("cannot train Tina on an empty zoo")
         ks = [len(e.class_names) for e in entries]
@@ -81,15 +113,32 @@ class ZooTensors:
         self.k = torch.tensor(ks, dtype=torch.long)
         self.text = torch.from_numpy(table)
         self.names = names
+        self.residual = base is not None
+        if self.residual:
+            self._init_residual(layout, base, borrow_prob)
+
+    def _init_residual(self, layout: ParamLayout, base: BaseRows, borrow_prob: float) -> None:
+        """Raw tokens, each name's own and leave-one-out borrowed base tokens (raw), and the layout statistics."""
+        own, borrowed = base.tokens(self.names)
+        if borrowed.any():
+            unknown = [n for n, b in zip(self.names, borrowed) if b]
+            raise FedtinaError(f"residual Tina: zoo classes {unknown[:5]} have no generic row")
+        stat = lambda a: torch.from_numpy(np.asarray(a, np.float32))  # noqa: E731
+        self.raw = self.tokens * stat(layout.class_std) + stat(layout.class_mean)   # padding is garbage, masked
+        self.own_base, self.borrowed_base = stat(own), stat(base.borrowed_tokens(self.names))
+        self.class_mean, self.class_std = stat(layout.class_mean), stat(layout.class_std)
+        self.residual_mean, self.residual_std = stat(layout.residual_mean), stat(layout.residual_std)
+        self.borrow_prob = float(borrow_prob)
+
+    _RESIDUAL = ("raw", "own_base", "borrowed_base", "class_mean", "class_std", "residual_mean", "residual_std")
 
     def to(self, device: torch.device) -> "ZooTensors":
-        for attr in ("tokens", "name_idx", "glob", "k", "text"):
+        for attr in ("tokens", "name_idx", "glob", "k", "text") + (self._RESIDUAL if self.residual else ()):
             setattr(self, attr, getattr(self, attr).to(device))
         return self
 
-    def sample(self, batch_size: int, max_classes: int, subset_prob: float,
-               gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A batch (x0 [B,N,T], text [B,N,E], mask [B,N]) with N = G + largest k' in the batch."""
+    def sample(self, batch_size: int, max_classes: int, subset_prob: float, gen: torch.Generator) -> Batch:
+        """A batch (x0 [B,N,T], text [B,N,E], mask [B,N], residual inputs) with N = G + largest k' in the batch."""
         dev = self.tokens.device
         M, Kz = self.name_idx.shape
         idx = torch.randint(0, M, (batch_size,), generator=gen, device=dev)
@@ -106,13 +155,31 @@ class ZooTensors:
         names = torch.gather(self.name_idx[idx], 1, perm)
         mask = torch.arange(K, device=dev)[None] < k[:, None]
         text = self.text[names] * mask[..., None]
+        base = indicator = None
+        if self.residual:
+            tokens, base, indicator = self._residual(idx, perm, names, mask, gen)
         tokens = tokens * mask[..., None]
         G = self.glob.shape[1]
         if G:
             tokens = torch.cat([self.glob[idx], tokens], dim=1)
             text = torch.cat([text.new_zeros(batch_size, G, text.shape[-1]), text], dim=1)
             mask = torch.cat([mask.new_ones(batch_size, G), mask], dim=1)
-        return tokens, text, mask
+            if self.residual:
+                base = torch.cat([base.new_zeros(batch_size, G, base.shape[-1]), base], dim=1)
+                indicator = torch.cat([indicator.new_zeros(batch_size, G), indicator], dim=1)
+        return Batch(tokens, text, mask, base, indicator)
+
+    def _residual(self, idx: torch.Tensor, perm: torch.Tensor, names: torch.Tensor, mask: torch.Tensor,
+                  gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(normalised residual targets, normalised base tokens, indicator) of the sampled class tokens; each
+        token borrows its base with probability ``borrow_prob``."""
+        raw = torch.gather(self.raw[idx], 1, perm[..., None].expand(-1, -1, self.raw.shape[-1]))
+        borrowed = (torch.rand(names.shape, generator=gen, device=names.device) < self.borrow_prob) & mask
+        base = torch.where(borrowed[..., None], self.borrowed_base[names], self.own_base[names])
+        kind = borrowed.long()
+        x0 = (raw - base - self.residual_mean[kind]) / self.residual_std[kind]
+        base_in = (base - self.class_mean) / self.class_std * mask[..., None]
+        return x0, base_in, kind
 
 
 class TinaTrainer:
@@ -120,15 +187,22 @@ class TinaTrainer:
 
     def __init__(self, entries: Sequence[Any], encoder: Any, cfg: TinaConfig,
                  global_segments: Sequence[GlobalSegment] = (), log: Callable[[str], Any] | None = print,
-                 init: TinaGenerator | None = None) -> None:
+                 init: TinaGenerator | None = None, base: BaseRows | None = None) -> None:
         """``init``: warm start from a trained generator's weights, keeping its layout and normalisation statistics
-        (refitting them would change what the weights mean); ``global_segments`` is then taken from it."""
+        (refitting them would change what the weights mean); ``global_segments`` is then taken from it.
+        ``base``: the base rows of residual mode (required with ``cfg.residual``; default: ``init``'s)."""
         if cfg.prediction not in PREDICTIONS:
             raise FedtinaError(f"TinaConfig.prediction must be one of {PREDICTIONS}, got {cfg.prediction!r}")
+        base = base if base is not None else getattr(init, "base", None)
+        if cfg.residual and base is None:
+            raise FedtinaError("TinaConfig.residual needs base rows (BaseRows.from_bank(bank, class_names, encoder))")
+        if cfg.residual and not 0.0 <= cfg.borrow_prob <= 1.0:
+            raise FedtinaError(f"TinaConfig.borrow_prob must be in [0, 1], got {cfg.borrow_prob}")
         entries = list(entries)
         if not entries:
             raise FedtinaError("cannot train Tina on an empty zoo")
         self.cfg, self.encoder, self.log = cfg, encoder, log or (lambda _msg: None)
+        self.base = base if cfg.residual else None
         self.device = pick_device(cfg.device)
         d = np.asarray(entries[0].params[WEIGHT_KEY]).shape[-1]
         if init is not None:
@@ -138,7 +212,9 @@ class TinaTrainer:
             self.layout = init.layout
         else:
             self.layout = ParamLayout(d, global_segments).fit(e.params for e in entries)
-        self.data = ZooTensors(entries, encoder, self.layout).to(self.device)
+            if self.base is not None:
+                self.layout = fit_residual_stats(self.layout, entries, self.base)
+        self.data = ZooTensors(entries, encoder, self.layout, self.base, cfg.borrow_prob).to(self.device)
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg, self.layout, int(encoder.dim)).to(self.device)
         if init is not None:
@@ -165,8 +241,10 @@ class TinaTrainer:
         cfg = self.cfg
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(self.step)
-        x0, text, mask = self.data.sample(cfg.batch_size, cfg.max_classes, cfg.subset_prob, self.gen)
-        loss = training_loss(self.model, x0, text, mask, self.schedule, cfg.prediction, generator=self.gen)
+        batch = self.data.sample(cfg.batch_size, cfg.max_classes, cfg.subset_prob, self.gen)
+        model = with_base(self.model, batch.base, batch.indicator)
+        loss = training_loss(model, batch.x0, batch.text, batch.mask, self.schedule, cfg.prediction,
+                             generator=self.gen)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -212,14 +290,17 @@ class TinaTrainer:
 
     def generator(self) -> TinaGenerator:
         """A TinaGenerator over (a copy of) the current EMA weights."""
-        return TinaGenerator(copy.deepcopy(self.ema).eval(), self.layout, self.encoder, self.cfg, device=self.device)
+        return TinaGenerator(copy.deepcopy(self.ema).eval(), self.layout, self.encoder, self.cfg, device=self.device,
+                             base=self.base)
 
 
 def train_tina(entries: Sequence[Any], encoder: Any, cfg: TinaConfig, log: Callable[[str], Any] | None = print,
-               global_segments: Sequence[GlobalSegment] = (), init: TinaGenerator | None = None) -> TinaGenerator:
+               global_segments: Sequence[GlobalSegment] = (), init: TinaGenerator | None = None,
+               base: BaseRows | None = None) -> TinaGenerator:
     """Train Tina on zoo entries (`ZooEntry`: class_names, params with head.weight/head.bias) -> TinaGenerator.
-    ``init``: continue from a trained generator (same architecture; its layout statistics are kept)."""
-    return TinaTrainer(entries, encoder, cfg, global_segments=global_segments, log=log, init=init).fit()
+    ``init``: continue from a trained generator (same architecture; its layout statistics are kept).
+    ``base``: the base rows residual mode generates relative to (required with ``cfg.residual``)."""
+    return TinaTrainer(entries, encoder, cfg, global_segments=global_segments, log=log, init=init, base=base).fit()
 
 
 # -------------------------------------------------------------------- checkpoints
@@ -281,8 +362,10 @@ def read_checkpoint_metadata(path: str | Path) -> dict[str, str]:
     return meta
 
 
-def load_checkpoint(path: str | Path, encoder: Any, device: str | None = None) -> TinaGenerator:
-    """Checkpoint -> TinaGenerator using ``encoder`` (must be the encoder it was trained with).
+def load_checkpoint(path: str | Path, encoder: Any, device: str | None = None,
+                    base: BaseRows | None = None) -> TinaGenerator:
+    """Checkpoint -> TinaGenerator using ``encoder`` (must be the encoder it was trained with) and, for a residual
+    checkpoint, ``base`` (the base rows it was trained against; FedtinaError without it).
 
     Raises FileNotFoundError if missing, CorruptFileError (naming the path) if truncated, garbled or missing tensors,
     and FedtinaError if ``encoder``'s id, dim or template differ from the training encoder's."""
@@ -322,4 +405,4 @@ def load_checkpoint(path: str | Path, encoder: Any, device: str | None = None) -
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise CorruptFileError(f"Tina checkpoint {path} does not match its config ({err}); delete it and retrain") from err
-    return TinaGenerator(model, layout, encoder, cfg, device=device)
+    return TinaGenerator(model, layout, encoder, cfg, device=device, base=base)
