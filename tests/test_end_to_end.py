@@ -19,10 +19,10 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 K = 5
 TINY = [
     "dataset.images_per_class=40",
-    "backbone.width=8", "backbone.epochs=4", "backbone.batch_size=64",
+    "backbone.width=8", "backbone.epochs=8", "backbone.batch_size=32",
     "zoo.num_tasks=150", f"zoo.k_min={K}", f"zoo.k_max={K}", "zoo.finetune.steps=50",
-    "tina.max_classes=8", "+tina.d_model=64", "+tina.depth=2", "+tina.num_heads=4", "+tina.train_steps=600",
-    "+tina.batch_size=32", "+tina.warmup_steps=30", "+tina.sample_steps=10", "+tina.log_every=10000",
+    "tina.max_classes=8", "tina.d_model=64", "tina.depth=2", "tina.num_heads=4", "tina.train_steps=600",
+    "tina.batch_size=32", "tina.warmup_steps=30", "tina.sample_steps=10", "tina.log_every=10000",
 ]
 
 
@@ -51,8 +51,8 @@ def test_bench_reports_every_row_and_tina_beats_chance(report):
         assert 0.0 <= report[row]["id_acc"] <= 1.0
     chance = 1.0 / K
     # zero-shot generation from class names alone, on ID tasks that are not zoo tasks
-    assert report["tina"]["id_acc"] > chance + 0.25, report["tina"]
-    assert report["tina"]["ood_acc"] > chance + 0.1, report["tina"]
+    assert report["tina"]["id_acc"] > chance + 0.2, report["tina"]
+    assert report["tina"]["ood_acc"] > chance + 0.15, report["tina"]
     assert report["tina"]["generated_params"] == K * (4 * 8 + 1)  # k rows of 32-d features (width 8) + a bias
     assert report["oracle"]["id_acc"] >= report["scratch"]["id_acc"] - 0.05
 

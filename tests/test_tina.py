@@ -548,3 +548,29 @@ def test_residual_checkpoint_needs_the_base(residual_trained, base_rows, tmp_pat
         load_checkpoint(path, FakeEncoder())
     with pytest.raises(FedtinaError, match="base rows"):
         TinaTrainer(fake_zoo(num_tasks=3)[0], FakeEncoder(), tiny_cfg(residual=True), log=None)
+
+
+def test_residual_net_masking_and_equivariance():
+    torch.manual_seed(0)
+    net = TinaNet(D + 1, TEXT_DIM, d_model=32, depth=2, num_heads=4, num_global_tokens=1, residual=True)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.3)
+    B, K, T = 2, 5, D + 1
+    x, text, base = torch.randn(B, 1 + K, T), torch.randn(B, 1 + K, TEXT_DIM), torch.randn(B, 1 + K, T)
+    ind, t = torch.randint(0, 2, (B, 1 + K)), torch.tensor([10, 700])
+    mask = torch.ones(B, 1 + K, dtype=torch.bool)
+    mask[0, 4:] = False
+    with torch.no_grad():
+        out = net(x, t, text, mask, base=base, indicator=ind)
+        base2, ind2 = base.clone(), ind.clone()
+        base2[~mask], ind2[~mask] = 100.0, 1 - ind2[~mask]
+        torch.testing.assert_close(net(x, t, text, mask, base=base2, indicator=ind2)[mask], out[mask])
+        assert not torch.allclose(net(x, t, text, mask, base=base2 * 0, indicator=ind)[mask], out[mask])
+        perm = torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(K)])
+        full = torch.ones_like(mask)
+        ref = net(x, t, text, full, base=base, indicator=ind)
+        torch.testing.assert_close(net(x[:, perm], t, text[:, perm], full, base=base[:, perm], indicator=ind[:, perm]),
+                                   ref[:, perm], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="base"):
+        net(x, t, text, mask)

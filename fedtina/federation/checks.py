@@ -17,7 +17,7 @@ from fedtina.heads import Head
 
 @dataclass
 class HeadCheckConfig:
-    max_row_norm_ratio: float = 4.0   # vs the mean row norm of plausible heads (the zoo's)
+    max_row_norm_ratio: float = 10.0  # vs the mean row norm of plausible heads (the zoo's)
     max_acc_drop: float = 0.15        # below selection on the server's held-out features
     max_bytes: int = 1_000_000
 

@@ -368,6 +368,7 @@ def _tina_rounds(fed: Federation, zoo) -> None:
     for rnd, cohort in enumerate(np.array_split(np.arange(spec.n_clients), spec.rounds), start=1):
         clients = fed.usable(fed.cohort_nodes(cohort), methods, rnd)
         accepted = refused = 0
+        zoo_at_arrival = len(zoo)  # the zoo Tina was trained on when this cohort asked
         if clients:
             with PhaseTimer() as t:
                 heads = fed.tina.generate([list(c.names) for c in clients], seed=opts.gen_seed)
@@ -390,7 +391,7 @@ def _tina_rounds(fed: Federation, zoo) -> None:
                     refresh_tina(fed, zoo, rnd)
                     pending = 0
         accs, _, _ = fed.round_accs("tina", rnd)
-        fed.out.zoo_growth.append({"round": rnd, "zoo_size": len(zoo),
+        fed.out.zoo_growth.append({"round": rnd, "zoo_size": zoo_at_arrival, "zoo_size_after": len(zoo),
                                    "mean_acc": float(np.mean(accs)) if accs else None,
                                    "std_acc": float(np.std(accs)) if accs else None,
                                    "accepted": accepted, "refused": refused})
