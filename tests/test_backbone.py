@@ -57,13 +57,7 @@ def squares_split(ds: ImageDataset, seen=(3, 0, 1, 2), tag: str = "a") -> FakeSp
     return FakeSplit(seen, unseen, *(np.array(parts[k]) for k in ("bb", "zoo", "test")), tag=tag)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: the models are tiny, and on a busy 2-core box OpenMP spin-waits make 2 threads slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = BackboneConfig(width=8, epochs=3, batch_size=16, lr=0.05, seed=0, device="cpu")

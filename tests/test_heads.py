@@ -16,13 +16,7 @@ from fedtina.heads import (Head, OracleGrid, _check_tasks, _grad, _objective, _p
 D = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny problems: a second OpenMP thread only adds sync waits, which are long on a busy shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_world(num_classes=12, d=D, seed=0, spread=1.5, noise_init=1.0):

@@ -23,14 +23,7 @@ from fedtina.zoo import ZooEntry, ZooStore, build_zoo
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny problems: a second OpenMP thread only adds sync waits, which are long on a busy shared CPU."""
-    import torch
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def entry(names=("cat", "dog", "fox"), d=8, seed=0, source="zoo", **extra) -> ZooEntry:
