@@ -160,7 +160,7 @@ def test_faults_failed_refused_and_unknown_class_do_not_stop_the_run(tiny, tmp_p
     sources = [e.source for e in zoo.entries()]
     assert "client:2" not in sources and {"client:0", "client:4"} <= set(sources)
     assert len(zoo) == cached_zoo + 2
-    assert doc["zoo_growth"] == [{"round": 1, "zoo_size": cached_zoo + 2, "mean_acc": pytest.approx(
+    assert doc["zoo_growth"] == [{"round": 1, "zoo_size": cached_zoo, "zoo_size_after": cached_zoo + 2, "mean_acc": pytest.approx(
         np.mean([_by_client(doc, "tina")[c]["acc"] for c in (0, 2, 4)])), "std_acc": pytest.approx(
         np.std([_by_client(doc, "tina")[c]["acc"] for c in (0, 2, 4)])), "accepted": 2, "refused": 1}]
 
