@@ -43,7 +43,7 @@ from fedtina.errors import CorruptFileError, FedtinaError
 from fedtina.tina.base import BORROWED, OWN, BaseRows
 from fedtina.tina.diffusion import PREDICTIONS, NoiseSchedule, training_loss
 from fedtina.tina.generator import TinaGenerator
-
+from fedtina.tina.layout import WEIGHT_KEY, GlobalSegment, ParamLayout
 from fedtina.tina.model import TinaNet, with_base
 
 CHECKPOINT_FORMAT = "fedtina.tina/1"
