@@ -22,6 +22,7 @@ import numpy as np
 
 from fedtina.assets import Assets, build_assets
 from fedtina.config import BenchConfig, CoreConfig, HeadTrainConfig, from_dict
+from fedtina.errors import FedtinaError
 from fedtina.heads import (Head, accuracy, finetune_heads, generic_rows, oracle_heads, selection_head,
                            train_scratch_heads)
 from fedtina.protocol import sample_ood_tasks, sample_tasks
@@ -163,7 +164,11 @@ def _hydra_main() -> None:
 
     @hydra.main(version_base="1.3", config_path="../configs", config_name="bench")
     def main(cfg: DictConfig) -> None:
-        main_from_dict(OmegaConf.to_container(cfg, resolve=True), Path(HydraConfig.get().runtime.output_dir))
+        try:
+            main_from_dict(OmegaConf.to_container(cfg, resolve=True), Path(HydraConfig.get().runtime.output_dir))
+        except FedtinaError as exc:  # bad input: one clear line, no traceback
+            log.error("%s", exc)
+            raise SystemExit(2) from None
 
     main()
 
