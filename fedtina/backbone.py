@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,6 +27,7 @@ from fedtina.config import BackboneConfig
 from fedtina.data.base import ImageDataset
 from fedtina.device import pick_device
 from fedtina.errors import CorruptFileError, FedtinaError, UnknownClassError
+from fedtina.io import atomic_write
 
 if TYPE_CHECKING:
     from fedtina.protocol import ProtocolSplit
@@ -315,17 +315,6 @@ class BackboneSpec:
     extra: dict = field(default_factory=dict)
 
 
-def _atomic_replace(write: Callable[[Path], None], path: Path) -> None:
-    """Write through a temp file in the same directory, then os.replace: readers see the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_backbone(model: ImageBackbone, path: Path, arch: str, width: int, extra: dict | None = None) -> None:
     """Weights + buffers (incl. normalisation) as safetensors; BackboneSpec JSON in the metadata. Atomic."""
     from safetensors.torch import save_file
@@ -333,7 +322,7 @@ def save_backbone(model: ImageBackbone, path: Path, arch: str, width: int, extra
     spec = BackboneSpec(arch, width, model.fc.out_features, model.feature_dim,
                         model.pixel_mean.tolist(), model.pixel_std.tolist(), extra=extra or {})
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_replace(lambda tmp: save_file(tensors, str(tmp), metadata={"fedtina.backbone": json.dumps(asdict(spec))}),
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"fedtina.backbone": json.dumps(asdict(spec))}),
                     Path(path))
 
 
@@ -420,7 +409,7 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
-    _atomic_replace(write, path)
+    atomic_write(path, write)
 
 
 def _load_bank(npz_path: Path, backbone_path: Path, n_images: int) -> FeatureBank:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from fedtina.backbone import backbone_from_tensors, backbone_tensors
 from fedtina.config import CoreConfig, from_dict
 from fedtina.errors import CorruptFileError, FedtinaError
 from fedtina.heads import Head
+from fedtina.io import atomic_write
 from fedtina.tina.generator import parse_label_text
 
 FORMAT = "fedtina-classifier-v1"
@@ -84,11 +84,7 @@ def save_classifier(path: Path, assets: Assets, head: Head) -> Path:
     tensors.update({"head.weight": head.weight.astype(np.float32), "head.bias": head.bias.astype(np.float32)})
     meta = {"format": FORMAT, "class_names": json.dumps(list(head.class_names)), "backbone": backbone_meta,
             "dataset": assets.dataset.name, "encoder": assets.encoder.id, "tina": str(assets.tina_path)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def load_classifier(path: str | Path, device: str = "cpu") -> PersonalizedClassifier:

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from fedtina.config import CoreConfig, HeadTrainConfig, from_dict
 from fedtina.errors import FedtinaError
 from fedtina.federation.runtime import Faults, MethodOptions, RunSpec
+from fedtina.io import atomic_write
 
 log = logging.getLogger("fedtina.simulate")
 
@@ -35,9 +36,11 @@ def _plain(cfg: DictConfig | dict) -> dict[str, Any]:
 
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.npy")
-    np.save(tmp, array)
-    tmp.replace(path)
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+    atomic_write(path, write)
 
 
 def prepare(cfg: dict[str, Any], out_dir: Path, assets=None) -> RunSpec:

@@ -23,6 +23,7 @@ import numpy as np
 from fedtina.config import EncoderConfig
 from fedtina.device import pick_device
 from fedtina.errors import CorruptFileError, EncoderUnavailableError, FedtinaError
+from fedtina.io import atomic_write
 
 
 @runtime_checkable
@@ -221,14 +222,11 @@ class OpenClipEncoder:
 
 
 def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write(path, write)
 
 
 class CachedTextEncoder:

@@ -17,7 +17,6 @@ import hashlib
 import io
 import logging
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -28,6 +27,7 @@ import numpy as np
 
 from fedtina.data.base import ImageDataset, clean_class_name
 from fedtina.errors import DatasetUnavailableError, FedtinaError
+from fedtina.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +42,11 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"})
 
 def write_dataset_npz(ds: ImageDataset, path: Path) -> None:
     """Save images, labels and class names to `path` atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
             np.savez(f, images=ds.images, labels=ds.labels, class_names=np.array(ds.class_names, dtype=np.str_))
-        os.chmod(tmp, 0o644)                   # mkstemp makes it private; a cache is as readable as any file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, write)
 
 
 def read_dataset_npz(path: Path, name: str) -> ImageDataset | None:

@@ -13,7 +13,6 @@ dataset labels per client, plus the server's held-out test images.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 
 from fedtina.data.base import ImageDataset
 from fedtina.errors import CorruptFileError, FedtinaError
+from fedtina.io import atomic_write
 
 if TYPE_CHECKING:
     from fedtina.protocol import ProtocolSplit
@@ -261,13 +261,7 @@ def save_partition(path: str | Path, partition: Partition) -> None:
            "server_val_idx": partition.server_val_idx.tolist(),
            "server_val_labels": partition.server_val_labels.tolist(),
            "clients": [_client_to_json(c) for c in partition.clients]}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(doc, separators=(",", ":")))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(doc, separators=(",", ":"))))
 
 
 @lru_cache(maxsize=8)

@@ -27,7 +27,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
@@ -40,6 +39,7 @@ from safetensors.torch import load_file, save_file
 from fedtina.config import TinaConfig
 from fedtina.device import pick_device
 from fedtina.errors import CorruptFileError, FedtinaError
+from fedtina.io import atomic_write
 from fedtina.tina.base import BORROWED, OWN, BaseRows
 from fedtina.tina.diffusion import PREDICTIONS, NoiseSchedule, training_loss
 from fedtina.tina.generator import TinaGenerator
@@ -322,16 +322,7 @@ def save_checkpoint(path: str | Path, generator: TinaGenerator) -> Path:
         "text_template": json.dumps(getattr(enc, "template", None)),
         "sha256": _tensor_digest(tensors),
     }
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), fsync=True)
 
 
 def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
