@@ -1,5 +1,9 @@
 """Build (or reuse from the cache) everything downstream code needs, in the order data flows:
-dataset -> protocol split -> generic backbone + feature bank -> text encoder -> zoo -> Tina."""
+dataset -> protocol split -> generic backbone + feature bank -> text encoder -> zoo -> Tina.
+
+Each cached product is keyed by every setting that changes it, built under the cache lock (`fedtina.io.cache_lock`:
+two processes with one config build it once and share it), written whole or not at all, and never modified
+afterwards; damage found when a product is opened is a CorruptFileError naming the file or directory to delete."""
 
 from __future__ import annotations
 
@@ -10,9 +14,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from fedtina.backbone import FeatureBank, build_feature_bank
+from fedtina.backbone import FeatureBank, build_feature_bank, feature_cache_key
 from fedtina.config import CoreConfig
 from fedtina.data import ImageDataset, load_dataset
+from fedtina.io import cache_lock
 from fedtina.protocol import ProtocolSplit, make_split
 from fedtina.text import CachedTextEncoder, make_encoder
 from fedtina.tina.generator import TinaGenerator
@@ -34,10 +39,12 @@ class Assets:
 
 
 def zoo_key(cfg: CoreConfig, ds: ImageDataset, split: ProtocolSplit) -> str:
-    b, z = cfg.backbone, cfg.zoo
-    ft = z.finetune
-    return (f"{ds.name}-{ds.fingerprint}-{split.key}-{b.arch}{b.width}e{b.epochs}s{b.seed}"
-            f"-k{z.k_min}_{z.k_max}s{z.seed}-ft{ft.steps}_{ft.lr:g}_{ft.l2_to_init:g}{'-sel' if ft.select else ''}")
+    """The feature bank's key (dataset, split, every backbone hyper-parameter), then the zoo's size, k range and seed
+    (readable), then a hash of every ZooConfig field (the fine-tuning recipe too): each zoo.num_tasks has its own
+    zoo."""
+    z = cfg.zoo
+    digest = hashlib.sha256(json.dumps(asdict(z), sort_keys=True).encode()).hexdigest()[:8]
+    return f"{feature_cache_key(ds, split, cfg.backbone)}-n{z.num_tasks}-k{z.k_min}_{z.k_max}s{z.seed}-{digest}"
 
 
 def tina_key(cfg: CoreConfig, encoder: CachedTextEncoder, num_entries: int) -> str:
@@ -69,9 +76,8 @@ def build_assets(cfg: CoreConfig, log: Callable[[str], None] = print, with_tina:
 
     encoder = make_encoder(cfg.encoder, cache)
     zoo_dir = cache / "zoo" / zoo_key(cfg, ds, split)
-    zoo = ZooStore(zoo_dir)
     t0 = time.perf_counter()
-    build_zoo(zoo, bank, split, ds.class_names, ds.labels, cfg.zoo, log=log)
+    zoo = build_zoo(zoo_dir, bank, split, ds.class_names, ds.labels, cfg.zoo, log=log)  # checked (sha256) every time
     timings["zoo_s"] = time.perf_counter() - t0
     log(f"[zoo] {len(zoo)} heads in {zoo_dir}")
 
@@ -80,13 +86,14 @@ def build_assets(cfg: CoreConfig, log: Callable[[str], None] = print, with_tina:
     if with_tina:
         t0 = time.perf_counter()
         base = BaseRows.from_bank(bank, ds.class_names, encoder)   # used by residual Tina only
-        if tina_path.exists():
-            tina = load_checkpoint(tina_path, encoder, base=base)
+        if not tina_path.exists():
+            with cache_lock(tina_path):
+                if not tina_path.exists():  # another process may have trained it while we waited
+                    tina = train_tina(zoo.entries(), encoder, cfg.tina, log=log, base=base)
+                    save_checkpoint(tina_path, tina)
+                    log(f"[tina] trained and saved {tina_path}")
+        if tina is None:
+            tina = load_checkpoint(tina_path, encoder, base=base)  # CorruptFileError naming it when damaged
             log(f"[tina] loaded {tina_path}")
-        else:
-            tina = train_tina(zoo.entries(), encoder, cfg.tina, log=log, base=base)
-            tina_path.parent.mkdir(parents=True, exist_ok=True)
-            save_checkpoint(tina_path, tina)
-            log(f"[tina] trained and saved {tina_path}")
         timings["tina_s"] = time.perf_counter() - t0
     return Assets(cfg, ds, split, bank, encoder, zoo, zoo_dir, tina, tina_path, timings)

@@ -27,7 +27,7 @@ from fedtina.config import BackboneConfig
 from fedtina.data.base import ImageDataset
 from fedtina.device import pick_device
 from fedtina.errors import CorruptFileError, FedtinaError, UnknownClassError
-from fedtina.io import atomic_write
+from fedtina.io import atomic_write, cache_lock
 
 if TYPE_CHECKING:
     from fedtina.protocol import ProtocolSplit
@@ -323,7 +323,7 @@ def save_backbone(model: ImageBackbone, path: Path, arch: str, width: int, extra
                         model.pixel_mean.tolist(), model.pixel_std.tolist(), extra=extra or {})
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"fedtina.backbone": json.dumps(asdict(spec))}),
-                    Path(path))
+                 fsync=True)
 
 
 def backbone_tensors(path: Path | str) -> tuple[dict[str, np.ndarray], str]:
@@ -412,6 +412,11 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
     atomic_write(path, write)
 
 
+def _file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def _load_bank(npz_path: Path, backbone_path: Path, n_images: int) -> FeatureBank:
     with np.load(npz_path, allow_pickle=False) as z:
         bank = FeatureBank(z["features"], z["generic_weight"], z["generic_bias"], z["seen"], backbone_path,
@@ -421,38 +426,78 @@ def _load_bank(npz_path: Path, backbone_path: Path, n_images: int) -> FeatureBan
     return bank
 
 
+def _cached_bank(npz_path: Path, backbone_path: Path, n_images: int, log: Log) -> FeatureBank | None:
+    """The cached bank, checked against its backbone checkpoint; None when the .npz is missing or unreadable (it is
+    then re-extracted from the checkpoint). A missing or altered checkpoint beside a readable .npz is a
+    CorruptFileError: clients and generated classifiers run that checkpoint, and retraining it could change the
+    features that the cached zoo and Tina were built on."""
+    if not npz_path.is_file():
+        return None
+    t0 = time.perf_counter()
+    try:
+        bank = _load_bank(npz_path, backbone_path, n_images)
+    except Exception as e:  # truncated, garbled, foreign: derived from the checkpoint, so re-extracted from it
+        log(f"features: cached {npz_path} is unreadable ({type(e).__name__}: {e})")
+        return None
+    folder = npz_path.parent
+    if not backbone_path.is_file():
+        raise CorruptFileError(f"feature bank {npz_path} has no backbone checkpoint {backbone_path} beside it; "
+                               f"delete {folder} to retrain both")
+    recorded = bank.meta.get("backbone_sha256")  # absent in banks cached before it was recorded
+    if recorded is not None and _file_sha256(backbone_path) != recorded:
+        raise CorruptFileError(f"backbone checkpoint {backbone_path} fails its sha256 check against {npz_path}; "
+                               f"delete {folder} to retrain both")
+    log(f"features: loaded {folder.name} ({bank.features.shape}) in {time.perf_counter() - t0:.2f}s")
+    return bank
+
+
 def build_feature_bank(ds: ImageDataset, split: "ProtocolSplit", cfg: BackboneConfig, cache_dir: Path,
                        log: Log = print) -> FeatureBank:
-    """Load the cached feature bank for (dataset, split, backbone config), or train the generic model, extract
-    features of every image and cache both. The .npz is written last, so its presence marks a complete entry."""
+    """Load the cached feature bank for (dataset, split, backbone config), or build it under the cache lock: train the
+    generic model (unless its checkpoint is already cached), extract features of every image and cache both. The
+    checkpoint is written first and the .npz last, so the .npz marks a complete entry, and a missing or damaged .npz
+    beside a checkpoint (a crash in between, a truncated file) is re-extracted from it in seconds, not retrained."""
     key = feature_cache_key(ds, split, cfg)
     folder = Path(cache_dir) / "features" / key
     npz_path, backbone_path = folder / "features.npz", folder / "backbone.safetensors"
-    if npz_path.is_file() and backbone_path.is_file():
-        t0 = time.perf_counter()
-        try:
-            bank = _load_bank(npz_path, backbone_path, len(ds.images))
-            log(f"features: loaded {key} ({bank.features.shape}) in {time.perf_counter() - t0:.2f}s")
-            return bank
-        except Exception as e:  # a cache entry is disposable: rebuild rather than fail
-            log(f"features: cached {npz_path} is unreadable ({type(e).__name__}: {e}); rebuilding")
+    bank = _cached_bank(npz_path, backbone_path, len(ds.images), log)
+    if bank is not None:
+        return bank
+    with cache_lock(folder):
+        if npz_path.is_file():  # another process may have built it while we waited
+            bank = _cached_bank(npz_path, backbone_path, len(ds.images), lambda _m: None)
+            if bank is not None:
+                return bank
+        return _build_bank(ds, split, cfg, key, npz_path, backbone_path, log)
 
+
+def _build_bank(ds: ImageDataset, split: "ProtocolSplit", cfg: BackboneConfig, key: str, npz_path: Path,
+                backbone_path: Path, log: Log) -> FeatureBank:
+    """Features of every image from the cached checkpoint, or from a generic model trained (and cached) first."""
     device = pick_device(cfg.device)
-    amp = autocast_dtype(device, getattr(cfg, "precision", "auto"))
+    precision = getattr(cfg, "precision", "auto")
+    amp = autocast_dtype(device, precision)
     t0 = time.perf_counter()
-    model = train_generic(ds, split, cfg, device, log=log)
-    train_s = time.perf_counter() - t0
+    if backbone_path.is_file():
+        model = load_backbone(backbone_path, device)  # CorruptFileError naming it when damaged
+        train_s = None
+        log(f"features: re-extracting {npz_path} with the cached backbone {backbone_path}")
+    else:
+        model = train_generic(ds, split, cfg, device, log=log)
+        save_backbone(model, backbone_path, cfg.arch, cfg.width,
+                      extra={"seen": [int(c) for c in split.seen], "key": key})
+        train_s = round(time.perf_counter() - t0, 2)
     t1 = time.perf_counter()
-    features = extract_features(model, ds.images, device, precision=getattr(cfg, "precision", "auto"))
+    features = extract_features(model, ds.images, device, precision=precision)
     extract_s = time.perf_counter() - t1
     meta = {"key": key, "dataset": ds.name, "fingerprint": ds.fingerprint, "split": split.key,
             "backbone": asdict(cfg), "device": str(device), "precision": str(amp or torch.float32),
-            "train_s": round(train_s, 2), "extract_s": round(extract_s, 2), "format_version": FORMAT_VERSION}
-    save_backbone(model, backbone_path, cfg.arch, cfg.width, extra={"seen": [int(c) for c in split.seen], "key": key})
+            "train_s": train_s, "extract_s": round(extract_s, 2), "format_version": FORMAT_VERSION,
+            "backbone_sha256": _file_sha256(backbone_path)}
     bank = FeatureBank(features, model.fc.weight.detach().float().cpu().numpy(),
                        model.fc.bias.detach().float().cpu().numpy(), np.asarray(split.seen, dtype=np.int64),
                        backbone_path, meta)
     _save_npz(npz_path, features=bank.features, generic_weight=bank.generic_weight, generic_bias=bank.generic_bias,
               seen=bank.seen, meta=np.array(json.dumps(meta)))
-    log(f"features: {features.shape} extracted in {extract_s:.1f}s, cached under {folder}")
+    log(f"features: {features.shape} extracted in {extract_s:.1f}s, cached under {npz_path.parent}")
     return bank

@@ -138,6 +138,9 @@ def format_table(result: dict) -> str:
 
 
 def main_from_dict(cfg: dict, out_dir: Path) -> dict:
+    from fedtina.validate import validate_core_config
+
+    validate_core_config(cfg)   # before the build: a bad value fails in a second, naming its key
     core = from_dict(CoreConfig, {k: v for k, v in cfg.items() if k != "bench"})
     bench_cfg = from_dict(BenchConfig, cfg.get("bench"))
     t0 = time.perf_counter()

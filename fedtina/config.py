@@ -148,3 +148,15 @@ def from_dict(cls: type[T], data: dict[str, Any] | None) -> T:
         default = fields[name].default_factory() if fields[name].default_factory is not dataclasses.MISSING else None
         kwargs[name] = from_dict(type(default), value) if dataclasses.is_dataclass(default) else value
     return cls(**kwargs)
+
+
+def _register_resolvers() -> None:
+    """`${fedtina_pid:}` for Hydra run dirs: two runs started in the same second get their own dir (and
+    `fedtina.federation.rundir` refuses a dir that another process is using)."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("fedtina_pid"):
+        OmegaConf.register_new_resolver("fedtina_pid", lambda: str(os.getpid()))
+
+
+_register_resolvers()

@@ -6,35 +6,67 @@
 
 The output is one safetensors file: the generic backbone (`backbone.*`), the generated head (`head.weight`,
 `head.bias`) and, in its metadata, the class names and the backbone's config. `load_classifier` turns it back into a
-torch module that maps uint8 images [N, 32, 32, 3] to logits over those classes.
+torch module that maps images (uint8 [N, 32, 32, 3], see `as_images`) to logits over those classes.
+
+Every input is checked before the assets are built (minutes on a fresh cache): the output path, the config, and the
+label set (a classifier needs at least 2 distinct classes); each problem ends in one `error:` line and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from fedtina.assets import Assets, build_assets
 from fedtina.backbone import backbone_from_tensors, backbone_tensors
 from fedtina.config import CoreConfig, from_dict
-from fedtina.errors import CorruptFileError, FedtinaError
+from fedtina.errors import CorruptFileError, FedtinaError, LabelSetError
 from fedtina.heads import Head
 from fedtina.io import atomic_write
 from fedtina.tina.generator import parse_label_text
+from fedtina.validate import validate_generate_config
 
 FORMAT = "fedtina-classifier-v1"
+LAYOUTS = ((32, 32, 3), (3, 32, 32))  # one image, HWC (as datasets store it) or CHW (as torchvision gives it)
+
+
+def as_images(images) -> torch.Tensor:
+    """Images as the backbone takes them (raw pixels, 0..255 units): uint8 0..255 or float in [0, 1] (scaled by 255,
+    as the uint8 version of the image would be), [N, 32, 32, 3] or [N, 3, 32, 32], or a single image without N (the
+    batch axis is added). Anything else raises one FedtinaError naming the expected dtype, range and shape: a float
+    image in 0..255 would otherwise be predicted at chance, silently."""
+    want = "uint8 0..255 or float in [0, 1], shaped [N, 32, 32, 3] (or [N, 3, 32, 32]) or one image [32, 32, 3]"
+    try:
+        x = torch.as_tensor(images)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise FedtinaError(f"images must be an array of {want} ({type(e).__name__}: {e})") from None
+    if x.ndim == 3:
+        x = x.unsqueeze(0)
+    if x.ndim != 4 or tuple(x.shape[1:]) not in LAYOUTS:
+        raise FedtinaError(f"images of shape {list(np.shape(images))}: expected {want}")
+    if x.dtype == torch.uint8:
+        return x
+    if not x.is_floating_point():
+        raise FedtinaError(f"images of dtype {x.dtype}: expected {want}")
+    if x.numel() and not (x.min() >= 0 and x.max() <= 1):  # NaN fails both comparisons
+        raise FedtinaError(f"float images must be in [0, 1], got values in [{x.min().item():.4g}, "
+                           f"{x.max().item():.4g}]; pass 0..255 pixels as uint8 ({want})")
+    return x.float() * 255.0
 
 
 class PersonalizedClassifier(torch.nn.Module):
-    """Frozen generic backbone + a generated linear head. `forward(uint8 images) -> logits`; `predict -> names`."""
+    """Frozen generic backbone + a generated linear head. `forward(images) -> logits`; `predict -> names`; images as
+    `as_images` takes them."""
 
     def __init__(self, backbone: torch.nn.Module, head: Head):
         super().__init__()
@@ -45,12 +77,12 @@ class PersonalizedClassifier(torch.nn.Module):
             self.head.weight.copy_(torch.from_numpy(head.weight))
             self.head.bias.copy_(torch.from_numpy(head.bias))
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone.features(images))
+    def forward(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
+        return self.head(self.backbone.features(as_images(images).to(self.head.weight.device)))
 
     @torch.no_grad()
-    def predict(self, images: np.ndarray) -> list[str]:
-        logits = self(torch.as_tensor(images))
+    def predict(self, images: torch.Tensor | np.ndarray) -> list[str]:
+        logits = self(images)
         return [self.class_names[i] for i in logits.argmax(1).tolist()]
 
 
@@ -70,6 +102,39 @@ def read_description(arg: str) -> str:
     return arg
 
 
+def check_label_set(names: list[str], max_classes: int) -> None:
+    """The label set a classifier can be generated for, checked before the assets are built: at least 2 classes (one
+    class is not a classifier), no class twice, at most the `max_classes` Tina generates (the generator checks the
+    last two again)."""
+    if len(names) < 2:
+        raise LabelSetError(f"a classifier needs at least 2 classes; the description names {len(names)}"
+                            f"{f' ({names[0]!r})' if names else ''}: list them, e.g. \"maple tree, oak tree\"")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise LabelSetError(f"the description has duplicated class names {dup}")
+    if len(names) > max_classes:
+        raise LabelSetError(f"the description names {len(names)} classes, more than tina.max_classes={max_classes}")
+
+
+def check_out_path(path: Path) -> None:
+    """Fail before any work when `path` cannot receive the classifier: it is a directory, or its nearest existing
+    parent is a file or a directory this process cannot write (probed with a temporary file, which also catches
+    read-only filesystems). Missing parents are created when the file is written."""
+    if path.is_dir():
+        raise FedtinaError(f"--out {path} is a directory; give a file name, e.g. --out {path / 'model.safetensors'}")
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise FedtinaError(f"--out {path}: {parent} is a file, not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".fedtina-out-", suffix=".probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise FedtinaError(f"--out {path}: cannot write in {parent} ({e.strerror or e})") from None
+
+
 def generate_heads(assets: Assets, descriptions: list[str], seed: int = 0) -> list[GeneratedModel]:
     """One batched Tina call for many descriptions ("a model for: x, y and z", "x, y, z", one name per line)."""
     label_sets = [parse_label_text(d) for d in descriptions]
@@ -84,7 +149,10 @@ def save_classifier(path: Path, assets: Assets, head: Head) -> Path:
     tensors.update({"head.weight": head.weight.astype(np.float32), "head.bias": head.bias.astype(np.float32)})
     meta = {"format": FORMAT, "class_names": json.dumps(list(head.class_names)), "backbone": backbone_meta,
             "dataset": assets.dataset.name, "encoder": assets.encoder.id, "tina": str(assets.tina_path)}
-    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    try:
+        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    except (OSError, SafetensorError) as e:  # main checked the path up front, but a disk may fill meanwhile
+        raise FedtinaError(f"cannot write {path} ({getattr(e, 'strerror', None) or e})") from None
 
 
 def load_classifier(path: str | Path, device: str = "cpu") -> PersonalizedClassifier:
@@ -105,12 +173,17 @@ def load_classifier(path: str | Path, device: str = "cpu") -> PersonalizedClassi
 
 
 def _compose(overrides: list[str]) -> dict:
+    """configs/generate.yaml with `overrides`; a bad override (unknown key, syntax) is one FedtinaError line."""
     from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
     from omegaconf import OmegaConf
 
     config_dir = Path(__file__).resolve().parents[1] / "configs"
-    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-        return OmegaConf.to_container(compose(config_name="generate", overrides=overrides), resolve=True)
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+            return OmegaConf.to_container(compose(config_name="generate", overrides=overrides), resolve=True)
+    except HydraException as e:
+        raise FedtinaError(" ".join(line.strip() for line in str(e).splitlines() if line.strip())) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,10 +193,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. dataset=caltech101 encoder=clip")
     args = parser.parse_intermixed_args(argv)
     try:
+        check_out_path(args.out)
         cfg = _compose(args.overrides)
+        validate_generate_config(cfg)
         seed = int(cfg.pop("seed", 0))
-        assets = build_assets(from_dict(CoreConfig, cfg), log=lambda m: print(m, file=sys.stderr))
-        (model,) = generate_heads(assets, [read_description(args.description)], seed=seed)
+        core = from_dict(CoreConfig, cfg)
+        description = read_description(args.description)
+        check_label_set(parse_label_text(description), core.tina.max_classes)
+        assets = build_assets(core, log=lambda m: print(m, file=sys.stderr))
+        (model,) = generate_heads(assets, [description], seed=seed)
         unknown = [n for n in model.head.class_names if n not in set(assets.dataset.class_names)]
         if unknown:
             print(f"note: {unknown} are not classes of {assets.dataset.name!r}: Tina generates their rows from the "
@@ -136,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     print("load it with:\n"
           "    from fedtina.generate import load_classifier\n"
           f"    model = load_classifier({str(args.out)!r})\n"
-          "    names = model.predict(images)   # uint8 array [N, 32, 32, 3]")
+          "    names = model.predict(images)   # uint8 [N, 32, 32, 3] (or float in [0, 1])")
     return 0
 
 

@@ -1,21 +1,36 @@
-"""Atomic file writes: every cache file, checkpoint and run input is written through this, so a crash or a kill
-leaves either the old file or the new one, never half of one."""
+"""Atomic file writes and the cache lock: every cache file, checkpoint and run input is written through
+`atomic_write`, so a crash or a kill leaves either the old file or the new one, never half of one; every cache build
+runs under `cache_lock`, so two processes building the same product end with one copy of it."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; done once, at import
+    os.umask(mask)
+    return mask
+
+
+# what open() gives a new file; writers such as safetensors' save_file create theirs 0600
+FILE_MODE = 0o666 & ~_umask()
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], fsync: bool = False) -> Path:
     """Call `write(tmp)` on a temporary file beside `path`, then rename it onto `path` (os.replace is atomic on one
-    filesystem). `fsync` also flushes the data to disk before the rename (checkpoints)."""
+    filesystem). The file gets the normal mode (0o666 & ~umask) whatever mode `write` created it with. `fsync` also
+    flushes the data to disk before the rename (checkpoints)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
+        os.chmod(tmp, FILE_MODE)
         if fsync:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
@@ -23,3 +38,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], fsync: 
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+@contextlib.contextmanager
+def cache_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock for building the cache product at `path` (a file or a directory): flock on the sibling
+    `.<name>.lock`, which stays (deleting it would let a third process lock a fresh file while a second still holds
+    the old one). The kernel drops the lock when its holder exits, however it exits. Callers re-check for the
+    finished product after acquiring it: another process may have built it meanwhile."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the last descriptor of the open file releases the lock

@@ -25,6 +25,7 @@ from fedtina.config import CoreConfig, HeadTrainConfig, from_dict
 from fedtina.errors import FedtinaError
 from fedtina.federation.runtime import Faults, MethodOptions, RunSpec
 from fedtina.io import atomic_write
+from fedtina.validate import validate_partition, validate_simulate_config
 
 log = logging.getLogger("fedtina.simulate")
 
@@ -53,7 +54,12 @@ def prepare(cfg: dict[str, Any], out_dir: Path, assets=None) -> RunSpec:
     names = list(method.pop("names"))
     if assets is None:
         from fedtina.assets import build_assets
+        from fedtina.data import load_dataset
+        from fedtina.protocol import make_split
 
+        # the dataset and split are cheap (cached) and the backbone is not: a too-small dataset fails here
+        dataset = load_dataset(core.dataset, core.cache_path)
+        validate_partition(cfg, dataset, make_split(dataset, core.protocol))
         t0 = time.perf_counter()
         assets = build_assets(core, log=log.info)
         log.info("[assets] ready in %.1f s", time.perf_counter() - t0)
@@ -98,22 +104,74 @@ def _log_file_handlers() -> list[logging.Handler]:
     return [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
 
 
-def run(cfg: DictConfig | dict, out_dir: str | Path, assets=None):
+def run(cfg: DictConfig | dict | None, out_dir: str | Path, assets=None, resume: bool = False):
     """Prepare the run dir, run the simulation, write the report there; returns the Outcome (summary, results,
-    records, zoo growth, files). Tests call this with a composed config and their own `out_dir`."""
+    records, zoo growth, files; `outcome.interrupted` says why a stopped run stopped). Tests call this with a
+    composed config and their own `out_dir`.
+
+    The run dir is held by this process (a second one is refused) and marked running / done / failed /
+    interrupted. `resume=True` continues a killed, failed or interrupted run in `out_dir` from its checkpoint,
+    with the config it was started with (`cfg` is ignored)."""
+    from fedtina.federation.rundir import RunDir
+
+    out_dir = Path(out_dir)
+    rd = RunDir(out_dir)
+    rd.acquire()
+    try:
+        if resume:
+            plain = rd.config()
+        else:
+            plain = _plain(cfg)
+            validate_simulate_config(plain)  # before anything costly: a bad value fails in a second, naming its key
+            if rd.status() is not None:
+                raise FedtinaError(f"{out_dir} already holds a run ({rd.state()}); start in a new dir, or continue "
+                                   f"it with resume={out_dir}")
+            rd.save_config(plain)
+        rd.mark("running")
+        try:
+            outcome = _run(plain, out_dir, assets, resume)
+        except KeyboardInterrupt:
+            rd.mark("interrupted", "KeyboardInterrupt")
+            raise
+        except BaseException as e:
+            rd.mark("failed", f"{type(e).__name__}: {e}")
+            raise
+        rd.mark("interrupted" if outcome.interrupted else "done", outcome.interrupted)
+        return outcome
+    finally:
+        rd.release()
+
+
+def _run(plain: dict[str, Any], out_dir: Path, assets, resume: bool):
     from fedtina.federation import launch
 
-    plain = _plain(cfg)
-    out_dir = Path(out_dir)
     t0 = time.perf_counter()
-    launch.quiet_flower(logging.DEBUG if plain.get("verbose") else logging.WARNING, _log_file_handlers())
-    spec = prepare(plain, out_dir, assets)
-    backend = launch.backend_config(plain["resources"])
-    log.info("[simulate] %d clients, %d rounds, methods %s; Ray: %s", spec.n_clients, spec.rounds,
-             ", ".join(spec.methods), backend)
-    outcome = launch.run(spec, backend, verbose=bool(plain.get("verbose")))
-    log.info("[simulate] finished in %.1f s", time.perf_counter() - t0)
-    return outcome
+    handlers = _log_file_handlers()
+    if resume:  # this process's own log goes to its Hydra dir; the resumed run's log continues too
+        handlers.append(logging.FileHandler(out_dir / "simulate.log", mode="a"))
+        logging.getLogger().addHandler(handlers[-1])
+    try:
+        launch.quiet_flower(logging.DEBUG if plain.get("verbose") else logging.WARNING, handlers)
+        if resume and (out_dir / "run_spec.json").exists():
+            from fedtina.assets import build_assets
+
+            spec = RunSpec.load(out_dir)
+            spec.assets = assets or build_assets(from_dict(CoreConfig, spec.core), log=log.info)
+            log.info("[simulate] resuming %s", out_dir)
+        else:  # a run killed before its inputs were written starts over
+            spec = prepare(plain, out_dir, assets)
+        spec.resume = resume
+        backend = launch.backend_config(plain["resources"])
+        log.info("[simulate] %d clients, %d rounds, methods %s; Ray: %s", spec.n_clients, spec.rounds,
+                 ", ".join(spec.methods), backend)
+        outcome = launch.run(spec, backend, verbose=bool(plain.get("verbose")))
+        log.info("[simulate] %s in %.1f s", "stopped" if outcome.interrupted else "finished",
+                 time.perf_counter() - t0)
+        return outcome
+    finally:
+        if resume:
+            logging.getLogger().removeHandler(handlers[-1])
+            handlers[-1].close()
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="simulate")
@@ -121,20 +179,37 @@ def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
     from fedtina.federation.report import format_table
+    from fedtina.federation.rundir import find_resumable, resume_command
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         if cfg.get("prepare_only"):
+            validate_simulate_config(_plain(cfg))
             prepare(_plain(cfg), out_dir)
             print(f"prepared {out_dir}; run it with: flwr run . --run-config 'run-dir=\"{out_dir.resolve()}\"' "
                   f"--federation-config 'num_supernodes={cfg.clients}'")
             return None
-        outcome = run(cfg, out_dir)
+        if cfg.get("resume") not in (None, False):
+            out_dir = find_resumable(str(cfg.resume), out_dir.parent).path
+            outcome = run(None, out_dir, resume=True)
+        else:
+            outcome = run(cfg, out_dir)
     except FedtinaError as e:
         log.error("%s", e)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        log.error("interrupted; %s", f"resume with: {resume_command(out_dir)}" if (out_dir / "status.json").exists()
+                  else "nothing was run")
+        raise SystemExit(130) from None
     print(format_table(outcome.summary))
+    for name, status in outcome.summary.get("method_status", {}).items():
+        if status != "ok":
+            print(f"{name}: {status}")
     print(f"results: {out_dir}")
+    if outcome.interrupted:
+        log.error("%s; the report above covers what finished; resume with: %s", outcome.interrupted,
+                  resume_command(out_dir))
+        raise SystemExit(130)
     tina = outcome.summary["methods"].get("tina", {})
     return tina.get("acc_mean")  # for sweepers
 

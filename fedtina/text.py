@@ -23,7 +23,7 @@ import numpy as np
 from fedtina.config import EncoderConfig
 from fedtina.device import pick_device
 from fedtina.errors import CorruptFileError, EncoderUnavailableError, FedtinaError
-from fedtina.io import atomic_write
+from fedtina.io import atomic_write, cache_lock
 
 
 @runtime_checkable
@@ -137,7 +137,7 @@ class OpenClipEncoder:
         self.checkpoint: Path | None = None
         self.tag: str | None = None
         if pretrained is None or pretrained in ("", "none", "random"):
-            self.id = f"clip-{model}-random"
+            self.id = f"clip-{model}-random-seed0"  # seeded in _load (no cache of the unseeded weights is reused)
         elif _looks_like_path(pretrained):
             self.checkpoint = Path(pretrained).expanduser()
             if not self.checkpoint.is_file():
@@ -164,7 +164,13 @@ class OpenClipEncoder:
 
         if self.model_name not in open_clip.list_models():
             raise FedtinaError(f"unknown open_clip model {self.model_name!r}; valid: {open_clip.list_models()}")
-        model, _, preprocess = open_clip.create_model_and_transforms(self.model_name, pretrained=self.tag)
+        import torch
+
+        # seeded, without touching the caller's RNG: "random" weights are then the same ones in every process, as
+        # the id (which keys the embedding cache and Tina checkpoints) claims
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model, _, preprocess = open_clip.create_model_and_transforms(self.model_name, pretrained=self.tag)
         if self.checkpoint is not None:
             try:
                 open_clip.load_checkpoint(model, str(self.checkpoint))
@@ -274,10 +280,13 @@ class CachedTextEncoder:
         return disk
 
     def _write_disk(self) -> None:
-        self._read_disk(quiet=True)  # another process may have added names since we read it
-        names = sorted(self._memory)
-        vectors = np.stack([self._memory[n] for n in names]) if names else np.zeros((0, self.dim), np.float32)
-        _save_npz_atomic(self.path, names=np.array(names, dtype=str), vectors=vectors)
+        """Merge the names other processes added since we read the file, and write it back, under the cache lock (two
+        writers that both read before either wrote would otherwise drop each other's names)."""
+        with cache_lock(self.path):
+            self._read_disk(quiet=True)
+            names = sorted(self._memory)
+            vectors = np.stack([self._memory[n] for n in names]) if names else np.zeros((0, self.dim), np.float32)
+            _save_npz_atomic(self.path, names=np.array(names, dtype=str), vectors=vectors)
 
     def prompts(self, names: list[str]) -> list[str]:
         return [self.template.format(n) for n in names]

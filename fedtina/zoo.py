@@ -1,4 +1,5 @@
-"""The zoo: an append-only, crash-safe store of fine-tuned heads (Tina's training data), and `build_zoo`.
+"""The zoo: an append-only, crash-safe store of fine-tuned heads (Tina's training data), and `build_zoo`, which builds
+the cache's zoo once and checks it every time it is opened.
 
 On disk (`root/`):
 
@@ -12,22 +13,29 @@ Crash safety: an append writes each blob to a temporary file, fsyncs it, renames
 directory, and only then inserts all index rows in one SQLite transaction. A crash before the commit leaves orphan
 blobs (ignored; `verify()` lists them) and no rows; a crash after it leaves everything. Readers see an entry only
 through its row, so they see it whole or not at all. The store never overwrites or deletes a file it did not just
-create: an index that is not ours is reported as `CorruptFileError` and left untouched.
+create: an index that is not ours, or that fails SQLite's quick check when opened, is reported as `CorruptFileError`
+and left untouched, and so is any SQLite error of a later read.
+
+The cache's zoo (`build_zoo`) is immutable: built completely in a temporary directory beside its final path and
+renamed into place, under the cache lock, then never appended to. Each use opens it through `open_zoo`, which checks
+that it holds exactly the configured number of heads and that every blob passes its sha256 check.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import secrets
+import shutil
 import sqlite3
 import struct
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import safetensors.numpy
@@ -35,6 +43,7 @@ import safetensors.numpy
 from fedtina.config import ZooConfig
 from fedtina.errors import CorruptFileError, FedtinaError, LabelSetError
 from fedtina.heads import Head, accuracy, finetune_heads, generic_rows, oracle_heads, selection_head
+from fedtina.io import FILE_MODE, cache_lock
 from fedtina.protocol import sample_tasks
 
 INDEX_NAME = "index.sqlite"
@@ -221,9 +230,10 @@ def _insert_row(conn: sqlite3.Connection, p: _Prepared, blob: str, created_at: s
 
 
 def _open_index(path: Path) -> sqlite3.Connection:
-    """Open (or create) the SQLite index. A file that is not SQLite, or a database with another schema, raises
-    CorruptFileError before anything is written to it."""
-    if path.exists() and path.stat().st_size > 0:
+    """Open (or create) the SQLite index. A file that is not SQLite, a database with another schema, or an existing
+    index that fails SQLite's quick check raises CorruptFileError before anything is written to it."""
+    existed = path.exists() and path.stat().st_size > 0
+    if existed:
         with open(path, "rb") as f:
             header = f.read(16)
         if header != b"SQLite format 3\x00":
@@ -235,6 +245,7 @@ def _open_index(path: Path) -> sqlite3.Connection:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 if not _tables(conn) and _user_version(conn) == 0:  # another process may have created it meanwhile
+                    os.chmod(path, FILE_MODE)  # SQLite creates it 0644 whatever the umask; its -wal/-shm copy this
                     for statement in _SCHEMA:
                         conn.execute(statement)
                 conn.execute("COMMIT")
@@ -242,6 +253,8 @@ def _open_index(path: Path) -> sqlite3.Connection:
                 conn.execute("ROLLBACK")
                 raise
         _check_schema(conn, path)
+        if existed:
+            _quick_check(conn, path)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         return conn
@@ -254,6 +267,21 @@ def _open_index(path: Path) -> sqlite3.Connection:
     except BaseException:
         conn.close()
         raise
+
+
+def _quick_check(conn: sqlite3.Connection, path: Path) -> None:
+    """SQLite's quick check (every page and record well formed; ~1.5 ms for a 600-entry zoo): damage inside the file
+    is caught when it is opened, not by whichever later query first reads the damaged page."""
+    try:
+        problems = [r[0] for r in conn.execute("PRAGMA quick_check")]
+    except sqlite3.DatabaseError as e:
+        if isinstance(e, sqlite3.OperationalError):  # locked, unreadable: not the file's fault
+            raise
+        problems = [str(e)]
+    if problems != ["ok"]:
+        detail = " ".join(" ".join(problems).split())  # one line: SQLite reports one problem per line
+        raise CorruptFileError(f"zoo index {path} fails SQLite's integrity check "
+                               f"({detail[:200]}{'...' if len(detail) > 200 else ''}); it was left untouched")
 
 
 def _tables(conn: sqlite3.Connection) -> set[str]:
@@ -301,6 +329,22 @@ class ZooStore:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    @contextlib.contextmanager
+    def _index_errors(self) -> Iterator[None]:
+        """SQLite errors of a query as fedtina errors naming the index: damage the open-time check did not see (or
+        that came later) is a CorruptFileError, a locked or unreadable file a FedtinaError."""
+        try:
+            yield
+        except sqlite3.OperationalError as e:
+            raise FedtinaError(f"cannot use zoo index {self.index_path}: {e}") from None
+        except sqlite3.DatabaseError as e:
+            raise CorruptFileError(f"zoo index {self.index_path} is damaged ({type(e).__name__}: {e}); it was left "
+                                   f"untouched") from None
+
+    def _rows(self, sql: str, args: Sequence = ()) -> list[tuple]:
+        with self._index_errors():
+            return self._conn.execute(sql, args).fetchall()
+
     # -- writing -------------------------------------------------------------------------------------------------
 
     def append(self, entry: ZooEntry) -> int:
@@ -316,34 +360,35 @@ class ZooStore:
         blobs = [_write_blob(self.blob_dir, p) for p in prepared]
         _fsync_dir(self.blob_dir)
         created_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            ids = [_insert_row(self._conn, p, blob, created_at) for p, blob in zip(prepared, blobs)]
-            self._conn.execute("COMMIT")
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
+        with self._index_errors():
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                ids = [_insert_row(self._conn, p, blob, created_at) for p, blob in zip(prepared, blobs)]
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
         return ids
 
     # -- reading -------------------------------------------------------------------------------------------------
 
     def __len__(self) -> int:
-        return int(self._conn.execute("SELECT COUNT(*) FROM entries").fetchone()[0])
+        return int(self._rows("SELECT COUNT(*) FROM entries")[0][0])
 
     def ids(self) -> list[int]:
-        return [r[0] for r in self._conn.execute("SELECT id FROM entries ORDER BY id")]
+        return [r[0] for r in self._rows("SELECT id FROM entries ORDER BY id")]
 
     def get(self, entry_id: int) -> ZooEntry:
         """Load one entry, checking its blob's sha256 (CorruptFileError naming the entry and file on mismatch)."""
-        row = self._conn.execute(f"SELECT {_ROW} FROM entries WHERE id = ?", (int(entry_id),)).fetchone()
-        if row is None:
+        rows = self._rows(f"SELECT {_ROW} FROM entries WHERE id = ?", (int(entry_id),))
+        if not rows:
             raise FedtinaError(f"no zoo entry with id {entry_id} in {self.root} ({len(self)} entries)")
-        return self._load(row)
+        return self._load(rows[0])
 
     def entries(self, ids: Sequence[int] | None = None, *, skip_corrupt: bool = False) -> list[ZooEntry]:
         """Load many entries (all, in id order, when ids is None) from one consistent snapshot of the index.
         A corrupt blob raises CorruptFileError unless skip_corrupt, which leaves it out."""
-        rows = {r[0]: r for r in self._conn.execute(f"SELECT {_ROW} FROM entries ORDER BY id")}
+        rows = {r[0]: r for r in self._rows(f"SELECT {_ROW} FROM entries ORDER BY id")}
         if ids is None:
             ids = list(rows)
         missing = [i for i in ids if int(i) not in rows]
@@ -372,11 +417,11 @@ class ZooStore:
             where.append("source = ?")
             args.append(source)
         sql = "SELECT id FROM entries" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id"
-        return [r[0] for r in self._conn.execute(sql, args)]
+        return [r[0] for r in self._rows(sql, args)]
 
     def verify(self) -> VerifyReport:
         """Check every entry's blob (exists, sha256, parses, matches its index row) and list orphan files."""
-        rows = list(self._conn.execute(f"SELECT {_ROW} FROM entries ORDER BY id"))
+        rows = self._rows(f"SELECT {_ROW} FROM entries ORDER BY id")
         corrupt = {}
         for row in rows:
             try:
@@ -413,13 +458,6 @@ class ZooStore:
 # building the zoo
 
 
-def _new_tasks(seen: np.ndarray, cfg: ZooConfig, have: set[frozenset[int]], need: int) -> list[tuple[int, ...]]:
-    """The first `need` tasks of the seeded draw of cfg.num_tasks distinct tasks that are not in `have`. A fresh
-    build and one resumed from any prefix give the same zoo; since |have| <= #entries, enough always remain."""
-    draw = sample_tasks(seen, cfg.num_tasks, cfg.k_min, cfg.k_max, np.random.default_rng(cfg.seed))
-    return [tuple(int(c) for c in t) for t in draw if frozenset(int(c) for c in t) not in have][:need]
-
-
 def _images_by_class(idx: np.ndarray, labels: np.ndarray) -> dict[int, np.ndarray]:
     idx = np.asarray(idx)
     lab = labels[idx]
@@ -434,29 +472,76 @@ def _task_data(task: Sequence[int], by_class: dict[int, np.ndarray], features: n
     return features[idx], np.repeat(np.arange(len(task)), [len(p) for p in parts])
 
 
-def build_zoo(store: ZooStore, bank, split, class_names: Sequence[str], labels: np.ndarray, cfg: ZooConfig,
-              log: Callable[[str], None] = print) -> list[int]:
-    """Fill `store` with cfg.num_tasks zoo heads (source "zoo") and return their ids.
+def build_zoo(root: str | os.PathLike, bank, split, class_names: Sequence[str], labels: np.ndarray, cfg: ZooConfig,
+              log: Callable[[str], None] = print) -> ZooStore:
+    """The zoo of cfg.num_tasks heads (source "zoo") at `root`, built once: an existing `root` is only opened and
+    checked (`open_zoo`), never topped up. Otherwise it is built under the cache lock (a second process waits, then
+    opens the first one's zoo) in a temporary directory beside `root`, which is renamed into place when complete, so
+    `root` holds a whole zoo or nothing; a temporary directory left by a killed build is replaced.
 
-    Tasks: distinct subsets of split.seen, k uniform in [cfg.k_min, cfg.k_max], seeded by cfg.seed. Each head starts
-    from the generic rows of its classes (bank.generic_weight/bias, row i = class bank.seen[i]) and is fine-tuned
-    (cfg.finetune; with cfg.finetune.select, per-task hyper-parameters from `oracle_heads`) on the zoo-part images (split.zoo_idx) of its classes. Metrics: zoo_acc (train), test_acc and
-    generic_test_acc (the un-tuned selection head) on the task's split.test_idx images, n_zoo, n_test.
-    Idempotent top-up: with >= num_tasks "zoo" entries present nothing happens; otherwise only the missing number
-    of tasks is added (tasks already in the store are skipped). Nothing is ever deleted.
+    Tasks: cfg.num_tasks distinct subsets of split.seen, k uniform in [cfg.k_min, cfg.k_max], seeded by cfg.seed.
+    Each head starts from the generic rows of its classes (bank.generic_weight/bias, row i = class bank.seen[i]) and
+    is fine-tuned (cfg.finetune; with cfg.finetune.select, per-task hyper-parameters from `oracle_heads`) on the
+    zoo-part images (split.zoo_idx) of its classes. Metrics: zoo_acc (train), test_acc and generic_test_acc (the
+    un-tuned selection head) on the task's split.test_idx images, n_zoo, n_test.
     """
-    existing = store.query(source="zoo")
-    if len(existing) >= cfg.num_tasks:
-        log(f"zoo: {len(existing)} entries already in {store.root} (>= {cfg.num_tasks}), nothing to do")
-        return existing
+    root = Path(root)
+    if not root.exists():
+        with cache_lock(root):
+            if not root.exists():  # another process may have built it while we waited
+                tmp = root.with_name(f".{root.name}.building")
+                if tmp.exists():
+                    log(f"zoo: replacing {tmp}, an unfinished build left by a killed process")
+                    shutil.rmtree(tmp)
+                try:
+                    with ZooStore(tmp) as store:  # closing checkpoints the WAL: the index is one file
+                        _fill(store, bank, split, class_names, labels, cfg, log)
+                    _fsync_dir(tmp)
+                    os.rename(tmp, root)
+                    _fsync_dir(root.parent)
+                except BaseException:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise
+    return open_zoo(root, cfg.num_tasks)
+
+
+def open_zoo(root: str | os.PathLike, num_tasks: int) -> ZooStore:
+    """A zoo that `build_zoo` built, checked before use: its index passes SQLite's quick check, it holds exactly
+    `num_tasks` entries and every blob passes its sha256 check (~40 ms for 600 heads). Anything else is a
+    CorruptFileError naming the damage and the directory to delete; nothing is repaired or rebuilt over."""
+    root = Path(root)
+    fix = f"delete {root} to rebuild it"
+    if not (root / INDEX_NAME).is_file():
+        raise CorruptFileError(f"zoo {root} has no index {INDEX_NAME}; {fix}")
+    try:
+        store = ZooStore(root)
+    except CorruptFileError as e:
+        raise CorruptFileError(f"{e}; {fix}") from None
+    try:
+        problem = None
+        if len(store) != num_tasks:
+            problem = (f"zoo {root} holds {len(store)} entries, but it is the zoo of zoo.num_tasks={num_tasks} "
+                       f"(a cached zoo is never topped up or partly used)")
+        elif not (report := store.verify()).ok:
+            problem = (f"zoo {root}: {len(report.corrupt)} of {report.num_entries} entries are damaged, e.g. "
+                       f"{next(iter(report.corrupt.values()))}")
+    except CorruptFileError as e:  # an index page the quick check passed but a query cannot read
+        problem = str(e)
+    if problem is not None:
+        store.close()
+        raise CorruptFileError(f"{problem}; {fix}")
+    return store
+
+
+def _fill(store: ZooStore, bank, split, class_names: Sequence[str], labels: np.ndarray, cfg: ZooConfig,
+          log: Callable[[str], None]) -> None:
+    """Fine-tune the cfg.num_tasks heads of `build_zoo` and append them to the empty `store`."""
     labels = np.asarray(labels)
     rows = generic_rows(bank, class_names)
     missing = [class_names[int(c)] for c in split.seen if class_names[int(c)] not in rows]
     if missing:
         raise FedtinaError(f"seen classes without a generic row in the feature bank: {missing[:5]}")
-    name_to_id = {n: i for i, n in enumerate(class_names)}
-    have = {frozenset(name_to_id.get(n, -1) for n in e.class_names) for e in store.entries(existing)}
-    tasks = _new_tasks(np.asarray(split.seen), cfg, have, cfg.num_tasks - len(existing))
+    tasks = sample_tasks(np.asarray(split.seen), cfg.num_tasks, cfg.k_min, cfg.k_max, np.random.default_rng(cfg.seed))
     features = np.asarray(bank.features, np.float32)
     zoo_by, test_by = _images_by_class(split.zoo_idx, labels), _images_by_class(split.test_idx, labels)
     names = [tuple(class_names[c] for c in t) for t in tasks]
@@ -479,9 +564,7 @@ def build_zoo(store: ZooStore, bank, split, class_names: Sequence[str], labels: 
                                       "generic_test_acc": accuracy(g, *te), "n_zoo": float(len(tr[1])),
                                       "n_test": float(len(te[1]))}, source="zoo")
                for h, g, tr, te in zip(heads, inits, train, test)]
-    ids = store.append_many(entries)
-    if entries:
-        mean = lambda key: np.mean([e.metrics[key] for e in entries])  # noqa: E731
-        log(f"zoo: +{len(ids)} entries ({len(existing) + len(ids)} total): test acc {mean('test_acc'):.3f} "
-            f"vs generic rows {mean('generic_test_acc'):.3f}, train acc {mean('zoo_acc'):.3f}")
-    return existing + ids
+    store.append_many(entries)
+    mean = lambda key: np.mean([e.metrics[key] for e in entries])  # noqa: E731
+    log(f"zoo: {len(entries)} entries: test acc {mean('test_acc'):.3f} vs generic rows "
+        f"{mean('generic_test_acc'):.3f}, train acc {mean('zoo_acc'):.3f}")

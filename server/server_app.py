@@ -22,4 +22,7 @@ log = logging.getLogger("fedtina.federation")
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     spec = get_run_spec() or spec_from_run_config(dict(context.run_config), log=log.info)
-    spec.outcome = run_all(grid, spec)
+    try:
+        spec.outcome = run_all(grid, spec)
+    finally:
+        spec.finished.set()   # the driver waits on it when the simulation engine fails under this thread

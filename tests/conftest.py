@@ -11,3 +11,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """(cache dir, assets) of the simulation tests' tiny config (tests/simkit.py): the core pipeline run once per
+    session; later builds with the same config load from this cache."""
+    from simkit import compose
+
+    from fedtina.assets import build_assets
+    from fedtina.config import CoreConfig, from_dict
+    from fedtina.simulate import CORE_KEYS, _plain
+
+    cache = tmp_path_factory.mktemp("cache")
+    plain = _plain(compose(cache))
+    assets = build_assets(from_dict(CoreConfig, {k: plain[k] for k in CORE_KEYS if k in plain}), log=lambda _m: None)
+    return cache, assets

@@ -202,10 +202,41 @@ def test_corrupt_or_missing_backbone_file(trained, tmp_path):
         bb.load_backbone(path)
 
 
-def test_unreadable_cache_entry_is_rebuilt(data, trained, tmp_path, monkeypatch):
+def test_damaged_feature_bank_is_re_extracted_from_its_backbone(data, trained, tmp_path, monkeypatch):
+    """A truncated features.npz beside an intact backbone checkpoint: features again in seconds, no retraining."""
     ds, split = data
     monkeypatch.setattr(bb, "train_generic", lambda *a, **k: trained)
     bank = bb.build_feature_bank(ds, split, TINY, tmp_path, log=lambda s: None)
-    (bank.backbone_path.parent / "features.npz").write_bytes(b"garbage")
-    again = bb.build_feature_bank(ds, split, TINY, tmp_path, log=lambda s: None)
-    assert np.array_equal(again.features, bank.features)
+    npz = bank.backbone_path.parent / "features.npz"
+    backbone = bank.backbone_path.read_bytes()
+
+    def no_training(*a, **k):
+        raise AssertionError("the backbone was retrained")
+
+    monkeypatch.setattr(bb, "train_generic", no_training)
+    for damage in (lambda b: b[: len(b) // 2], lambda b: b"garbage"):
+        npz.write_bytes(damage(npz.read_bytes()))
+        logs = []
+        again = bb.build_feature_bank(ds, split, TINY, tmp_path, log=logs.append)
+        assert np.allclose(again.features, bank.features, atol=1e-5) and np.array_equal(again.seen, bank.seen)
+        assert np.array_equal(again.generic_weight, bank.generic_weight)
+        assert any(str(npz) in m and "re-extract" in m for m in logs), logs
+        assert bank.backbone_path.read_bytes() == backbone
+    assert np.array_equal(bb.build_feature_bank(ds, split, TINY, tmp_path, log=lambda s: None).features,
+                          again.features)
+
+
+def test_damaged_or_missing_backbone_beside_a_feature_bank_is_named(data, trained, tmp_path, monkeypatch):
+    """The bank's backbone is what clients and generated classifiers run: damage is reported, never retrained over."""
+    ds, split = data
+    monkeypatch.setattr(bb, "train_generic", lambda *a, **k: trained)
+    bank = bb.build_feature_bank(ds, split, TINY, tmp_path, log=lambda s: None)
+    path, folder = bank.backbone_path, bank.backbone_path.parent
+    data_ = bytearray(path.read_bytes())
+    data_[-100] ^= 0xFF                       # a flipped bit in a tensor: still parses
+    path.write_bytes(bytes(data_))
+    with pytest.raises(CorruptFileError, match=f"{path}.*delete {folder}"):
+        bb.build_feature_bank(ds, split, TINY, tmp_path, log=lambda s: None)
+    path.unlink()
+    with pytest.raises(CorruptFileError, match=f"{path}.*delete {folder}"):
+        bb.build_feature_bank(ds, split, TINY, tmp_path, log=lambda s: None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import zipfile
 from collections import Counter
@@ -18,6 +19,7 @@ from fedtina.data import CALTECH101_ZIP, ImageDataset, clean_class_name, load_da
 from fedtina.data import cifar, folder, shapes
 from fedtina.data.folder import load_class_folder, write_dataset_npz
 from fedtina.errors import DatasetUnavailableError, FedtinaError
+from fedtina.io import cache_lock
 from fedtina.protocol import make_split
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -78,7 +80,8 @@ def test_load_shapes_builds_once_then_reads_the_cache(tmp_path, monkeypatch):
     cfg = DatasetConfig(name="shapes", images_per_class=2, seed=5)
     first = shapes.load_shapes(cfg, tmp_path)
     files = sorted((tmp_path / "datasets").iterdir())
-    assert [f.suffix for f in files] == [".npz"] and f"v{shapes.SHAPES_VERSION}" in files[0].name
+    assert [f.suffix for f in files] == [".lock", ".npz"] and f"v{shapes.SHAPES_VERSION}" in files[1].name
+    assert files[0].name == f".{files[1].name}.lock"   # the build ran under the cache lock
 
     def no_build(*args, **kwargs):
         raise AssertionError("make_shapes called although the cache exists")
@@ -100,6 +103,22 @@ def test_corrupt_shapes_cache_is_rebuilt(tmp_path):
     assert ds.images.tobytes() == shapes.make_shapes(1, 0).images.tobytes()
     assert np.load(path)["images"].shape == ds.images.shape                 # the cache was rewritten
     assert not [p for p in path.parent.iterdir() if p.suffix == ".tmp"]     # no temporary file left behind
+
+
+def test_a_build_waiting_on_the_lock_reads_what_the_holder_wrote(tmp_path, monkeypatch):
+    """Two processes building one dataset: the second waits for the first and reads its file."""
+    cfg = DatasetConfig(images_per_class=1, seed=0)
+    path = shapes.shapes_cache_path(1, 0, tmp_path)
+    built, calls, result = shapes.make_shapes(1, 0), [], []
+    monkeypatch.setattr(shapes, "make_shapes", lambda *a: calls.append(a) or built)
+    with cache_lock(path):
+        thread = threading.Thread(target=lambda: result.append(shapes.load_shapes(cfg, tmp_path)))
+        thread.start()
+        thread.join(1.0)
+        assert thread.is_alive() and not result    # waiting for the lock
+        write_dataset_npz(built, path)
+    thread.join(30)
+    assert calls == [] and result[0].images.tobytes() == built.images.tobytes()
 
 
 def test_load_dataset_rejects_unknown_names_and_missing_paths(tmp_path):

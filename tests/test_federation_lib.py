@@ -6,6 +6,7 @@ import csv
 import json
 import math
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -406,6 +407,157 @@ def test_check_head_refusals(check_setup):
         _check(good, spec, x, y, good, 0.0)
 
 
+def _all_test_images(run_dir, spec):
+    """The client's classes over every test-part image of the fake world (12 per class): enough held-out images
+    for the per-class check (the fixture's server share has 2 per class)."""
+    _, ds, _, feats, _ = run_dir
+    test_idx = np.flatnonzero(np.arange(len(ds.labels)) % PER_CLASS >= 28)  # make_world's test part
+    return server_val_data(feats, ds.labels, test_idx, spec.class_ids)
+
+
+def _rows_head(means, spec, rows=None) -> Head:
+    """A head with the class means as rows (nearest-mean rule); `rows` = which class's mean each position takes."""
+    mu = means[list(spec.class_ids if rows is None else rows)].astype(np.float32)
+    return Head(spec.class_names, mu, (-0.5 * (mu**2).sum(1)).astype(np.float32))
+
+
+def test_poison_kinds():
+    from clients.client_app import _poison, flip_pair
+
+    rng = np.random.default_rng(0)
+    head = Head(("a", "b", "c", "d"), rng.normal(size=(4, 3)).astype(np.float32),
+                rng.normal(size=4).astype(np.float32))
+    before = head.weight.copy()
+    for cid in range(6):
+        i, j = flip_pair(4, cid)
+        flipped = _poison(head, "label_flip", cid)
+        assert flipped.class_names == head.class_names and i != j
+        order = np.arange(4)
+        order[[i, j]] = [j, i]
+        np.testing.assert_array_equal(flipped.weight, head.weight[order])
+        np.testing.assert_array_equal(flipped.bias, head.bias[order])
+    assert {flip_pair(4, cid) for cid in range(4)} == {(0, 1), (1, 2), (2, 3), (3, 0)}
+    assert np.isnan(_poison(head, "nan", 0).weight).sum() == 1
+    assert _poison(head, "shape", 0).weight.shape == (4, 4)
+    np.testing.assert_allclose(_poison(head, "huge", 0).weight, head.weight * 1e4)
+    np.testing.assert_array_equal(head.weight, before)  # the fine-tuned head itself is not touched
+    with pytest.raises(ValueError, match="label_flip needs at least 2"):
+        _poison(Head(("a",), head.weight[:1], head.bias[:1]), "label_flip", 0)
+    with pytest.raises(ValueError, match="unknown poison_kind 'nope'.*mislabeled"):
+        _poison(head, "nope", 0)
+
+
+def test_mislabel_moves_a_share_of_labels_to_the_next_class(run_dir):
+    from clients.client_app import _mislabel
+
+    data = _client(run_dir, 0)
+    before = data.train_y.copy()
+    mis = _mislabel(data, 0.5, 7)
+    moved = mis.train_y != data.train_y
+    assert moved.sum() == round(0.5 * len(before))
+    np.testing.assert_array_equal(mis.train_y[moved], (before[moved] + 1) % data.k)
+    np.testing.assert_array_equal(data.train_y, before)  # the cached client data is untouched
+    np.testing.assert_array_equal(_mislabel(data, 0.5, 7).train_y, mis.train_y)  # seeded by the client id
+    assert not np.array_equal(_mislabel(data, 0.5, 8).train_y, mis.train_y)
+    np.testing.assert_array_equal(_mislabel(data, 0.0, 7).train_y, before)
+    with pytest.raises(ValueError, match="mislabel_share"):
+        _mislabel(data, 1.5, 7)
+
+
+def test_check_head_refuses_a_label_flip_of_seen_classes(run_dir):
+    """One pair of rows swapped under the same names: with the mean-accuracy check out of the way (max_acc_drop=1)
+    the per-class check refuses it and names the pair; a bias that only shifts a class prior is no swap."""
+    from clients.client_app import _poison, flip_pair
+
+    _, _, part, _, means = run_dir
+    spec = next(c for c in part.clients if not c.has_unseen)
+    x, y = _all_test_images(run_dir, spec)
+    good = _rows_head(means, spec)
+    norm = float(np.linalg.norm(means[:9], axis=1).mean())
+    flipped = _poison(good, "label_flip", spec.client_id)
+    res = _check(flipped, spec, x, y, good, norm, max_acc_drop=1.0)
+    a, b = (spec.class_names[i] for i in flip_pair(spec.k, spec.client_id))
+    assert not res.accepted and res.class_drop > 0.9, res
+    assert f"classes {a!r} and {b!r} swapped or confused" in res.reason, res.reason
+    assert "AUC 0.00 vs 1.00 under the selection head" in res.reason and "max_class_drop=0.4" in res.reason
+    assert _check(flipped, spec, x, y, good, norm, max_acc_drop=1.0, max_class_drop=1.0).accepted
+    # a skewed class prior lives in the biases (honest fine-tuning on skewed data): a class that loses all its
+    # recall to a lowered bias is still told apart from every other class, so it is no swap
+    prior = Head(good.class_names, good.weight, good.bias - np.float32(1e4) * (np.arange(spec.k) == 0))
+    assert not (np.argmax(x @ prior.weight.T + prior.bias, axis=1)[y == 0] == 0).any()
+    res = _check(prior, spec, x, y, good, norm, max_acc_drop=1.0)
+    assert res.accepted and res.class_drop == 0.0, res
+    # too few held-out images per class: the per-class check does not apply
+    assert _check(flipped, spec, x, y, good, norm, max_acc_drop=1.0, min_class_images=13).accepted
+
+
+def test_check_head_refuses_a_label_flip_where_selection_is_weak(run_dir):
+    """A client with unseen classes: the selection head copies one seen row for both, so its accuracy is low and a
+    head with their rows swapped passes the mean check (the issue's case). The per-class check refuses it, against
+    the head the server sent (a strong reference for them) and even against the selection head alone (which cannot
+    tell the two apart, AUC 0.5, while the flipped head inverts them)."""
+    _, _, part, _, means = run_dir
+    spec = next(c for c in part.clients if c.has_unseen)
+    unseen = [i for i, c in enumerate(spec.class_ids) if c >= 9]
+    x, y = _all_test_images(run_dir, spec)
+    weak = _rows_head(means, spec, [c if c < 9 else 0 for c in spec.class_ids])
+    sent = _rows_head(means, spec)
+    order = np.arange(spec.k)
+    order[unseen] = order[unseen[::-1]]  # the two unseen classes swap rows
+    flipped = Head(spec.class_names, sent.weight[order], sent.bias[order])
+    norm = float(np.linalg.norm(means[:9], axis=1).mean())
+    cfg = HeadCheckConfig()
+    assert check_head(flipped, spec.class_names, DIM, weak, x, y, norm, replace(cfg, max_class_drop=1.0),
+                      sent=sent).accepted  # the mean check alone passes it
+    names = " and ".join(repr(spec.class_names[i]) for i in unseen)
+    res = check_head(flipped, spec.class_names, DIM, weak, x, y, norm, cfg, sent=sent)
+    assert not res.accepted and f"classes {names} swapped" in res.reason, res
+    assert "vs 1.00 under the head the server sent" in res.reason
+    alone = check_head(flipped, spec.class_names, DIM, weak, x, y, norm, cfg)
+    assert not alone.accepted and f"classes {names} swapped" in alone.reason and "vs 0.50 under the selection head" \
+        in alone.reason, alone
+
+
+def test_check_head_accepts_honest_finetuned_and_refuses_mislabeled_heads(run_dir):
+    """Every client's honest upload (the sent head, noisy, fine-tuned on its own data as tina_ft does) passes the
+    default gate; a head fit to fully shifted labels (mislabel share 1, a fixed recipe: with `select` a client may
+    keep the received head, which is no harm) is refused."""
+    from clients.client_app import _mislabel
+
+    _, _, part, _, means = run_dir
+    ft = HeadTrainConfig(steps=30, lr=0.05, l2_to_init=1e-3, select=True)
+    norm = float(np.linalg.norm(means[:9], axis=1).mean())
+    for spec in part.clients:
+        x, y = _all_test_images(run_dir, spec)
+        rng = np.random.default_rng(spec.client_id)
+        sent = _rows_head(means, spec)
+        sent = Head(spec.class_names, (sent.weight + rng.normal(0, 1, sent.weight.shape)).astype(np.float32),
+                    sent.bias)
+        selection = _rows_head(means, spec, [c if c < 9 else 0 for c in spec.class_ids])
+        data = _client(run_dir, spec.client_id)
+        honest = check_head(finetune_local(sent, data, ft), spec.class_names, DIM, selection, x, y, norm,
+                            HeadCheckConfig(), sent=sent)
+        assert honest.accepted and honest.reason == "ok" and honest.class_drop is not None, (spec.client_id, honest)
+        fit = HeadTrainConfig(steps=100, lr=0.1, l2_to_init=0.0)
+        mislabeled = finetune_local(sent, _mislabel(data, 1.0, spec.client_id), fit)
+        res = check_head(mislabeled, spec.class_names, DIM, selection, x, y, norm, HeadCheckConfig(), sent=sent)
+        assert not res.accepted and ("swapped" in res.reason or "accuracy" in res.reason), (spec.client_id, res)
+
+
+def test_simulate_yaml_matches_the_gate_and_fault_defaults():
+    """configs/simulate.yaml spells out every gate and fault option (so each can be overridden on the command line)
+    with the dataclasses' defaults."""
+    from dataclasses import asdict
+
+    from omegaconf import OmegaConf
+
+    from fedtina.federation.runtime import Faults
+
+    yaml = OmegaConf.to_container(OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "simulate.yaml"))
+    assert yaml["checks"] == asdict(HeadCheckConfig())
+    assert yaml["faults"] == asdict(Faults())
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # profiling
 
@@ -510,3 +662,18 @@ def test_write_report(tmp_path):
     assert doc["summary"]["methods"]["tina"]["n_ok"] == 12 and len(doc["clients"]) == len(results)
     assert not any(isinstance(v, float) and math.isnan(v) for v in doc["summary"]["methods"]["tina"].values())
     assert "zoo_growth.png" not in {p.name for p in write_report(tmp_path / "b", summary, results, records, None)}
+
+
+def test_client_rows_say_whether_the_upload_was_accepted(tmp_path):
+    why = "classes 'a' and 'b' swapped or confused: ... AUC 0.00 vs 1.00 under the head the server sent, ..."
+    results = [ClientResult("tina", 0, 1, 0.7, 10, True, "ok"),
+               ClientResult("tina_ft", 0, 1, 0.9, 10, True, "ok", upload="refused", upload_detail=why),
+               ClientResult("tina_ft", 1, 1, 0.8, 10, False, "ok", upload="accepted", upload_detail="ok")]
+    write_report(tmp_path, summarize(results, [], {"tina": 1, "tina_ft": 1}), results, [])
+    with open(tmp_path / "clients.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["method"], r["upload"], r["upload_detail"]) for r in rows] == [
+        ("tina", "", ""), ("tina_ft", "refused", why), ("tina_ft", "accepted", "ok")]
+    doc = json.loads((tmp_path / "summary.json").read_text())
+    assert [(r["upload"], r["upload_detail"]) for r in doc["clients"]] == [("", ""), ("refused", why),
+                                                                          ("accepted", "ok")]

@@ -1,8 +1,19 @@
-"""Atomic writes: a writer that fails half way leaves the old file untouched and no temporary file behind."""
+"""Atomic writes: a writer that fails half way leaves the old file untouched and no temporary file behind; written
+files get the normal mode. The cache lock: one holder at a time."""
+
+import fcntl
+import os
+import threading
 
 import pytest
 
-from fedtina.io import atomic_write
+from fedtina.io import atomic_write, cache_lock
+
+
+def normal_mode() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def test_atomic_write_replaces_the_file(tmp_path):
@@ -25,3 +36,41 @@ def test_a_failed_write_keeps_the_old_file(tmp_path):
         atomic_write(path, crash)
     assert path.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.bin"]
+
+
+def test_written_files_get_the_normal_mode(tmp_path):
+    """safetensors' save_file creates its file 0600 (as a writer that opens its file private would)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    def private(tmp):
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, b"data")
+        os.close(fd)
+
+    a = atomic_write(tmp_path / "a.bin", private)
+    b = atomic_write(tmp_path / "b.safetensors", lambda tmp: save_file({"x": np.zeros(3)}, str(tmp)))
+    assert [oct(p.stat().st_mode & 0o777) for p in (a, b)] == [oct(normal_mode())] * 2
+
+
+def test_cache_lock_has_one_holder_at_a_time(tmp_path):
+    target = tmp_path / "zoo" / "some-key"
+    lock_file = tmp_path / "zoo" / ".some-key.lock"
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with cache_lock(target):
+            held.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    assert held.wait(10) and lock_file.is_file() and not target.exists()
+    with open(lock_file, "a") as f:   # a second holder (its own open file, as another process has) must wait
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        release.set()
+        thread.join(10)
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free once the first holder left
+    with cache_lock(target):          # free again for the next build; the lock file stays
+        assert lock_file.is_file()

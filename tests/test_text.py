@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import threading
 import time
 
 import numpy as np
@@ -51,7 +52,7 @@ def clip_random():
 
 def test_open_clip_random_weights_offline(clip_random, no_network, monkeypatch):
     monkeypatch.setattr(fedtina.net, "can_reach", lambda *a, **k: pytest.fail("random weights must not probe"))
-    assert clip_random.id == "clip-ViT-B-32-random"
+    assert clip_random.id == "clip-ViT-B-32-random-seed0"
     assert clip_random.dim == 512
     v = clip_random.encode(["a photo of a maple tree.", "a photo of a tractor."])
     assert v.shape == (2, 512) and v.dtype == np.float32
@@ -59,6 +60,17 @@ def test_open_clip_random_weights_offline(clip_random, no_network, monkeypatch):
     images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     im = clip_random.encode_images(images)
     assert im.shape == (3, 512) and np.allclose(np.linalg.norm(im, axis=1), 1.0, atol=1e-5)
+
+
+def test_open_clip_random_weights_are_the_same_in_every_process(clip_random, no_network):
+    """The id "clip-ViT-B-32-random-seed0" keys the embedding cache and Tina checkpoints: it must name one set of
+    weights, whatever the process did with torch's RNG before."""
+    import torch
+
+    torch.manual_seed(1234)
+    other = tx.OpenClipEncoder("ViT-B-32", pretrained=None, device="cpu")
+    texts = ["a photo of a maple tree.", "a photo of a tractor."]
+    assert other.id == clip_random.id and np.array_equal(other.encode(texts), clip_random.encode(texts))
 
 
 def test_open_clip_tag_offline_fails_fast(monkeypatch):
@@ -140,6 +152,34 @@ def test_cached_encoder_ignores_unreadable_cache(tmp_path):
     assert fake.calls == [["a photo of a tractor."]]
 
 
+def test_concurrent_cache_writers_keep_each_others_names(tmp_path, monkeypatch):
+    """Writer b reads the cache file while writer a is between its own read and write: without the cache lock, a's
+    write would drop b's name."""
+    a = tx.CachedTextEncoder(CountingEncoder(), cache_dir=tmp_path)
+    b = tx.CachedTextEncoder(CountingEncoder(), cache_dir=tmp_path)
+    real, in_write, resume = tx._save_npz_atomic, threading.Event(), threading.Event()
+
+    def paused_for_a(path, **arrays):
+        if threading.current_thread() is writer_a:
+            in_write.set()
+            resume.wait(10)
+        real(path, **arrays)
+
+    monkeypatch.setattr(tx, "_save_npz_atomic", paused_for_a)
+    writer_a = threading.Thread(target=a.embed_names, args=(["maple tree"],))
+    writer_b = threading.Thread(target=b.embed_names, args=(["tractor"],))
+    writer_a.start()
+    assert in_write.wait(10)
+    writer_b.start()
+    writer_b.join(0.5)
+    resume.set()
+    writer_a.join(10)
+    writer_b.join(10)
+    third = tx.CachedTextEncoder(CountingEncoder(), cache_dir=tmp_path)
+    third.embed_names(["maple tree", "tractor"])
+    assert third.encoder.calls == []
+
+
 @pytest.mark.parametrize("template", ["a photo of a", "a {0} photo", "{} and {}"])
 def test_bad_template(template):
     with pytest.raises(FedtinaError, match="template"):
@@ -152,4 +192,4 @@ def test_make_encoder(tmp_path, no_network):
     enc = tx.make_encoder(EncoderConfig(name="minilm"), tmp_path)
     assert isinstance(enc, tx.CachedTextEncoder) and enc.dim == 384 and enc.id.startswith("minilm-l6-v2-")
     assert enc.encoder._model is None  # lazy: nothing loaded until the first encode
-    assert tx.make_encoder(EncoderConfig(name="clip"), None).encoder.id == "clip-ViT-B-32-random"
+    assert tx.make_encoder(EncoderConfig(name="clip"), None).encoder.id == "clip-ViT-B-32-random-seed0"

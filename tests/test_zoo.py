@@ -262,6 +262,40 @@ def test_truncated_index_is_refused(tmp_path):
     assert file_digest(index) == before
 
 
+def damage_middle(path: Path) -> None:
+    """Overwrite 4 KiB in the middle of a file (a bad sector, a stray write): the SQLite header stays valid."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 4096] = b"\xab" * 4096
+    path.write_bytes(bytes(data))
+
+
+def test_damage_inside_the_index_is_caught_on_open(tmp_path):
+    store = ZooStore(tmp_path)
+    store.append_many([entry(("a", "b", "c"), d=64, seed=s) for s in range(300)])
+    store.close()
+    index = tmp_path / "index.sqlite"
+    damage_middle(index)
+    before = file_digest(index)
+    with pytest.raises(CorruptFileError, match=f"zoo index {index}.*integrity check"):
+        ZooStore(tmp_path)
+    assert file_digest(index) == before
+
+
+def test_database_errors_on_reads_name_the_index(tmp_path, monkeypatch):
+    """Damage the open-time check did not see (here: the check is skipped) still ends in CorruptFileError."""
+    store = ZooStore(tmp_path)
+    store.append_many([entry(("a", "b", "c"), d=64, seed=s) for s in range(300)])
+    store.close()
+    index = tmp_path / "index.sqlite"
+    damage_middle(index)
+    monkeypatch.setattr(zoo, "_quick_check", lambda conn, path: None)
+    store = ZooStore(tmp_path)
+    with pytest.raises(CorruptFileError, match=f"zoo index {index}"):
+        store.entries()
+    with pytest.raises(CorruptFileError, match=f"zoo index {index}"):
+        store.verify()
+
+
 def test_concurrent_reader_sees_whole_entries(tmp_path):
     writer = ZooStore(tmp_path)
     errors, seen = [], []
@@ -308,13 +342,15 @@ def fake_assets(num_classes=10, per_class=30, d=12, seed=0):
     return bank, split, [f"class {c}" for c in range(num_classes)], labels
 
 
-def test_build_zoo_fills_tops_up_and_is_idempotent(tmp_path):
+ZOO = ZooConfig(num_tasks=12, k_min=3, k_max=5, seed=0, finetune=HeadTrainConfig(steps=60, lr=0.05))
+
+
+def test_build_zoo_builds_once(tmp_path):
     bank, split, names, labels = fake_assets()
-    cfg = ZooConfig(num_tasks=12, k_min=3, k_max=5, seed=0, finetune=HeadTrainConfig(steps=60, lr=0.05))
-    store = ZooStore(tmp_path)
-    logs = []
-    ids = build_zoo(store, bank, split, names, labels, cfg, log=logs.append)
-    assert ids == list(range(1, 13)) and len(store) == 12 and logs
+    root, logs = tmp_path / "zoo" / "key", []
+    store = build_zoo(root, bank, split, names, labels, ZOO, log=logs.append)
+    assert store.ids() == list(range(1, 13)) and logs
+    assert sorted(p.name for p in root.parent.iterdir()) == [".key.lock", "key"]   # no temporary directory left
     entries = store.entries()
     seen_names = {names[c] for c in split.seen}
     assert len({frozenset(e.class_names) for e in entries}) == 12
@@ -327,36 +363,83 @@ def test_build_zoo_fills_tops_up_and_is_idempotent(tmp_path):
     idx = np.concatenate([split.test_idx[labels[split.test_idx] == names.index(n)] for n in e.class_names])
     pos = np.repeat(np.arange(e.k), 10)
     assert e.metrics["test_acc"] == pytest.approx(float(np.mean(e.head.predict(bank.features[idx]) == pos)))
+    store.close()
 
-    again = build_zoo(ZooStore(tmp_path), bank, split, names, labels, cfg, log=logs.append)
-    assert again == ids and len(store) == 12                                  # idempotent
-    bigger = build_zoo(store, bank, split, names, labels, ZooConfig(**{**cfg.__dict__, "num_tasks": 20}),
-                       log=logs.append)
-    assert len(bigger) == 20 and bigger[:12] == ids and len(store) == 20     # top-up, nothing deleted
-    assert len({frozenset(e.class_names) for e in store.entries()}) == 20
+    def no_build(*a, **k):
+        raise AssertionError("the zoo was built again")
+
+    blobs = blob_files(root)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(zoo, "finetune_heads", no_build)
+        m.setattr(zoo, "oracle_heads", no_build)
+        again = build_zoo(root, bank, split, names, labels, ZOO, log=logs.append)
+    assert again.ids() == list(range(1, 13)) and blob_files(root) == blobs
+
+
+@pytest.mark.parametrize("num_tasks", [11, 20])
+def test_a_built_zoo_is_never_topped_up_or_partly_used(tmp_path, num_tasks):
+    """A zoo whose size is not num_tasks is not this config's zoo: refused, named, left as it is."""
+    bank, split, names, labels = fake_assets()
+    root = tmp_path / "key"
+    build_zoo(root, bank, split, names, labels, ZOO, log=lambda _: None).close()
+    before = {p.name: file_digest(p) for p in [root / "index.sqlite", *(root / "blobs").iterdir()]}
+    other = ZooConfig(**{**ZOO.__dict__, "num_tasks": num_tasks})
+    with pytest.raises(CorruptFileError, match=f"12 entries.*{num_tasks}.*delete {root}"):
+        build_zoo(root, bank, split, names, labels, other, log=lambda _: None)
+    assert {p.name: file_digest(p) for p in [root / "index.sqlite", *(root / "blobs").iterdir()]} == before
+
+
+def test_build_zoo_refuses_a_damaged_zoo(tmp_path):
+    bank, split, names, labels = fake_assets()
+    root = tmp_path / "key"
+    store = build_zoo(root, bank, split, names, labels, ZOO, log=lambda _: None)
+    blob = store.blob_dir / store._conn.execute("SELECT blob FROM entries WHERE id = 5").fetchone()[0]
+    store.close()
+    blob.write_bytes(blob.read_bytes()[:100])
+    with pytest.raises(CorruptFileError, match=f"{blob}.*delete {root}"):
+        build_zoo(root, bank, split, names, labels, ZOO, log=lambda _: None)
+    (root / "index.sqlite").unlink()
+    with pytest.raises(CorruptFileError, match=f"no index.*delete {root}"):
+        build_zoo(root, bank, split, names, labels, ZOO, log=lambda _: None)
+    assert not (root / "index.sqlite").exists()
+
+
+def test_a_failed_build_leaves_no_zoo(tmp_path, monkeypatch):
+    """The zoo is built in a temporary directory and renamed into place: a crash leaves no partial zoo at root, and
+    the next build starts over (a killed build's temporary directory is replaced)."""
+    bank, split, names, labels = fake_assets()
+    root = tmp_path / "key"
+
+    def boom(*a, **k):
+        raise RuntimeError("simulated crash mid-build")
+
+    monkeypatch.setattr(ZooStore, "append_many", boom)
+    with pytest.raises(RuntimeError, match="simulated"):
+        build_zoo(root, bank, split, names, labels, ZOO, log=lambda _: None)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".key.lock"]
+    left = tmp_path / ".key.building"   # as a kill -9 mid-build leaves it
+    ZooStore(left).append(entry(("class 0", "class 1")))
+    store = build_zoo(root, bank, split, names, labels, ZOO, log=lambda _: None)
+    assert len(store) == 12 and store.verify().ok and not left.exists()
 
 
 def test_build_zoo_rejects_bank_without_generic_rows_for_seen(tmp_path):
     bank, split, names, labels = fake_assets()
     split.seen = np.arange(9)  # class 8 has no generic row
     with pytest.raises(FedtinaError, match="class 8"):
-        build_zoo(ZooStore(tmp_path), bank, split, names, labels, ZooConfig(num_tasks=2, k_min=2, k_max=2),
+        build_zoo(tmp_path / "key", bank, split, names, labels, ZooConfig(num_tasks=2, k_min=2, k_max=2),
                   log=lambda _: None)
-    assert len(ZooStore(tmp_path)) == 0
+    assert not (tmp_path / "key").exists()
 
 
-def test_build_zoo_resumed_equals_fresh(tmp_path):
+def test_build_zoo_is_deterministic(tmp_path):
     bank, split, names, labels = fake_assets()
     cfg = ZooConfig(num_tasks=9, k_min=2, k_max=4, seed=3, finetune=HeadTrainConfig(steps=20))
-    quiet = lambda _: None  # noqa: E731
-    build_zoo(ZooStore(tmp_path / "a"), bank, split, names, labels, ZooConfig(**{**cfg.__dict__, "num_tasks": 4}),
-              log=quiet)
-    build_zoo(ZooStore(tmp_path / "a"), bank, split, names, labels, cfg, log=quiet)
-    build_zoo(ZooStore(tmp_path / "b"), bank, split, names, labels, cfg, log=quiet)
-    a, b = ZooStore(tmp_path / "a").entries(), ZooStore(tmp_path / "b").entries()
+    a = build_zoo(tmp_path / "a", bank, split, names, labels, cfg, log=lambda _: None).entries()
+    b = build_zoo(tmp_path / "b", bank, split, names, labels, cfg, log=lambda _: None).entries()
     assert [e.class_names for e in a] == [e.class_names for e in b]
-    for x, y in zip(a, b):  # batch composition may change float summation order, not the result
-        np.testing.assert_allclose(x.head.weight, y.head.weight, atol=1e-5)
+    assert all(np.array_equal(x.head.weight, y.head.weight) for x, y in zip(a, b))
 
 
 def test_nan_metric_round_trips(tmp_path):

@@ -15,7 +15,7 @@ import numpy as np
 from fedtina import net
 from fedtina.config import resolve_cache_dir
 from fedtina.data.base import ImageDataset, clean_class_name
-from fedtina.data.folder import read_dataset_npz, write_dataset_npz
+from fedtina.data.folder import cached_dataset
 from fedtina.errors import DatasetUnavailableError
 
 log = logging.getLogger(__name__)
@@ -58,9 +58,11 @@ def _ensure_files(root: Path, download: bool) -> bool:
 def load_cifar100(root: str | Path | None, download: bool, cache_dir: str | Path | None) -> ImageDataset:
     """All 60,000 CIFAR-100 images (50k train + 10k test, in that order) with cleaned fine label names."""
     cache = Path(cache_dir) / "datasets" / f"cifar100-v{CIFAR_VERSION}.npz" if cache_dir is not None else None
-    if cache is not None and (ds := read_dataset_npz(cache, "cifar100")) is not None:
-        return ds
-    root = _root(root, cache_dir)
+    return cached_dataset(cache, "cifar100", lambda: _read_cifar100(_root(root, cache_dir), download))
+
+
+def _read_cifar100(root: Path, download: bool) -> ImageDataset:
+    """The original archive under `root` (downloaded first when `download` and the host is reachable)."""
     fetch = _ensure_files(root, download)
     try:
         from torchvision.datasets import CIFAR100
@@ -72,12 +74,9 @@ def load_cifar100(root: str | Path | None, download: bool, cache_dir: str | Path
     except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
         raise DatasetUnavailableError(f"CIFAR-100 in {root / FOLDER} is incomplete or corrupted ({e}); replace it "
                                       f"with a fresh {ARCHIVE} from {CIFAR_URL}") from None
-    ds = ImageDataset(
+    return ImageDataset(
         name="cifar100",
         images=np.ascontiguousarray(np.concatenate([p.data for p in parts]), dtype=np.uint8),
         labels=np.concatenate([np.asarray(p.targets, dtype=np.int64) for p in parts]),
         class_names=[clean_class_name(c) for c in parts[0].classes],
     )
-    if cache is not None:
-        write_dataset_npz(ds, cache)
-    return ds

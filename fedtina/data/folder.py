@@ -8,7 +8,8 @@ Images are decoded with Pillow, converted to RGB and resized (squashed, no crop)
 folder ids, image order the sorted paths, so a dataset loads identically everywhere. Folder names become readable
 class names through `clean_class_name`, or through an optional names file of `id<TAB>readable name` lines.
 
-This module also holds the .npz cache helpers that every loader uses (`read_dataset_npz`, `write_dataset_npz`).
+This module also holds the .npz cache helpers that every loader uses (`cached_dataset`, `read_dataset_npz`,
+`write_dataset_npz`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 
 from fedtina.data.base import ImageDataset, clean_class_name
 from fedtina.errors import DatasetUnavailableError, FedtinaError
-from fedtina.io import atomic_write
+from fedtina.io import atomic_write, cache_lock
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def write_dataset_npz(ds: ImageDataset, path: Path) -> None:
     atomic_write(path, write)
 
 
-def read_dataset_npz(path: Path, name: str) -> ImageDataset | None:
+def read_dataset_npz(path: Path, name: str, warn: bool = True) -> ImageDataset | None:
     """The dataset cached at `path`, or None when there is none or it is unreadable (the caller then rebuilds it)."""
     path = Path(path)
     if not path.is_file():
@@ -59,8 +60,26 @@ def read_dataset_npz(path: Path, name: str) -> ImageDataset | None:
             return ImageDataset(name=name, images=z["images"], labels=z["labels"].astype(np.int64),
                                 class_names=[str(n) for n in z["class_names"]])
     except Exception as e:  # a truncated or foreign file is not fatal: it is rebuilt
-        log.warning("ignoring unreadable dataset cache %s (%s); rebuilding it", path, e)
+        if warn:
+            log.warning("ignoring unreadable dataset cache %s (%s); rebuilding it", path, e)
         return None
+
+
+def cached_dataset(path: Path | None, name: str, build: Callable[[], ImageDataset]) -> ImageDataset:
+    """The dataset cached at `path`, or `build()` cached there (no `path`: just `build()`). The build runs under the
+    cache lock, so a second process waits and reads the first one's file. An unreadable cache file is rebuilt over:
+    a dataset is regenerated from its source (same key, same images), unlike the cached products built from it."""
+    if path is None:
+        return build()
+    ds = read_dataset_npz(path, name, warn=False)
+    if ds is not None:
+        return ds
+    with cache_lock(path):
+        ds = read_dataset_npz(path, name)  # another process may have built it while we waited
+        if ds is None:
+            ds = build()
+            write_dataset_npz(ds, path)
+    return ds
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -236,14 +255,13 @@ def load_class_folder(path: str | Path, names_file: str | Path | None = None, ca
         cache = None
         if cache_dir is not None:
             cache = Path(cache_dir) / "datasets" / f"folder-{_cache_key(path, src, names_path)}.npz"
-            ds = read_dataset_npz(cache, name)
-            if ds is not None:
-                return ds
-        ids, files = _class_files(src, path)
-        class_names = _readable_names(ids, names, path)
-        images = [decode_image(src.read(f), f"{path}:{f}") for fs in files for f in fs]
+        return cached_dataset(cache, name, lambda: _read_classes(src, path, names, name))
+
+
+def _read_classes(src: _Source, path: Path, names: dict[str, str], name: str) -> ImageDataset:
+    """Decode every image of an open source into an ImageDataset (labels in sorted folder-id order)."""
+    ids, files = _class_files(src, path)
+    class_names = _readable_names(ids, names, path)
+    images = [decode_image(src.read(f), f"{path}:{f}") for fs in files for f in fs]
     labels = np.repeat(np.arange(len(ids), dtype=np.int64), [len(fs) for fs in files])
-    ds = ImageDataset(name=name, images=np.stack(images), labels=labels, class_names=class_names)
-    if cache is not None:
-        write_dataset_npz(ds, cache)
-    return ds
+    return ImageDataset(name=name, images=np.stack(images), labels=labels, class_names=class_names)

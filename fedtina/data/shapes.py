@@ -24,7 +24,7 @@ import numpy as np
 
 from fedtina.config import DatasetConfig
 from fedtina.data.base import ImageDataset
-from fedtina.data.folder import read_dataset_npz, write_dataset_npz
+from fedtina.data.folder import cached_dataset
 from fedtina.errors import FedtinaError
 
 log = logging.getLogger(__name__)
@@ -374,10 +374,9 @@ def shapes_cache_path(images_per_class: int, seed: int, cache_dir: Path) -> Path
 def load_shapes(cfg: DatasetConfig, cache_dir: Path) -> ImageDataset:
     """The shapes dataset for `cfg.images_per_class` and `cfg.seed`: read from the cache, or built and cached."""
     path = shapes_cache_path(cfg.images_per_class, cfg.seed, cache_dir)
-    ds = read_dataset_npz(path, "shapes")
-    if ds is not None:
-        return ds
-    log.info("building shapes dataset (%d images per class, seed %d) -> %s", cfg.images_per_class, cfg.seed, path)
-    ds = make_shapes(cfg.images_per_class, cfg.seed)
-    write_dataset_npz(ds, path)
-    return ds
+
+    def build() -> ImageDataset:
+        log.info("building shapes dataset (%d images per class, seed %d) -> %s", cfg.images_per_class, cfg.seed, path)
+        return make_shapes(cfg.images_per_class, cfg.seed)
+
+    return cached_dataset(path, "shapes", build)

@@ -8,13 +8,19 @@ already loaded. If a future Flower removes it, only this module changes (the app
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from typing import Any
+import signal
+import threading
+from typing import Any, Iterator
 
 from fedtina.errors import FedtinaError
+from fedtina.federation import reaper
+from fedtina.federation.grid import StopFlag
 from fedtina.federation.runtime import RunSpec, set_run_spec
 
+log = logging.getLogger("fedtina.federation")
 
 
 class _OnceFilter(logging.Filter):
@@ -81,13 +87,7 @@ def backend_config(resources: dict[str, Any]) -> dict[str, Any]:
     running cluster makes ray.init fail, and the ServerApp would then wait until its timeout.
     """
     num_cpus = float(resources.get("num_cpus", 1))
-    num_gpus = float(resources.get("num_gpus", 0.0) or 0.0)
-    if num_gpus > 0:
-        import torch
-
-        if not torch.cuda.is_available() and not resources.get("ray_address"):
-            raise FedtinaError(f"resources.num_gpus={num_gpus} but no CUDA device is visible: Ray's actor pool would "
-                               "be empty. Use resources=cpu")
+    num_gpus = float(resources.get("num_gpus", 0.0) or 0.0)   # fits the machine: fedtina.validate checked it
     init_args: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": False}
     if resources.get("ray_address"):
         init_args["address"] = str(resources["ray_address"])
@@ -99,9 +99,80 @@ def backend_config(resources: dict[str, Any]) -> dict[str, Any]:
     return {"client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus}, "init_args": init_args}
 
 
+def _init_ray(backend: dict[str, Any]) -> None:
+    """Start (or join) Ray here rather than inside Flower's backend, which only calls `ray.init` when Ray is not up:
+    so the actor pool can be sized before the simulation starts, and Ray's own SIGTERM handler (installed by
+    `ray.init`) is in place before ours replaces it. Same arguments as Flower's `RayBackend.init_ray`."""
+    import sys
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, include_dashboard=False,
+             **backend["init_args"])
+
+
+def pool_size(backend: dict[str, Any]) -> int:
+    """How many ClientApp actors Flower will start (its own rule); an impossible request fails here, in seconds,
+    instead of leaving the ServerApp waiting for clients that can never run."""
+    import ray
+    from flwr.simulation.ray_transport.ray_actor import pool_size_from_resources
+
+    res = backend["client_resources"]
+    try:
+        return int(pool_size_from_resources(res))
+    except ValueError:
+        have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+        raise FedtinaError(f"no ClientApp actor fits: each needs resources.num_cpus={res['num_cpus']:g} and "
+                           f"resources.num_gpus={res['num_gpus']:g}, the Ray cluster has {have}") from None
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: StopFlag) -> Iterator[None]:
+    """The first Ctrl-C or SIGTERM asks the ServerApp to stop (it writes the report of what finished, then the
+    simulation ends); a second one aborts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, _frame):
+        name = signal.Signals(signum).name
+        if stop.is_set():
+            raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+        stop.request(f"{name} received")
+        log.warning("%s: stopping after the current step and writing the report of what finished "
+                    "(again to abort at once)", name)
+
+    before = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
+
+
+def _hurry(spec: RunSpec, engine_done: threading.Event, grace_s: float = 3.0) -> None:
+    """After a stop request the ServerApp writes its report and returns, but the engine only ends once the client
+    work in flight has returned, which can take as long as that work runs: after `grace_s`, end the actors."""
+    spec.finished.wait()
+    if spec.stop.is_set() and not engine_done.wait(grace_s):
+        log.warning("ending the ClientApp actors: their work in flight is abandoned")
+        for h in logging.getLogger("flwr").handlers:   # Flower logs each dead actor's traceback: the file keeps them
+            if type(h).__name__ == "ConsoleHandler":
+                h.setLevel(logging.CRITICAL)
+        reaper.kill_client_actors()
+
+
 def run(spec: RunSpec, backend: dict[str, Any], verbose: bool = False) -> Any:
     """Run the ServerApp and `spec.n_clients` ClientApps (Ray actors) to completion; returns `spec.outcome`
-    (filled by the ServerApp). A ServerApp exception is re-raised here."""
+    (filled by the ServerApp, also when it was stopped: then `outcome.interrupted` says why). A ServerApp
+    exception is re-raised here; a failed simulation engine stops the ServerApp, which still writes its report."""
+    import ray
     import torch
 
     if not torch.cuda.is_available():
@@ -117,8 +188,27 @@ def run(spec: RunSpec, backend: dict[str, Any], verbose: bool = False) -> Any:
 
     set_run_spec(spec)
     try:
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=spec.n_clients,
-                       backend_config=backend, verbose_logging=verbose)
+        with reaper.watch():
+            try:
+                _init_ray(backend)
+                spec.concurrency = pool_size(backend)
+                engine_done = threading.Event()
+                threading.Thread(target=_hurry, args=(spec, engine_done), daemon=True).start()
+                with _stop_on_signals(spec.stop):
+                    try:
+                        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=spec.n_clients,
+                                       backend_config=backend, verbose_logging=verbose)
+                    except Exception as e:
+                        # the engine died under a live ServerApp thread: stop it, let it write what finished
+                        spec.stop.request(f"the simulation engine failed: {type(e).__name__}: {e}")
+                        spec.finished.wait(60)
+                        if spec.outcome is None:
+                            raise
+                    finally:
+                        engine_done.set()
+            finally:
+                if ray.is_initialized():
+                    ray.shutdown()
     finally:
         set_run_spec(None)
     if spec.outcome is None:

@@ -18,7 +18,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
@@ -27,9 +27,11 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedtina.errors import FedtinaError
 from fedtina.federation.checks import HeadCheckConfig, check_head, server_val_data
+from fedtina.federation.grid import GuardedGrid, Interrupted
 from fedtina.federation.partition import load_partition
 from fedtina.federation.profiling import PhaseRecord, PhaseTimer, from_config
 from fedtina.federation.report import ClientResult
+from fedtina.federation.rundir import RunDir, resume_command
 from fedtina.federation.runtime import RunSpec, arrays_record, head_record, record_head
 from fedtina.heads import Head, generic_rows, selection_head
 from fedtina.tina.generator import parse_label_text
@@ -66,6 +68,10 @@ class Client:
     error: str = ""            # a description the server cannot serve (unknown class, empty, duplicates)
 
 
+class MethodFailed(FedtinaError):
+    """A method that cannot produce its result (e.g. every client failed in every FedAvg round)."""
+
+
 @dataclass
 class Outcome:
     results: list[ClientResult] = field(default_factory=list)
@@ -73,15 +79,44 @@ class Outcome:
     server_records: list[PhaseRecord] = field(default_factory=list)   # server phases + the one-off describe
     zoo_growth: list[dict] = field(default_factory=list)
     rounds: dict[str, int] = field(default_factory=dict)
+    method_status: dict[str, str] = field(default_factory=dict)       # ok | failed: why | interrupted | not run
+    interrupted: str = ""                                             # why the run stopped early ("": it did not)
     summary: dict | None = None
     files: list[Path] = field(default_factory=list)
+
+    _LISTS = {"results": ClientResult, "records": PhaseRecord, "server_records": PhaseRecord}
+
+    def to_json(self) -> dict:
+        """What a checkpoint keeps (the summary and files are rebuilt from it)."""
+        return {**{k: [asdict(r) for r in getattr(self, k)] for k in self._LISTS}, "zoo_growth": self.zoo_growth,
+                "rounds": self.rounds, "method_status": self.method_status}
+
+    @classmethod
+    def from_json(cls, doc: dict) -> "Outcome":
+        return cls(**{k: [t(**r) for r in doc[k]] for k, t in cls._LISTS.items()}, zoo_growth=doc["zoo_growth"],
+                   rounds=doc["rounds"], method_status=doc["method_status"])
+
+
+@dataclass
+class Progress:
+    """Where a run stands, for `resume`: finished methods, the Tina loop's cursor, FedAvg's final head."""
+
+    done: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    tina_round: int = 0                    # cohorts finished
+    tina_pending: int = 0                  # accepted heads since the last refresh
+    tina_norm_scale: float | None = None   # the gate's row-norm scale, fixed for the run
+    tina_zoo_size: int | None = None       # the run's zoo after the last finished cohort
+    tina_checkpoint: str | None = None     # the run's Tina after it (None: the cached one)
+    fedavg_head: dict | None = None        # {"class_names", "weight", "bias"} of FedAvg's final global head
 
 
 class Federation:
     def __init__(self, grid: Grid, spec: RunSpec) -> None:
         if spec.assets is None:
             raise FedtinaError("RunSpec.assets is not set: the driver must attach build_assets(...)'s result")
-        self.grid, self.spec, self.assets = grid, spec, spec.assets
+        self.spec, self.assets = spec, spec.assets
+        self.grid = GuardedGrid(grid, spec.stop, lambda: spec.concurrency, order=self._queue_position)
         self.out = Outcome()
         self.partition = load_partition(spec.partition_path)
         self.class_names = list(self.assets.dataset.class_names)
@@ -103,7 +138,8 @@ class Federation:
                 raise FedtinaError(f"only {len(ids)} of {n} simulated clients registered within "
                                    f"{self.spec.node_wait_s:g} s: the Ray backend probably failed to start (see the "
                                    f"log above), or node_wait_s is too short for this many clients")
-            time.sleep(0.1)
+            self.spec.stop.wait(0.1)
+            self.spec.stop.check()
         self.nodes = ids
         return ids
 
@@ -122,14 +158,18 @@ class Federation:
 
     def exchange(self, message_type: str, contents: dict[int, RecordDict], group: str,
                  timeout: float | None = None) -> dict[int, Message | None]:
-        """Send one message per node and wait at most `timeout` (default `timeout_s`); None for nodes that did not
-        answer in time."""
+        """Send one message per node; each client has `timeout` (default `timeout_s`) from when it could start
+        (GuardedGrid). None for nodes that did not answer; `self.grid.last` says whether they timed out."""
         if not contents:
             return {}
         msgs = [Message(c, dst_node_id=n, message_type=message_type, group_id=group) for n, c in contents.items()]
-        replies = self.grid.send_and_receive(msgs, timeout=timeout or self.spec.timeout_s)
-        got = {r.metadata.src_node_id: r for r in replies}
-        return {n: got.get(n) for n in contents}
+        got = self.grid.exchange(msgs, timeout or self.spec.timeout_s)
+        return {n: got[n].reply if n in got and got[n].status == "ok" else None for n in contents}
+
+    def _queue_position(self, node: int) -> int:
+        """The simulation engine queues messages by partition id (= client id), so sends go in that order."""
+        c = self.clients.get(node)
+        return c.client_id if c is not None else len(self.nodes)
 
     def client_id(self, node: int, reply: Message | None = None) -> int:
         if node in self.clients:
@@ -162,13 +202,16 @@ class Federation:
             cid = self.client_id(node, rep)
             down = (sent_down or {}).get(node, 0)
             if rep is None or rep.has_error():
-                detail = (f"no reply within timeout_s={self.spec.timeout_s:g}" if rep is None
-                          else _short(rep.error.reason))
-                log.warning("[%s] round %d: client %d failed in %s: %s%s", method, rnd, cid, phase, detail,
+                delivery = self.grid.last.get(node)
+                status = "not_started" if delivery is not None and delivery.status == "not_started" else "failed"
+                detail = (_short(rep.error.reason) if rep is not None else delivery.detail if delivery is not None
+                          else f"no reply within timeout_s={self.spec.timeout_s:g}")
+                log.warning("[%s] round %d: client %d %s in %s: %s%s", method, rnd, cid,
+                            "did not start" if status == "not_started" else "failed", phase, detail,
                             "" if rep is None else " (traceback in the log file)")
-                into.append(PhaseRecord(method, rnd, cid, phase, bytes_recv=down, status="failed", detail=detail))
+                into.append(PhaseRecord(method, rnd, cid, phase, bytes_recv=down, status=status, detail=detail))
                 for m in fail:
-                    self.result(m, cid, rnd, status="failed", detail=f"{phase}: {detail}")
+                    self.result(m, cid, rnd, status=status, detail=f"{phase}: {detail}")
                 continue
             up = rep.content[up_key].count_bytes() if up_key and up_key in rep.content.array_records else 0
             if "prof" in rep.content.config_records:
@@ -178,14 +221,15 @@ class Federation:
         return ok
 
     # ---------------------------------------------------------------- who is who
-    def describe(self) -> None:
+    def describe(self, record: bool = True) -> None:
         """`query.describe` to every node: its client id and the text describing its classes, parsed here. The
-        first message starts the Ray actors (imports, torch), so it may take up to `node_wait_s`."""
+        first message starts the Ray actors (imports, torch), so it may take up to `node_wait_s`. With `record`
+        the clients' profiles of it go to `server_records`."""
         contents = {n: RecordDict({"config": self.config("describe", 0)}) for n in self.nodes}
         t0 = time.perf_counter()
         wait = max(self.spec.timeout_s, self.spec.node_wait_s)
         ok = self.collect(self.exchange("query.describe", contents, "describe", timeout=wait), "describe", 0,
-                          "describe", into=self.out.server_records)
+                          "describe", into=self.out.server_records if record else [])
         for node, rep in ok.items():
             desc = rep.content["desc"]
             c = Client(node, int(desc["client_id"]), str(desc["text"]))
@@ -231,8 +275,10 @@ class Federation:
         return out
 
     def cohort_nodes(self, client_ids: Iterable[int]) -> list[int]:
+        """The nodes of these clients, by client id: node ids are random per simulation, and the order decides the
+        order of uploads in the zoo, hence Tina's refreshes (a resumed run must refresh as the original did)."""
         want = {int(i) for i in client_ids}
-        return [n for n, c in self.clients.items() if c.client_id in want]
+        return sorted((n for n, c in self.clients.items() if c.client_id in want), key=self._queue_position)
 
     # ---------------------------------------------------------------- server-side heads and data
     def selection(self, names: tuple[str, ...]) -> Head:
@@ -247,6 +293,10 @@ class Federation:
         return self._val_cache[class_ids]
 
     # ---------------------------------------------------------------- progress
+    def checkpoint(self, prog: Progress) -> None:
+        """What finished so far, for `resume` (atomic: a kill leaves the previous checkpoint whole)."""
+        RunDir(self.spec.out_dir).save_checkpoint({"progress": asdict(prog), "outcome": self.out.to_json()})
+
     def progress(self, method: str, rnd: int | None, n_rounds: int, text: str) -> None:
         where = f" round {rnd}/{n_rounds}" if rnd is not None else ""
         log.info("[%s]%s: %s", method, where, text)
@@ -291,22 +341,28 @@ class Federation:
 # tina
 
 
-def refresh_tina(fed: Federation, zoo, rnd: int) -> None:
+def refresh_tina(fed: Federation, zoo, rnd: int) -> str:
     """Continue training Tina on the grown zoo for `refresh_steps` steps (warm start from the current weights and
-    normalisation); save the run's checkpoint atomically."""
+    normalisation); save it atomically as the run's Tina and as this cohort's (`tina-c<rnd>`, which a resumed run
+    restarts from). Returns the cohort file's path."""
     from fedtina.tina import train as tina_train
 
     opts, tina = fed.spec.options, fed.tina
-    cfg = replace(tina.cfg, train_steps=int(opts.refresh_steps),
+    # one thread: the cores are shared with the ClientApp actors, and one-thread CPU training is bit-reproducible,
+    # so a resumed run refreshes exactly as an uninterrupted one
+    cfg = replace(tina.cfg, train_steps=int(opts.refresh_steps), cpu_threads=1,
                   warmup_steps=min(int(tina.cfg.warmup_steps), max(1, opts.refresh_steps // 5)))
     with PhaseTimer() as t:
         entries = zoo.entries()
         new = tina_train.train_tina(entries, tina.encoder, cfg, log=None, init=tina)
-        tina_train.save_checkpoint(Path(fed.spec.tina_path), new)   # temp file + os.replace
+        cohort_path = Path(fed.spec.tina_path).with_name(f"tina-c{rnd}.safetensors")
+        for path in (cohort_path, Path(fed.spec.tina_path)):
+            tina_train.save_checkpoint(path, new)   # temp file + os.replace
     fed.tina = new
     fed.server_record("tina", rnd, "refresh", t, detail=f"{opts.refresh_steps} steps on {len(entries)} heads")
     fed.progress("tina", rnd, fed.spec.rounds, f"Tina refreshed on {len(entries)} zoo heads "
                  f"({opts.refresh_steps} steps, {t.wall_s:.1f} s)")
+    return str(cohort_path)
 
 
 def row_norm_scale(fed: Federation, zoo) -> float:
@@ -319,12 +375,16 @@ def row_norm_scale(fed: Federation, zoo) -> float:
     return float(np.linalg.norm(np.asarray(fed.assets.bank.generic_weight), axis=1).mean())
 
 
-def check_uploads(fed: Federation, ok: dict[int, Message], rnd: int, norm_scale: float) -> tuple[list, int]:
-    """Run every uploaded head through the server's gate: (accepted ZooEntries, number refused)."""
+def check_uploads(fed: Federation, ok: dict[int, Message], rnd: int, norm_scale: float,
+                  sent: dict[int, Head]) -> tuple[list, int]:
+    """Run every uploaded head through the server's gate, against the selection head and the head the server sent
+    that node (`sent`): (accepted ZooEntries, number refused). The verdict and its reason also go on the client's
+    tina_ft result of this round (`upload`, `upload_detail`)."""
     from fedtina.zoo import ZooEntry
 
     check_cfg = HeadCheckConfig(**fed.spec.checks)
     d = int(fed.assets.bank.features.shape[1])
+    rows = {r.client_id: r for r in fed.out.results if r.method == "tina_ft" and r.round == rnd}
     entries, refused = [], 0
     for node, rep in ok.items():
         c = fed.clients[node]
@@ -332,10 +392,15 @@ def check_uploads(fed: Federation, ok: dict[int, Message], rnd: int, norm_scale:
             try:
                 up = record_head(rep.content["head"], c.names)
                 res = check_head(up, c.names, d, fed.selection(c.names), *fed.val_data(c.class_ids), norm_scale,
-                                 check_cfg)
+                                 check_cfg, sent=sent[node])
                 reason, acc = res.reason, res.acc
+                if res.accepted and res.class_drop is not None:  # how close an accepted head came to the limit
+                    reason = f"{reason} (largest class-pair AUC drop {res.class_drop:.2f})"
             except Exception as e:  # noqa: BLE001 - a malformed upload is refused, never fatal
                 res, reason, acc = None, f"malformed upload: {type(e).__name__}: {e}", None
+        if c.client_id in rows:
+            rows[c.client_id].upload = "accepted" if res is not None and res.accepted else "refused"
+            rows[c.client_id].upload_detail = reason
         if res is not None and res.accepted:
             entries.append(ZooEntry(class_names=c.names, params=up.params(),
                                     metrics={"acc": float(rep.content["metrics"]["acc"]),
@@ -349,23 +414,56 @@ def check_uploads(fed: Federation, ok: dict[int, Message], rnd: int, norm_scale:
     return entries, refused
 
 
-def run_tina(fed: Federation) -> None:
+def run_tina(fed: Federation, prog: Progress) -> None:
     """Clients arrive in `rounds` cohorts (by client id). Per cohort: one batched generation for every usable
     description, `evaluate.head`, then (method.finetune) `train.finetune` with upload, the server's checks, the
-    accepted heads appended to the run's zoo, and a Tina refresh every `refresh_every` accepted heads."""
+    accepted heads appended to the run's zoo, and a Tina refresh every `refresh_every` accepted heads. A checkpoint
+    follows every cohort; a resumed run continues after the last one, with that point's zoo and Tina."""
+    from fedtina.tina.train import load_checkpoint
     from fedtina.zoo import ZooStore
 
+    if prog.tina_zoo_size is not None:
+        trim_run_zoo(Path(fed.spec.zoo_dir), prog.tina_zoo_size)
+    if prog.tina_checkpoint:
+        fed.tina = load_checkpoint(prog.tina_checkpoint, fed.assets.encoder, base=fed.tina.base)
     with ZooStore(Path(fed.spec.zoo_dir)) as zoo:
-        _tina_rounds(fed, zoo)
+        if prog.tina_norm_scale is None:  # fixed for the run: the gate does not drift with what it admits
+            prog.tina_norm_scale, prog.tina_zoo_size = row_norm_scale(fed, zoo), len(zoo)
+            fed.checkpoint(prog)
+        _tina_rounds(fed, zoo, prog)
 
 
-def _tina_rounds(fed: Federation, zoo) -> None:
+def trim_run_zoo(zoo_dir: Path, size: int) -> None:
+    """Back to the checkpoint's zoo: a kill between a cohort's zoo append and its checkpoint leaves heads that the
+    resumed cohort will upload again. The append-only store is rebuilt from its first `size` entries (same ids);
+    the longer one is kept beside it, renamed."""
+    from fedtina.zoo import ZooStore
+
+    with ZooStore(zoo_dir) as zoo:
+        n = len(zoo)
+        if n < size:
+            raise FedtinaError(f"the run's zoo {zoo_dir} has {n} entries, fewer than the checkpoint's {size}: it was "
+                               f"modified outside the run; the run cannot be resumed")
+        keep = zoo.entries(zoo.ids()[:size]) if n > size else None
+    if keep is None:
+        return
+    aside = zoo_dir.with_name(f"{zoo_dir.name}.unfinished-{time.strftime('%Y%m%d-%H%M%S')}")
+    zoo_dir.rename(aside)
+    with ZooStore(zoo_dir) as zoo:
+        zoo.append_many(keep)
+    log.info("[tina] resume: the run's zoo had %d heads, %d from an unfinished cohort; continuing from the "
+             "checkpoint's %d (the longer zoo is kept in %s)", n, n - size, size, aside)
+
+
+def _tina_rounds(fed: Federation, zoo, prog: Progress) -> None:
     spec, opts = fed.spec, fed.spec.options
-    norm_scale = row_norm_scale(fed, zoo)  # fixed for the run: the gate does not drift with what it admits
+    norm_scale = prog.tina_norm_scale
     methods = ["tina", "tina_ft"] if opts.finetune else ["tina"]
     fed.out.rounds.update({m: spec.rounds for m in methods})
-    pending = 0  # accepted heads since the last refresh
+    pending = prog.tina_pending  # accepted heads since the last refresh
     for rnd, cohort in enumerate(np.array_split(np.arange(spec.n_clients), spec.rounds), start=1):
+        if rnd <= prog.tina_round:
+            continue  # finished before a resume
         clients = fed.usable(fed.cohort_nodes(cohort), methods, rnd)
         accepted = refused = 0
         zoo_at_arrival = len(zoo)  # the zoo Tina was trained on when this cohort asked
@@ -380,7 +478,7 @@ def _tina_rounds(fed: Federation, zoo) -> None:
                                     **fed.finetune_config(upload=True))
                 fed.score(ok, "tina_ft", rnd)
                 entries, refused = check_uploads(fed, {n: r for n, r in ok.items() if "head" in r.content}, rnd,
-                                                  norm_scale)
+                                                  norm_scale, by_node)
                 if entries:
                     with PhaseTimer() as t:
                         zoo.append_many(entries)
@@ -388,7 +486,7 @@ def _tina_rounds(fed: Federation, zoo) -> None:
                 accepted = len(entries)
                 pending += accepted
                 if opts.refresh_every > 0 and pending >= opts.refresh_every:
-                    refresh_tina(fed, zoo, rnd)
+                    prog.tina_checkpoint = refresh_tina(fed, zoo, rnd)
                     pending = 0
         accs, _, _ = fed.round_accs("tina", rnd)
         fed.out.zoo_growth.append({"round": rnd, "zoo_size": zoo_at_arrival, "zoo_size_after": len(zoo),
@@ -398,6 +496,8 @@ def _tina_rounds(fed: Federation, zoo) -> None:
         ft = f" (after ft {_mean_std(fed.round_accs('tina_ft', rnd)[0])})" if opts.finetune else ""
         fed.progress("tina", rnd, spec.rounds, f"{fed.acc_line('tina', rnd)}{ft}, {accepted} heads accepted"
                      f"{f', {refused} refused' if refused else ''}, zoo {len(zoo)}")
+        prog.tina_round, prog.tina_pending, prog.tina_zoo_size = rnd, pending, len(zoo)
+        fed.checkpoint(prog)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -516,7 +616,10 @@ def run_fedavg(fed: Federation) -> Head:
                            batch_size=opts.fedavg_batch_size)
     result = strategy.start(fed.grid, arrays, num_rounds=spec.rounds, timeout=spec.timeout_s, train_config=train_cfg,
                             evaluate_config=fed.config("fedavg", None))
-    return record_head(result.arrays if result.arrays is not None else arrays, init.class_names)
+    if "weight" not in result.arrays:  # Flower keeps the initial arrays out of its Result until a round aggregates
+        raise MethodFailed(f"no FedAvg round had a client update to aggregate (every client failed in all "
+                           f"{spec.rounds} rounds)")
+    return record_head(result.arrays, init.class_names)
 
 
 def run_fedavg_ft(fed: Federation, head: Head) -> None:
@@ -578,39 +681,84 @@ def server_summary(records: list[PhaseRecord]) -> dict[str, dict[str, float]]:
     return out
 
 
+def _plan(spec: RunSpec) -> list[tuple[str, Callable[[Federation, Progress], None]]]:
+    """The methods to play, in a fixed order, each a step `fn(fed, progress)` (FedAvg's rounds are one step, shared
+    by fedavg and fedavg_ft)."""
+    def fedavg(fed: Federation, prog: Progress) -> None:
+        head = run_fedavg(fed)
+        prog.fedavg_head = {"class_names": list(head.class_names), "weight": head.weight.tolist(),
+                            "bias": head.bias.tolist()}
+
+    def fedavg_ft(fed: Federation, prog: Progress) -> None:
+        if prog.fedavg_head is None:
+            raise MethodFailed(f"its FedAvg rounds failed ({fed.out.method_status.get('fedavg', 'see the log')})")
+        h = prog.fedavg_head
+        run_fedavg_ft(fed, Head(tuple(h["class_names"]), np.asarray(h["weight"], np.float32),
+                                np.asarray(h["bias"], np.float32)))
+
+    steps = {"tina": run_tina, "selection": lambda fed, _p: run_selection(fed),
+             "local_ft": lambda fed, _p: run_local_ft(fed), "fedavg": fedavg, "fedavg_ft": fedavg_ft,
+             "fedavg_full": lambda fed, _p: run_fedavg_full(fed)}
+    wanted = set(spec.methods) | ({"fedavg"} if "fedavg_ft" in spec.methods else set())
+    return [(name, fn) for name, fn in steps.items() if name in wanted]
+
+
 def run_all(grid: Grid, spec: RunSpec) -> Outcome:
-    """Every requested method, in a fixed order, on the same clients; then the report in the run dir."""
+    """Every requested method, in a fixed order, on the same clients; then the report in the run dir, whatever
+    happened: a method that fails (e.g. every client failed) is recorded as failed and the others go on; a stop
+    request (Ctrl-C, SIGTERM, a dead engine) ends the run after the current step with the report of what finished.
+    With `spec.resume`, the run continues from the run dir's checkpoint."""
+    fed = Federation(grid, spec)
+    prog = Progress()
+    doc = RunDir(spec.out_dir).checkpoint() if spec.resume else None
+    if doc is not None:
+        fed.out, prog = Outcome.from_json(doc["outcome"]), Progress(**doc["progress"])
+        log.info("[federation] resuming after %s", ", ".join(prog.done) + (f" and tina cohort {prog.tina_round}"
+                 if prog.tina_round and "tina" not in prog.done else "") if prog.done or prog.tina_round else
+                 "the start")
+    t0 = time.perf_counter()
+    try:
+        fed.wait_for_nodes()
+        log.info("[federation] %d clients registered in %.1f s; methods: %s", len(fed.nodes),
+                 time.perf_counter() - t0, ", ".join(spec.methods))
+        fed.describe(record=doc is None)   # a resumed run keeps the first describe's profiles
+        for name, step in _plan(spec):
+            if name in prog.done:
+                continue
+            t = time.perf_counter()
+            try:
+                step(fed, prog)
+                status = "ok"
+            except Interrupted:
+                raise
+            except Exception as e:  # noqa: BLE001 - one method failing must not lose the others' results
+                status = f"failed: {e}"
+                log.error("[%s] failed: %s%s", name, e, "" if isinstance(e, FedtinaError) else
+                          " (traceback in the log file)", exc_info=not isinstance(e, FedtinaError))
+            fed.out.method_status[name] = status
+            prog.timings[name] = prog.timings.get(name, 0.0) + round(time.perf_counter() - t, 3)
+            prog.done.append(name)
+            fed.checkpoint(prog)
+    except Interrupted as e:
+        fed.out.interrupted = str(e)
+        log.warning("[federation] %s; writing the report of what finished (resume: %s)", e,
+                    resume_command(Path(spec.out_dir)))
+    finally:
+        for name in spec.methods:
+            fed.out.method_status.setdefault(name, "interrupted" if fed.out.interrupted else "not run")
+        _report(fed, prog.timings)
+    log.info("[federation] %s in %.1f s (%s)", "stopped" if fed.out.interrupted else "done",
+             time.perf_counter() - t0, ", ".join(f"{k} {v:.1f} s" for k, v in prog.timings.items()))
+    return fed.out
+
+
+def _report(fed: Federation, timings: dict[str, float]) -> None:
     from fedtina.federation.report import summarize, write_report
 
-    fed = Federation(grid, spec)
-    t0 = time.perf_counter()
-    fed.wait_for_nodes()
-    log.info("[federation] %d clients registered in %.1f s; methods: %s", len(fed.nodes), time.perf_counter() - t0,
-             ", ".join(spec.methods))
-    fed.describe()
-    timings: dict[str, float] = {}
-
-    def timed(name: str, fn, *args):
-        t = time.perf_counter()
-        out = fn(*args)
-        timings[name] = round(time.perf_counter() - t, 3)
-        return out
-
-    for name, fn in (("tina", run_tina), ("selection", run_selection), ("local_ft", run_local_ft)):
-        if name in spec.methods:
-            timed(name, fn, fed)
-    if "fedavg" in spec.methods or "fedavg_ft" in spec.methods:
-        head = timed("fedavg", run_fedavg, fed)
-        if "fedavg_ft" in spec.methods:
-            timed("fedavg_ft", run_fedavg_ft, fed, head)
-    if "fedavg_full" in spec.methods:
-        timed("fedavg_full", run_fedavg_full, fed)
-    log.info("[federation] done in %.1f s (%s)", time.perf_counter() - t0,
-             ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
-
-    out = fed.out
+    out, spec = fed.out, fed.spec
     out.summary = summarize(out.results, out.records, out.rounds)
+    out.summary["method_status"] = {m: out.method_status.get(m, "not run") for m in spec.methods}
+    out.summary["interrupted"] = out.interrupted or None
     out.summary["server_wall_s"] = {"methods": timings, "phases": server_summary(out.server_records)}
     out.files = write_report(Path(spec.out_dir), out.summary, out.results, out.records, out.zoo_growth)
     out.files.append(write_server_phases(Path(spec.out_dir) / "server_phases.csv", out.server_records))
-    return out

@@ -93,38 +93,53 @@ class Partition:
 # Building
 
 
-def _validate(cfg: PartitionConfig, n_clients: int, n_seen: int, n_unseen: int, n_unseen_clients: int) -> None:
-    """Every impossible setting raises a FedtinaError that names the value and the limit."""
-    n_classes = n_seen + n_unseen
+def unseen_clients(cfg: PartitionConfig, n_clients: int) -> int:
+    """How many of `n_clients` clients hold unseen classes."""
+    return int(round(cfg.unseen_share * n_clients)) if n_clients > 0 else 0
+
+
+def check_config(cfg: PartitionConfig, n_clients: int) -> None:
+    """The rules that need no dataset (fedtina.validate runs them before anything is loaded): each impossible
+    setting raises a FedtinaError that names the value and the limit."""
     if n_clients < 1:
         raise FedtinaError(f"n_clients={n_clients}: need at least one client")
     if cfg.alpha <= 0:
-        raise FedtinaError(f"partition alpha={cfg.alpha}: the Dirichlet concentration must be > 0")
+        raise FedtinaError(f"partition.alpha={cfg.alpha}: the Dirichlet concentration must be > 0")
     if not 1 <= cfg.k_min <= cfg.k_max:
-        raise FedtinaError(f"partition k_min={cfg.k_min}, k_max={cfg.k_max}: need 1 <= k_min <= k_max")
-    if cfg.k_max > n_classes:
-        raise FedtinaError(f"partition k_max={cfg.k_max} exceeds the number of classes ({n_classes})")
+        raise FedtinaError(f"partition.k_min={cfg.k_min}, partition.k_max={cfg.k_max}: need 1 <= k_min <= k_max")
     if not 0.0 <= cfg.unseen_share <= 1.0:
-        raise FedtinaError(f"partition unseen_share={cfg.unseen_share}: must be in [0, 1]")
+        raise FedtinaError(f"partition.unseen_share={cfg.unseen_share}: must be in [0, 1]")
     if not 0.0 <= cfg.test_fraction_server < 1.0:
-        raise FedtinaError(f"partition test_fraction_server={cfg.test_fraction_server}: must be in [0, 1)")
+        raise FedtinaError(f"partition.test_fraction_server={cfg.test_fraction_server}: must be in [0, 1)")
     if cfg.description not in DESCRIPTIONS:
-        raise FedtinaError(f"partition description={cfg.description!r}; valid: {list(DESCRIPTIONS)}")
+        raise FedtinaError(f"partition.description={cfg.description!r}; valid: {list(DESCRIPTIONS)}")
     if cfg.description == "sentence" and "{names}" not in cfg.template:
-        raise FedtinaError(f"partition template={cfg.template!r} has no '{{names}}' placeholder")
+        raise FedtinaError(f"partition.template={cfg.template!r} has no '{{names}}' placeholder")
+    if unseen_clients(cfg, n_clients) > 0:
+        u = cfg.unseen_per_client
+        if u < 1:
+            raise FedtinaError(f"partition.unseen_per_client={u}: must be >= 1 when unseen_share > 0")
+        if u > cfg.k_min:
+            raise FedtinaError(f"partition.unseen_per_client={u} exceeds partition.k_min={cfg.k_min}")
+
+
+def check_classes(cfg: PartitionConfig, n_clients: int, n_seen: int, n_unseen: int) -> None:
+    """`check_config`, then the rules on the split's class counts (fedtina.validate runs them on the loaded split,
+    before the backbone trains)."""
+    check_config(cfg, n_clients)
+    n_classes = n_seen + n_unseen
+    n_unseen_clients = unseen_clients(cfg, n_clients)
+    if cfg.k_max > n_classes:
+        raise FedtinaError(f"partition.k_max={cfg.k_max} exceeds the number of classes ({n_classes})")
     if n_clients - n_unseen_clients > 0 and cfg.k_max > n_seen:
-        raise FedtinaError(f"partition k_max={cfg.k_max} exceeds the number of seen classes ({n_seen}) that "
+        raise FedtinaError(f"partition.k_max={cfg.k_max} exceeds the number of seen classes ({n_seen}) that "
                            f"seen-only clients draw from")
     if n_unseen_clients > 0:
         u = cfg.unseen_per_client
-        if u < 1:
-            raise FedtinaError(f"partition unseen_per_client={u}: must be >= 1 when unseen_share > 0")
         if u > n_unseen:
-            raise FedtinaError(f"partition unseen_per_client={u} exceeds the number of unseen classes ({n_unseen})")
-        if u > cfg.k_min:
-            raise FedtinaError(f"partition unseen_per_client={u} exceeds k_min={cfg.k_min}")
+            raise FedtinaError(f"partition.unseen_per_client={u} exceeds the number of unseen classes ({n_unseen})")
         if cfg.k_max - u > n_seen:
-            raise FedtinaError(f"partition k_max={cfg.k_max} needs {cfg.k_max - u} seen classes beside the unseen "
+            raise FedtinaError(f"partition.k_max={cfg.k_max} needs {cfg.k_max - u} seen classes beside the unseen "
                                f"ones, but there are only {n_seen}")
 
 
@@ -185,8 +200,8 @@ def make_partition(ds: ImageDataset, split: "ProtocolSplit", n_clients: int, cfg
     used. A held class with no zoo-part image raises FedtinaError (its clients would have nothing to train on)."""
     seen = np.asarray(split.seen, dtype=np.int64)
     unseen = np.asarray(split.unseen, dtype=np.int64)
-    n_unseen_clients = int(round(cfg.unseen_share * n_clients)) if n_clients > 0 else 0
-    _validate(cfg, n_clients, len(seen), len(unseen), n_unseen_clients)
+    check_classes(cfg, n_clients, len(seen), len(unseen))
+    n_unseen_clients = unseen_clients(cfg, n_clients)
     rng = np.random.default_rng(cfg.seed)
     assignment = _assign_classes(cfg, n_clients, seen, unseen, n_unseen_clients, rng)
 

@@ -30,6 +30,8 @@ class ClientResult:
     has_unseen: bool
     status: str                        # ok | error | failed | refused
     detail: str = ""
+    upload: str = ""                   # tina_ft: accepted | refused by the server's gate ("": nothing was checked)
+    upload_detail: str = ""            # tina_ft: the gate's reason (which check, class and margin)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -244,9 +246,10 @@ def _json_safe(obj: Any) -> Any:
 
 def write_report(out_dir: Path, summary: dict, results: list[ClientResult], records: list[PhaseRecord],
                  zoo_growth: list[dict] | None = None) -> list[Path]:
-    """Write summary.json, clients.csv (one row per result), phases.csv (one row per record), comparison.csv (one
-    row per method), acc_by_method.png, time_by_phase.png and, with `zoo_growth` ({round, zoo_size, mean_acc,
-    std_acc, accepted, refused} per round), zoo_growth.png. Returns the paths written."""
+    """Write summary.json, clients.csv (one row per result; a tina_ft row says whether the server's gate accepted
+    or refused the client's upload, and why), phases.csv (one row per record), comparison.csv (one row per method),
+    acc_by_method.png, time_by_phase.png and, with `zoo_growth` ({round, zoo_size, mean_acc, std_acc, accepted,
+    refused} per round), zoo_growth.png. Returns the paths written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     doc = {"summary": summary, "table": format_table(summary), "clients": [asdict(r) for r in results],

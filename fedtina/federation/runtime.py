@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import threading
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,11 @@ import numpy as np
 
 from fedtina.config import HeadTrainConfig, from_dict
 from fedtina.errors import FedtinaError
+from fedtina.federation.grid import StopFlag
 from fedtina.heads import Head
+from fedtina.io import atomic_write
 
+_IN_PROCESS = ("assets", "outcome", "stop", "finished", "concurrency", "resume")
 METHODS = ("tina", "selection", "local_ft", "fedavg", "fedavg_ft", "fedavg_full")
 
 
@@ -48,7 +51,8 @@ class Faults:
 
     crash_clients: list[int] = field(default_factory=list)          # raise in evaluate/train handlers
     poison_clients: list[int] = field(default_factory=list)         # train.finetune uploads a bad head
-    poison_kind: str = "nan"                                        # nan | huge | shape
+    poison_kind: str = "nan"                                        # nan | huge | shape | label_flip | mislabeled
+    mislabel_share: float = 0.5                                     # mislabeled: share of training labels moved
     unknown_class_clients: list[int] = field(default_factory=list)  # describe adds a class the dataset lacks
     slow_clients: list[int] = field(default_factory=list)           # sleep slow_s in work handlers (timeouts)
     slow_s: float = 0.0
@@ -75,8 +79,13 @@ class RunSpec:
     node_wait_s: float = 120.0      # how long to wait for all nodes to register
     client_device: str = "auto"     # torch device inside the ClientApps
     core: dict[str, Any] = field(default_factory=dict)     # the CoreConfig as a dict (to rebuild assets)
+    # in-process only (not serialised): the driver's assets, the ServerApp's result, and the run's controls
     assets: Any = field(default=None, repr=False, compare=False)
     outcome: Any = field(default=None, repr=False, compare=False)
+    stop: StopFlag = field(default_factory=StopFlag, repr=False, compare=False)
+    finished: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
+    concurrency: int | None = field(default=None, repr=False, compare=False)   # ClientApp actors (None: unknown)
+    resume: bool = field(default=False, repr=False, compare=False)   # continue from the run dir's checkpoint
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -90,7 +99,8 @@ class RunSpec:
             raise FedtinaError("method fedavg_full needs images_path (the driver writes images.npy)")
 
     def to_json(self) -> dict[str, Any]:
-        return {f.name: asdict(self)[f.name] for f in fields(self) if f.name not in ("assets", "outcome")}
+        return {f.name: getattr(self, f.name) if not is_dataclass(getattr(self, f.name)) else
+                asdict(getattr(self, f.name)) for f in fields(self) if f.name not in _IN_PROCESS}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "RunSpec":
@@ -102,8 +112,15 @@ class RunSpec:
 
     def save(self) -> Path:
         path = Path(self.out_dir) / "run_spec.json"
-        path.write_text(json.dumps(self.to_json(), indent=2))
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(self.to_json(), indent=2)))
         return path
+
+    @classmethod
+    def load(cls, out_dir: str | Path) -> "RunSpec":
+        path = Path(out_dir) / "run_spec.json"
+        if not path.exists():
+            raise FedtinaError(f"{out_dir} has no run_spec.json; prepare it with `python -m fedtina.simulate`")
+        return cls.from_json(json.loads(path.read_text()))
 
 
 def head_record(head: Head):
@@ -154,10 +171,7 @@ def spec_from_run_config(run_config: dict[str, Any], log=print) -> RunSpec:
         raise FedtinaError("no RunSpec: the ServerApp was started without `python -m fedtina.simulate` and "
                            "run_config has no 'run-dir'. Run `python -m fedtina.simulate clients=N` instead, or pass "
                            "--run-config 'run-dir=\"<a run dir written by fedtina.simulate>\"'")
-    path = Path(run_dir).expanduser() / "run_spec.json"
-    if not path.exists():
-        raise FedtinaError(f"run-dir {run_dir!r} has no run_spec.json; prepare it with `python -m fedtina.simulate`")
-    spec = RunSpec.from_json(json.loads(path.read_text()))
+    spec = RunSpec.load(Path(run_dir).expanduser())
     from fedtina.assets import build_assets
     from fedtina.config import CoreConfig
 

@@ -349,7 +349,7 @@ def read_checkpoint_metadata(path: str | Path) -> dict[str, str]:
         raise CorruptFileError(f"Tina checkpoint {path} is unreadable ({err}); delete it and retrain") from err
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise CorruptFileError(f"{path} is not a Tina checkpoint (format {meta.get('format')!r}, "
-                               f"expected {CHECKPOINT_FORMAT!r})")
+                               f"expected {CHECKPOINT_FORMAT!r}); delete it and retrain")
     return meta
 
 
