@@ -60,13 +60,19 @@ def _data(cfg: ConfigRecord, cid: int) -> client_ops.ClientData:
 
 @app.query("describe")
 def describe(msg: Message, ctx: Context) -> Message:
-    """The client's description of its label set, as text (the server parses it), and its id."""
+    """The client's description of its label set, as text (the server parses it), and its id; with
+    `prompt` images or both, also `shots`: the mean feature of its labelled training images of each class (in the
+    description's class order; count 0 where it has none)."""
     cfg, cid = _setup(msg, ctx, work=False)
+    records: dict = {}
     with PhaseTimer() as t:
         text = client_spec(str(cfg["partition"]), cid).description
         if cid in list(cfg.get("unknown_class_clients", [])):
             text = f"{text.rstrip(' .')}, {UNKNOWN_CLASS}"
-    return _reply(msg, cfg, cid, "describe", t, {"desc": ConfigRecord({"text": text, "client_id": cid})})
+        if str(cfg.get("prompt", "text")) != "text":
+            mean, count = client_ops.class_means(_data(cfg, cid))
+            records["shots"] = arrays_record({"mean": mean, "count": count})
+    return _reply(msg, cfg, cid, "describe", t, {"desc": ConfigRecord({"text": text, "client_id": cid}), **records})
 
 
 @app.evaluate("head")
@@ -90,7 +96,7 @@ def finetune(msg: Message, ctx: Context) -> Message:
         tuned = client_ops.finetune_local(received, data, ft)
         res = client_ops.evaluate_head(tuned, data)
     records: dict = {"metrics": _metrics(res["acc"], res["num-examples"])}
-    if bool(cfg.get("upload", False)):
+    if bool(cfg.get("upload", False)) and len(data.train_y):   # without labels it has nothing to teach the zoo
         if cid in list(cfg.get("poison_clients", [])):
             kind = str(cfg.get("poison_kind", "nan"))
             if kind == "mislabeled":  # a second fine-tune, outside the timer: the fault's cost is not the client's

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from fedtina.backbone import FeatureBank, build_feature_bank, feature_cache_key
 from fedtina.config import CoreConfig
 from fedtina.data import ImageDataset, load_dataset
@@ -36,6 +38,17 @@ class Assets:
     tina: TinaGenerator
     tina_path: Path
     timings: dict[str, float]
+
+    @property
+    def shots(self) -> dict[str, np.ndarray]:
+        return zoo_shots(self.dataset, self.split, self.bank)
+
+
+def zoo_shots(ds: ImageDataset, split: ProtocolSplit, bank: FeatureBank) -> dict[str, np.ndarray]:
+    """{seen class name: features of its zoo-part images}: the example images behind Tina's image prompts in
+    training (the zoo heads' own images; unseen classes never)."""
+    labels, zoo_idx = np.asarray(ds.labels), np.asarray(split.zoo_idx)
+    return {ds.class_names[int(c)]: np.asarray(bank.features[zoo_idx[labels[zoo_idx] == c]]) for c in split.seen}
 
 
 def zoo_key(cfg: CoreConfig, ds: ImageDataset, split: ProtocolSplit) -> str:
@@ -89,7 +102,8 @@ def build_assets(cfg: CoreConfig, log: Callable[[str], None] = print, with_tina:
         if not tina_path.exists():
             with cache_lock(tina_path):
                 if not tina_path.exists():  # another process may have trained it while we waited
-                    tina = train_tina(zoo.entries(), encoder, cfg.tina, log=log, base=base)
+                    tina = train_tina(zoo.entries(), encoder, cfg.tina, log=log, base=base,
+                                      shots=zoo_shots(ds, split, bank))
                     save_checkpoint(tina_path, tina)
                     log(f"[tina] trained and saved {tina_path}")
         if tina is None:

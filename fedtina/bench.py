@@ -21,6 +21,8 @@ from typing import Callable
 import numpy as np
 
 from fedtina.assets import Assets, build_assets
+from fedtina.bench_baselines import TextBaselines, wrong_names
+from fedtina.bench_shots import format_shots, plot_shots, run_shots
 from fedtina.config import BenchConfig, CoreConfig, HeadTrainConfig, from_dict
 from fedtina.errors import FedtinaError
 from fedtina.heads import (Head, accuracy, finetune_heads, generic_rows, oracle_heads, selection_head,
@@ -29,7 +31,8 @@ from fedtina.protocol import sample_ood_tasks, sample_tasks
 
 log = logging.getLogger("fedtina.bench")
 
-ROWS = ("selection", "tina", "tina_ft", "oracle", "scratch")
+ROWS = ("selection", "ridge", "soft_selection", "retrieval", "tina", "tina_wrong_names", "tina_ft", "oracle",
+        "scratch")
 
 
 @dataclass
@@ -84,7 +87,13 @@ def personalize(assets: Assets, tasks: list[BenchTask], cfg: BenchConfig) -> dic
         log.info("[bench] %-9s %.4f s/task", name, out[name][1])
 
     timed("selection", lambda: selection_heads(assets, tasks))
+    text = TextBaselines(assets)
+    for row in ("ridge", "soft_selection", "retrieval"):
+        timed(row, lambda: [getattr(text, row)(t.class_names) for t in tasks])
     timed("tina", lambda: assets.tina.generate([list(t.class_names) for t in tasks]))
+    wrong = wrong_names([t.class_names for t in tasks], assets.dataset.class_names, cfg.seed)
+    timed("tina_wrong_names", lambda: [Head(t.class_names, h.weight, h.bias)   # scored as the true classes
+                                       for t, h in zip(tasks, assets.tina.generate(wrong))])
     t0 = time.perf_counter()
     tuned = (oracle_heads if cfg.tina_ft.select else finetune_heads)(out["tina"][0], data, cfg.tina_ft)
     out["tina_ft"] = (tuned, out["tina"][1] + (time.perf_counter() - t0) / len(tasks))  # generation + tuning
@@ -101,18 +110,23 @@ def score(heads: list[Head], tasks: list[BenchTask]) -> np.ndarray:
 def run_bench(assets: Assets, cfg: BenchConfig) -> dict:
     task_sets = sample_task_sets(assets, cfg)
     result: dict[str, dict] = {row: {} for row in ROWS}
+    tasks_by_set, heads_by_set = {}, {}
     for set_name, class_sets in task_sets.items():
-        tasks = [task_data(assets, ids) for ids in class_sets]
+        tasks = tasks_by_set[set_name] = [task_data(assets, ids) for ids in class_sets]
         log.info("[bench] %s: %d tasks of k=%d", set_name.upper(), len(tasks), cfg.k)
-        for row, (heads, secs) in personalize(assets, tasks, cfg).items():
+        heads_by_set[set_name] = personalize(assets, tasks, cfg)
+        for row, (heads, secs) in heads_by_set[set_name].items():
             acc = score(heads, tasks)
             result[row][f"{set_name}_acc"] = float(acc.mean())
             result[row][f"{set_name}_std"] = float(acc.std())
             result[row].setdefault("personalize_s", {})[set_name] = secs
     d = assets.bank.features.shape[1]
+    result["k"] = cfg.k
     for row in ROWS:
         result[row]["personalize_s"] = float(np.mean(list(result[row]["personalize_s"].values())))
         result[row]["generated_params"] = cfg.k * (d + 1) if row.startswith("tina") else 0
+    if cfg.shots:
+        result["shots"] = run_shots(assets, tasks_by_set, cfg, heads_by_set, score)
     return result
 
 
@@ -123,10 +137,10 @@ def gain_captured(result: dict, set_name: str) -> float:
 
 
 def format_table(result: dict) -> str:
-    lines = [f"{'method':<10} {'ID acc':>15} {'OOD acc':>15} {'personalize s':>14} {'gen. params':>12}"]
+    lines = [f"{'method':<17} {'ID acc':>15} {'OOD acc':>15} {'personalize s':>14} {'gen. params':>12}"]
     for row in ROWS:
         r = result[row]
-        lines.append(f"{row:<10} {r['id_acc']:>8.3f} ± {r['id_std']:.3f} {r['ood_acc']:>8.3f} ± {r['ood_std']:.3f} "
+        lines.append(f"{row:<17} {r['id_acc']:>8.3f} ± {r['id_std']:.3f} {r['ood_acc']:>8.3f} ± {r['ood_std']:.3f} "
                      f"{r['personalize_s']:>14.4f} {r['generated_params']:>12}")
     gap = {s: {r: result[r][f"{s}_acc"] - result["selection"][f"{s}_acc"] for r in ("tina", "oracle")}
            for s in ("id", "ood")}
@@ -134,6 +148,9 @@ def format_table(result: dict) -> str:
                  f"{100 * gap['id']['oracle']:+.1f} pts: Tina captures {gain_captured(result, 'id'):.2f} of the "
                  f"oracle's gain (target >= 0.80)")
     lines.append(f"OOD: tina - selection {100 * gap['ood']['tina']:+.1f} pts (target: a clear margin)")
+    lines.append(f"prompt check: tina given other classes' names {100 * result['tina_wrong_names']['id_acc']:.1f} "
+                 f"(ID) / {100 * result['tina_wrong_names']['ood_acc']:.1f} (OOD) vs chance "
+                 f"{100 / result['k']:.1f}")
     return "\n".join(lines)
 
 
@@ -156,6 +173,9 @@ def main_from_dict(cfg: dict, out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench.json").write_text(json.dumps(report, indent=2, default=str))
     print(format_table(result))
+    if "shots" in result:
+        print(format_shots(result["shots"]))
+        plot_shots(out_dir / "shots.png", result["shots"], assets.dataset.name)
     print(f"setup {setup_s:.1f} s; results in {out_dir / 'bench.json'}")
     return report
 

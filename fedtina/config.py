@@ -100,6 +100,10 @@ class TinaConfig:
                                       # Tina diffuses row - base row, given the base row and whether it is borrowed
     borrow_prob: float = 0.3          # residual training: P(a class token's base is borrowed from the nearest-named
                                       # other seen class, as for an unseen class at generation) instead of its own
+    prompt_text: float = 0.4          # training mix of class prompts (fedtina/tina/prompt.py): P(name only),
+    prompt_images: float = 0.3        # P(example images only) and P(both), per class token; image prompts are the
+    prompt_both: float = 0.3          # mean of n in 1..max_shots zoo-part images' features
+    max_shots: int = 16
 
 
 @dataclass
@@ -109,6 +113,7 @@ class BenchConfig:
     ood_unseen: int = 3               # unseen classes in each OOD task
     tina_ft: HeadTrainConfig = field(default_factory=lambda: HeadTrainConfig(steps=10))
     seed: int = 1
+    shots: list = field(default_factory=lambda: [1, 2, 5, 10, "all"])   # labelled images per class (bench_shots)
 
 
 @dataclass

@@ -178,7 +178,7 @@ def _run(plain: dict[str, Any], out_dir: Path, assets, resume: bool):
 def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
-    from fedtina.federation.report import format_table
+    from fedtina.federation.report import format_by_labels, format_table
     from fedtina.federation.rundir import find_resumable, resume_command
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -202,6 +202,8 @@ def main(cfg: DictConfig) -> float | None:
                   else "nothing was run")
         raise SystemExit(130) from None
     print(format_table(outcome.summary))
+    if by_labels := format_by_labels(outcome.summary):
+        print(by_labels)
     for name, status in outcome.summary.get("method_status", {}).items():
         if status != "ok":
             print(f"{name}: {status}")

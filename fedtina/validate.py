@@ -29,7 +29,7 @@ from fedtina.config import (BackboneConfig, CoreConfig, DatasetConfig, HeadTrain
 from fedtina.errors import FedtinaError
 from fedtina.federation.checks import HeadCheckConfig
 from fedtina.federation.partition import PartitionConfig, check_classes, check_config
-from fedtina.federation.runtime import METHODS, Faults, MethodOptions
+from fedtina.federation.runtime import METHODS, PROMPTS, Faults, MethodOptions
 
 MISSING = "???"  # Hydra's mandatory value, left as this string by OmegaConf.to_container
 
@@ -50,7 +50,8 @@ RANGES: dict[type, dict[str, Range]] = {
                  "mlp_ratio": POSITIVE, "timesteps": POSITIVE, "sample_steps": POSITIVE, "train_steps": POSITIVE,
                  "batch_size": POSITIVE, "lr": POSITIVE, "ema_decay": BELOW_ONE, "warmup_steps": NON_NEGATIVE,
                  "weight_decay": NON_NEGATIVE, "grad_clip": NON_NEGATIVE, "subset_prob": UNIT,
-                 "log_every": POSITIVE, "cpu_threads": NON_NEGATIVE, "borrow_prob": UNIT},
+                 "log_every": POSITIVE, "cpu_threads": NON_NEGATIVE, "borrow_prob": UNIT,
+                 "prompt_text": UNIT, "prompt_images": UNIT, "prompt_both": UNIT, "max_shots": POSITIVE},
     MethodOptions: {"refresh_every": NON_NEGATIVE, "refresh_steps": POSITIVE, "fedavg_epochs": POSITIVE,
                     "fedavg_lr": POSITIVE, "fedavg_batch_size": POSITIVE, "full_epochs": POSITIVE,
                     "full_lr": POSITIVE, "full_batch_size": POSITIVE},
@@ -192,6 +193,10 @@ def validate_core_config(cfg: dict[str, Any]) -> None:
         raise FedtinaError(f"tina.schedule={tina.schedule!r}, tina.timesteps={tina.timesteps}: {e}") from None
     if tina.sample_steps > tina.timesteps:
         raise FedtinaError(f"tina.sample_steps={tina.sample_steps} exceeds tina.timesteps={tina.timesteps}")
+    mix = (tina.prompt_text, tina.prompt_images, tina.prompt_both)
+    if not math.isclose(sum(mix), 1.0, abs_tol=1e-6):
+        raise FedtinaError(f"tina.prompt_text + prompt_images + prompt_both = {sum(mix):g}: the prompt mix must sum "
+                           f"to 1")
 
 
 def validate_generate_config(cfg: dict[str, Any]) -> None:
@@ -224,6 +229,7 @@ def validate_simulate_config(cfg: dict[str, Any]) -> None:
         raise FedtinaError(f"method.names={names}: unknown method(s) {unknown}; valid: {list(METHODS)}")
     if not names or len(set(names)) < len(names):
         raise FedtinaError(f"method.names={names}: need one or more distinct methods of {list(METHODS)}")
+    _one_of("method.prompt", (cfg.get("method") or {}).get("prompt", "text"), PROMPTS)
     clients, rounds = cfg.get("clients"), cfg.get("rounds")
     if "tina" in names and rounds is not None and clients is not None and rounds > clients:
         raise FedtinaError(f"rounds={rounds} exceeds clients={clients}: tina serves the clients in `rounds` cohorts, "

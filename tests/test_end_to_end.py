@@ -58,6 +58,25 @@ def test_bench_reports_every_row_and_tina_beats_chance(report):
 
 
 @pytest.mark.slow
+def test_bench_shots_axis_has_every_row_at_every_n(report, tmp_path):
+    from fedtina.bench_shots import SHOT_ROWS
+
+    shots = report["shots"]
+    assert list(shots) == ["0", "1", "2", "5", "10", "all"]
+    assert set(shots["0"]) == {"selection", "tina"} and "oracle" in shots["all"]
+    for n in ("1", "2", "5", "10", "all"):
+        assert set(SHOT_ROWS) <= set(shots[n]), n
+        for row in SHOT_ROWS:
+            r = shots[n][row]
+            assert 0.0 <= r["id_acc"] <= 1.0 and 0.0 <= r["ood_acc"] <= 1.0 and r["personalize_s"] >= 0, (n, row)
+    # the benchmark's own rows are the n=0 / all entries
+    assert shots["0"]["tina"]["ood_acc"] == report["tina"]["ood_acc"]
+    assert shots["all"]["oracle"]["id_acc"] == report["oracle"]["id_acc"]
+    # image prompts carry information: with every zoo-part image, Tina is well above chance on OOD tasks
+    assert shots["all"]["tina_img"]["ood_acc"] > 1.0 / K + 0.2, shots["all"]["tina_img"]
+
+
+@pytest.mark.slow
 def test_bench_reuses_the_cache_and_writes_bench_json(report, cache, tmp_path):
     # a second run reuses every cached stage and gets the same numbers
     out = tmp_path / "bench-again"

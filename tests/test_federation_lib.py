@@ -153,6 +153,24 @@ def test_partition_deterministic_and_seeded():
     assert [c.class_ids for c in a.clients] != [c.class_ids for c in other.clients]
 
 
+def test_label_budgets_cap_each_clients_labelled_images_per_class(tmp_path):
+    ds, split, _, _ = make_world()
+    full = make_partition(ds, split, 10, cfg())
+    part = make_partition(ds, split, 10, cfg(labels_per_class=[0, 2]))
+    for c, f in zip(part.clients, full.clients):
+        assert c.label_budget == [0, 2][c.client_id % 2] and f.label_budget == -1
+        assert c.class_ids == f.class_ids and set(c.train_idx) <= set(f.train_idx)   # a subset of what it holds
+        np.testing.assert_array_equal(c.test_idx, f.test_idx)
+        for k in c.class_ids:
+            assert (c.train_labels == k).sum() == min(c.label_budget, (f.train_labels == k).sum())
+    save_partition(tmp_path / "p.json", part)
+    assert load_partition(tmp_path / "p.json").clients[1].label_budget == 2
+    with pytest.raises(FedtinaError, match=r"labels_per_class=\[1000\]: no client holds more than \d+ training"):
+        make_partition(ds, split, 10, cfg(labels_per_class=[1000]))
+    with pytest.raises(FedtinaError, match="need a non-empty list of integers >= 0"):
+        make_partition(ds, split, 10, cfg(labels_per_class=[-1]))
+
+
 def test_partition_with_the_real_protocol_split():
     protocol = pytest.importorskip("fedtina.protocol")
     from fedtina.config import ProtocolConfig

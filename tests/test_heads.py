@@ -248,3 +248,14 @@ def test_nan_features_rejected():
 def test_empty_task_list():
     assert finetune_heads([], [], HeadTrainConfig()) == []
     assert oracle_heads([], [], HeadTrainConfig()) == []
+
+
+def test_oracle_keeps_the_received_head_when_nothing_can_be_held_out():
+    rng = np.random.default_rng(0)
+    init = Head(("a", "b", "c"), rng.standard_normal((3, 4)).astype(np.float32), np.zeros(3, np.float32))
+    one_shot = (rng.standard_normal((3, 4)).astype(np.float32), np.arange(3))   # one image per class
+    (cfg,) = oracle_search([init], [one_shot], HeadTrainConfig(steps=10, lr=0.05))
+    assert cfg.steps == 0
+    (kept,) = oracle_heads([init], [one_shot], HeadTrainConfig(steps=10, lr=0.05))
+    np.testing.assert_allclose(kept.weight, init.weight)
+    np.testing.assert_allclose(kept.bias, init.bias)

@@ -202,3 +202,33 @@ def test_simulate_config_composes_as_documented(tmp_path):
     assert list(_compose(tmp_path).method.names) == ["tina", "selection", "local_ft", "fedavg", "fedavg_ft"]
     assert math.isclose(_compose(tmp_path).resources.num_gpus, 0.0)
     assert _compose(tmp_path, "partition=sentence").partition.description == "sentence"
+
+
+@pytest.mark.slow
+def test_clients_with_label_budgets_and_image_prompts(tiny, tmp_path):
+    """Label budgets 0 / 1 / 2 per class, round robin; clients describe their classes by names and the mean of
+    their labelled images: a budget-0 client is served from its names only and uploads nothing."""
+    from fedtina.federation.partition import load_partition
+    from fedtina.simulate import run
+
+    cache, assets = tiny
+    cfg = _compose(cache, "clients=6", "rounds=1", "method.names=[tina,local_ft,fedavg]", "method.prompt=both",
+                   "partition.labels_per_class=[0,1,2]", "method.refresh_every=0", "checks.max_acc_drop=1.0")
+    outcome = run(cfg, tmp_path / "run", assets=assets)
+    part = load_partition(tmp_path / "run" / "partition.json")
+    for c in part.clients:
+        assert c.label_budget == [0, 1, 2][c.client_id % 3]
+        assert max(np.bincount(c.train_labels).tolist() or [0]) <= c.label_budget
+    doc = _summary(tmp_path / "run")
+    for m in ("tina", "tina_ft", "local_ft", "fedavg"):
+        per = _by_client(doc, m)
+        assert all(r["status"] == "ok" for r in per.values()), (m, per)
+        assert set(doc["summary"]["methods"][m]["acc_by_labels"]) == {"0", "1", "2"}, m
+    ft = _by_client(doc, "tina_ft")
+    assert all(ft[c]["upload"] == "" for c in (0, 3)), ft   # budget 0: nothing to teach the zoo
+    assert all(ft[c]["upload"] in ("accepted", "refused") for c in (1, 2, 4, 5)), ft
+    # a budget-0 client keeps the head it received: fine-tuning on nothing changes nothing
+    assert all(ft[c]["acc"] == _by_client(doc, "tina")[c]["acc"] for c in (0, 3))
+    from fedtina.federation.report import format_by_labels
+
+    assert "labels   0" in format_by_labels(outcome.summary)

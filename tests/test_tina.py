@@ -182,7 +182,8 @@ def test_noise_schedule(kind):
     assert torch.all(ab[1:] < ab[:-1]) and 0.99 < ab[0] <= 1 and ab[-1] < 0.01
     assert torch.all((s.betas > 0) & (s.betas < 1))
     assert s.alpha_bar(torch.tensor([-1])).item() == 1.0
-    x0, noise = torch.randn(3, 5, D + 1), torch.randn(3, 5, D + 1)
+    gen = torch.Generator().manual_seed(0)   # fixed draws: at t=999 the eps -> x0 round-off is amplified ~20x
+    x0, noise = torch.randn(3, 5, D + 1, generator=gen), torch.randn(3, 5, D + 1, generator=gen)
     t = torch.tensor([0, 500, 999])
     xt = s.q_sample(x0, t, noise)
     assert torch.allclose(xt[0], x0[0], atol=0.1) and not torch.allclose(xt[2], x0[2], atol=0.5)

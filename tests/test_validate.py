@@ -205,6 +205,8 @@ def test_a_missing_mandatory_value_is_named(base):
     (("tina.schedule=quadratic",), r"^tina.schedule='quadratic', tina.timesteps=1000: unknown noise schedule"),
     (("tina.timesteps=1", "tina.sample_steps=1"), r"^tina.schedule='cosine', tina.timesteps=1: timesteps must"),
     (("tina.sample_steps=2000",), r"^tina.sample_steps=2000 exceeds tina.timesteps=1000"),
+    (("tina.prompt_text=0.5",), r"^tina.prompt_text \+ prompt_images \+ prompt_both = 1.1: the prompt mix must"),
+    (("resume=5",), r"^resume=5 is invalid"),
 ])
 def test_cross_key_rules(overrides, match):
     with pytest.raises(FedtinaError, match=match):

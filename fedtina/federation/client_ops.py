@@ -168,10 +168,21 @@ def finetune_local(head: Head, data: ClientData, cfg: HeadTrainConfig, device: s
     from fedtina.heads import finetune_heads, oracle_heads
 
     aligned = align_head(head, data.class_names, data.feature_dim)
+    if not len(data.train_y):   # a client with no labelled image keeps what it received
+        return aligned
     train = [(data.train_x, data.train_y)]
     if cfg.select:
         return oracle_heads([aligned], train, cfg, device=device)[0]
     return finetune_heads([aligned], train, cfg, device=device)[0]
+
+
+def class_means(data: ClientData) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 [k, d] mean training feature of each class, int64 [k] image counts; a zero row where count is 0):
+    what a client sends as its image prompts."""
+    count = np.bincount(data.train_y, minlength=data.k).astype(np.int64)
+    mean = np.zeros((data.k, data.feature_dim), np.float32)
+    np.add.at(mean, data.train_y, data.train_x)
+    return mean / np.maximum(count, 1)[:, None], count
 
 
 def restrict_head(weight: np.ndarray, bias: np.ndarray, class_ids: tuple[int, ...],

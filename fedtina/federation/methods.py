@@ -66,6 +66,7 @@ class Client:
     names: tuple[str, ...] = ()
     class_ids: tuple[int, ...] = ()
     error: str = ""            # a description the server cannot serve (unknown class, empty, duplicates)
+    shots: list | None = None  # per class: [1, d] mean feature of its labelled images (None: none), method.prompt
 
 
 class MethodFailed(FedtinaError):
@@ -183,8 +184,10 @@ class Federation:
 
     def result(self, method: str, cid: int, rnd: int, acc: float | None = None, n: int = 0, status: str = "ok",
                detail: str = "") -> None:
+        budget = self.partition.clients[cid].label_budget if 0 <= cid < len(self.partition.clients) else -1
         self.out.results.append(ClientResult(method=method, client_id=cid, round=rnd, acc=acc, num_examples=n,
-                                             has_unseen=self.has_unseen(cid), status=status, detail=detail))
+                                             has_unseen=self.has_unseen(cid), status=status, detail=detail,
+                                             label_budget=budget))
 
     def server_record(self, method: str, rnd: int, phase: str, timer: PhaseTimer, *, cid: int = -1,
                       acc: float | None = None, status: str = "ok", detail: str = "") -> None:
@@ -225,7 +228,8 @@ class Federation:
         """`query.describe` to every node: its client id and the text describing its classes, parsed here. The
         first message starts the Ray actors (imports, torch), so it may take up to `node_wait_s`. With `record`
         the clients' profiles of it go to `server_records`."""
-        contents = {n: RecordDict({"config": self.config("describe", 0)}) for n in self.nodes}
+        contents = {n: RecordDict({"config": self.config("describe", 0, prompt=self.spec.options.prompt)})
+                    for n in self.nodes}
         t0 = time.perf_counter()
         wait = max(self.spec.timeout_s, self.spec.node_wait_s)
         ok = self.collect(self.exchange("query.describe", contents, "describe", timeout=wait), "describe", 0,
@@ -234,6 +238,8 @@ class Federation:
             desc = rep.content["desc"]
             c = Client(node, int(desc["client_id"]), str(desc["text"]))
             self._parse(c)
+            if not c.error and "shots" in rep.content.array_records:
+                self._parse_shots(c, rep.content["shots"])
             self.clients[node] = c
             if c.error:
                 log.warning("[describe] client %d: %s", c.client_id, c.error)
@@ -259,6 +265,15 @@ class Federation:
             return
         c.names = tuple(names)
         c.class_ids = tuple(self.class_index[n] for n in names)
+
+    def _parse_shots(self, c: Client, rec) -> None:
+        """The client's image prompts: a [k, d] mean per class in its description's order, counts [k]."""
+        mean, count = rec["mean"].numpy(), rec["count"].numpy()
+        d = int(self.assets.bank.features.shape[1])
+        if mean.shape != (len(c.names), d) or count.shape != (len(c.names),) or not np.isfinite(mean).all():
+            c.error = f"image prompts of shape {mean.shape} / counts {count.shape}, expected [{len(c.names)}, {d}]"
+            return
+        c.shots = [mean[j:j + 1] if count[j] > 0 else None for j in range(len(c.names))]
 
     def usable(self, nodes: Iterable[int], methods: Iterable[str], rnd: int) -> list[Client]:
         """Clients whose description the server can serve; the others get an `error` ClientResult per method."""
@@ -354,7 +369,7 @@ def refresh_tina(fed: Federation, zoo, rnd: int) -> str:
                   warmup_steps=min(int(tina.cfg.warmup_steps), max(1, opts.refresh_steps // 5)))
     with PhaseTimer() as t:
         entries = zoo.entries()
-        new = tina_train.train_tina(entries, tina.encoder, cfg, log=None, init=tina)
+        new = tina_train.train_tina(entries, tina.encoder, cfg, log=None, init=tina, shots=fed.assets.shots)
         cohort_path = Path(fed.spec.tina_path).with_name(f"tina-c{rnd}.safetensors")
         for path in (cohort_path, Path(fed.spec.tina_path)):
             tina_train.save_checkpoint(path, new)   # temp file + os.replace
@@ -468,8 +483,10 @@ def _tina_rounds(fed: Federation, zoo, prog: Progress) -> None:
         accepted = refused = 0
         zoo_at_arrival = len(zoo)  # the zoo Tina was trained on when this cohort asked
         if clients:
-            with PhaseTimer() as t:
-                heads = fed.tina.generate([list(c.names) for c in clients], seed=opts.gen_seed)
+            with PhaseTimer() as t:   # one batch, whatever each client's prompts are
+                shots = [c.shots for c in clients] if opts.prompt != "text" else None
+                heads = fed.tina.generate([list(c.names) for c in clients], seed=opts.gen_seed, shots=shots,
+                                          use_names=opts.prompt != "images")
             fed.server_record("tina", rnd, "generate", t, detail=f"{len(clients)} heads in one batch")
             by_node = {c.node_id: h for c, h in zip(clients, heads)}
             fed.score(fed.send_heads("evaluate", by_node, "tina", rnd, fail=["tina"]), "tina", rnd)
@@ -691,7 +708,8 @@ def _plan(spec: RunSpec) -> list[tuple[str, Callable[[Federation, Progress], Non
 
     def fedavg_ft(fed: Federation, prog: Progress) -> None:
         if prog.fedavg_head is None:
-            raise MethodFailed(f"its FedAvg rounds failed ({fed.out.method_status.get('fedavg', 'see the log')})")
+            why = fed.out.method_status.get("fedavg", "see the log").removeprefix("failed: ")
+            raise MethodFailed(f"its FedAvg rounds failed ({why})")
         h = prog.fedavg_head
         run_fedavg_ft(fed, Head(tuple(h["class_names"]), np.asarray(h["weight"], np.float32),
                                 np.asarray(h["bias"], np.float32)))

@@ -46,6 +46,8 @@ class PartitionConfig:
     description: str = "names"          # names | sentence
     template: str = "a model for: {names}"
     seed: int = 0
+    labels_per_class: list[int] | None = None   # label budgets, client i gets [i % len]: at most this many labelled
+                                                # training images per class (0: it can only describe); None: all
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class ClientSpec:
     description: str
     train_labels: np.ndarray = field(default_factory=_empty_ids)  # int64 dataset class ids, aligned with train_idx
     test_labels: np.ndarray = field(default_factory=_empty_ids)   # int64 dataset class ids, aligned with test_idx
+    label_budget: int = -1              # labelled training images per class it was allowed (-1: all it holds)
 
     @property
     def k(self) -> int:
@@ -115,6 +118,11 @@ def check_config(cfg: PartitionConfig, n_clients: int) -> None:
         raise FedtinaError(f"partition.description={cfg.description!r}; valid: {list(DESCRIPTIONS)}")
     if cfg.description == "sentence" and "{names}" not in cfg.template:
         raise FedtinaError(f"partition.template={cfg.template!r} has no '{{names}}' placeholder")
+    budgets = cfg.labels_per_class
+    if budgets is not None and (not budgets or any(isinstance(b, bool) or not isinstance(b, int) or b < 0
+                                                   for b in budgets)):
+        raise FedtinaError(f"partition.labels_per_class={budgets}: need a non-empty list of integers >= 0 "
+                           f"(or null for every image)")
     if unseen_clients(cfg, n_clients) > 0:
         u = cfg.unseen_per_client
         if u < 1:
@@ -186,6 +194,17 @@ def _divide(images: np.ndarray, shares: np.ndarray, rng: np.random.Generator) ->
     return [images[bounds[j] : bounds[j + 1]] for j in range(n_holders)]
 
 
+def _label_budgets(parts: list[list[np.ndarray]], budgets: list[int],
+                   rng: np.random.Generator) -> list[list[np.ndarray]]:
+    """Client i keeps a random `budgets[i % len]` of its training images of each class (its labelled ones). A
+    budget above what any client holds of any class is a mistake, not a no-op."""
+    most = max((len(p) for ps in parts for p in ps), default=0)
+    if max(budgets) > most:
+        raise FedtinaError(f"partition.labels_per_class={budgets}: no client holds more than {most} training images "
+                           f"of a class; a budget of {max(budgets)} would change nothing")
+    return [[rng.permutation(p)[: budgets[cid % len(budgets)]] for p in ps] for cid, ps in enumerate(parts)]
+
+
 def _describe(names: tuple[str, ...], cfg: PartitionConfig) -> str:
     joined = ", ".join(names)
     return joined if cfg.description == "names" else cfg.template.format(names=joined)
@@ -234,13 +253,16 @@ def make_partition(ds: ImageDataset, split: "ProtocolSplit", n_clients: int, cfg
         for cid, part in zip(holders[c], _divide(test_c[n_server:], shares, rng)):
             test_parts[cid].append(part)
 
+    if cfg.labels_per_class is not None:
+        train_parts = _label_budgets(train_parts, cfg.labels_per_class, rng)
     clients = []
     for cid, (classes, has_unseen) in enumerate(assignment):
         names = tuple(ds.class_names[c] for c in classes)
         tr = np.sort(np.concatenate(train_parts[cid]))
         te = np.sort(np.concatenate(test_parts[cid])) if test_parts[cid] else _empty_ids()
+        budget = -1 if cfg.labels_per_class is None else cfg.labels_per_class[cid % len(cfg.labels_per_class)]
         clients.append(ClientSpec(cid, tuple(classes), names, tr, te, has_unseen, _describe(names, cfg),
-                                  labels[tr], labels[te]))
+                                  labels[tr], labels[te], budget))
     server_val = np.sort(np.concatenate(server_parts)) if server_parts else _empty_ids()
     return Partition(clients, server_val, cfg, labels[server_val])
 
@@ -253,7 +275,7 @@ def _client_to_json(c: ClientSpec) -> dict:
     return {"client_id": c.client_id, "class_ids": list(c.class_ids), "class_names": list(c.class_names),
             "train_idx": c.train_idx.tolist(), "train_labels": c.train_labels.tolist(),
             "test_idx": c.test_idx.tolist(), "test_labels": c.test_labels.tolist(),
-            "has_unseen": c.has_unseen, "description": c.description}
+            "has_unseen": c.has_unseen, "description": c.description, "label_budget": c.label_budget}
 
 
 def _ids(values: list) -> np.ndarray:
@@ -266,7 +288,7 @@ def _ids(values: list) -> np.ndarray:
 def _client_from_json(d: dict) -> ClientSpec:
     return ClientSpec(int(d["client_id"]), tuple(int(c) for c in d["class_ids"]), tuple(d["class_names"]),
                       _ids(d["train_idx"]), _ids(d["test_idx"]), bool(d["has_unseen"]), str(d["description"]),
-                      _ids(d["train_labels"]), _ids(d["test_labels"]))
+                      _ids(d["train_labels"]), _ids(d["test_labels"]), int(d.get("label_budget", -1)))
 
 
 def save_partition(path: str | Path, partition: Partition) -> None:

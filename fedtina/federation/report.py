@@ -32,6 +32,7 @@ class ClientResult:
     detail: str = ""
     upload: str = ""                   # tina_ft: accepted | refused by the server's gate ("": nothing was checked)
     upload_detail: str = ""            # tina_ft: the gate's reason (which check, class and margin)
+    label_budget: int = -1             # labelled training images per class the client has (-1: all it holds)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -112,6 +113,8 @@ def summarize(results: list[ClientResult], records: list[PhaseRecord], rounds: d
             "acc_worst10": worst_decile_mean(accs),
             "acc_seen_only": _mean([float(r.acc) for r in ok if not r.has_unseen]),
             "acc_with_unseen": _mean([float(r.acc) for r in ok if r.has_unseen]),
+            "acc_by_labels": {str(b): _mean([float(r.acc) for r in ok if r.label_budget == b])
+                              for b in sorted({r.label_budget for r in ok})},
             "n_clients": len(per), "n_ok": len(ok), "n_failed": len(per) - len(ok), "status_counts": counts,
             "rounds": int(rounds.get(m, max((r.round for r in per), default=0))),
             **_cost([r for r in records if r.method == m]),
@@ -125,6 +128,21 @@ def summarize(results: list[ClientResult], records: list[PhaseRecord], rounds: d
 
 def _fmt(v: float | None, spec: str) -> str:
     return "-" if v is None else format(v, spec)
+
+
+def format_by_labels(summary: dict) -> str:
+    """Mean accuracy (%) per method and label budget (labelled images per class; "all": every image it holds);
+    empty when every client has the same budget."""
+    budgets = sorted({b for s in summary["methods"].values() for b in s.get("acc_by_labels", {})}, key=int)
+    if len(budgets) < 2:
+        return ""
+    show = lambda b: "all" if b == "-1" else b  # noqa: E731
+    lines = ["method       | " + " | ".join(f"labels {show(b):>3}".ljust(10) for b in budgets)]
+    for name, s in summary["methods"].items():
+        cells = [_fmt(None if s["acc_by_labels"].get(b) is None else 100 * s["acc_by_labels"][b], ".1f")
+                 for b in budgets]
+        lines.append(f"{name:<12} | " + " | ".join(c.ljust(10) for c in cells))
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def format_table(summary: dict) -> str:

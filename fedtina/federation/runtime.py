@@ -26,6 +26,7 @@ from fedtina.heads import Head
 from fedtina.io import atomic_write
 
 _IN_PROCESS = ("assets", "outcome", "stop", "finished", "concurrency", "resume")
+PROMPTS = ("text", "images", "both")   # how clients describe their classes to Tina (MethodOptions.prompt)
 METHODS = ("tina", "selection", "local_ft", "fedavg", "fedavg_ft", "fedavg_full")
 
 
@@ -37,6 +38,8 @@ class MethodOptions:
     refresh_every: int = 20         # tina: refresh Tina after this many accepted heads (0 = never)
     refresh_steps: int = 30         # tina: training steps per refresh
     gen_seed: int = 0               # tina: generation noise seed
+    prompt: str = "text"            # tina: what a client describes its classes by: text | images | both (images:
+                                    # the mean feature of its labelled training images of each class)
     fedavg_epochs: int = 5          # fedavg: local epochs per round (frozen features)
     fedavg_lr: float = 0.1
     fedavg_batch_size: int = 32

@@ -1,4 +1,9 @@
-"""TinaGenerator: label sets (class names) -> personalized heads, in one batched sampler call.
+"""TinaGenerator: label sets (class names, optionally with example images per class) -> personalized heads, in one
+batched sampler call.
+
+Each class is prompted by its name, by n example images (their frozen-backbone features: `shots`), or both
+(`fedtina.tina.prompt`); one batch may mix the kinds per class. A class with shots is prompted by its images, and
+by its name too unless `use_names=False`; a class without shots always by its name.
 
 Generation is **order-invariant**: the initial noise of each class token comes from a generator seeded by a stable
 hash of (seed, class name), the network has no positional encoding and DDIM with eta = 0 is deterministic, so
@@ -28,6 +33,10 @@ from fedtina.tina.base import BaseRows
 from fedtina.tina.diffusion import DDIMSampler, NoiseSchedule
 from fedtina.tina.layout import ParamLayout
 from fedtina.tina.model import TinaNet, with_base
+from fedtina.tina.prompt import compose, image_embedding
+
+# per label set, per class: features [n, d] of example images, or None (prompted by its name only)
+Shots = Sequence[Sequence[np.ndarray | None] | None]
 
 
 def token_noise(seed: int, key: str, rows: int, width: int) -> np.ndarray:
@@ -85,12 +94,37 @@ class TinaGenerator:
         return clean
 
     # ---------------------------------------------------------------- generation
+    def prompts(self, sets: list[tuple[str, ...]], shots: Shots | None, use_names: bool) -> list[np.ndarray]:
+        """One [k, P] prompt matrix per label set (see the module docstring for who gets which kind)."""
+        if shots is not None and len(shots) != len(sets):
+            raise FedtinaError(f"shots: {len(shots)} entries for {len(sets)} label sets")
+        unique = sorted({n for s in sets for n in s})
+        table = dict(zip(unique, np.asarray(self.encoder.embed_names(unique), dtype=np.float32)))
+        d = self.layout.feature_dim
+        out = []
+        for b, names in enumerate(sets):
+            per = shots[b] if shots is not None else None
+            if per is not None and len(per) != len(names):
+                raise FedtinaError(f"shots of label set {b}: {len(per)} entries for {len(names)} classes")
+            images = np.zeros((len(names), d), np.float32)
+            has_images = np.zeros(len(names), bool)
+            for j, name in enumerate(names):
+                if per is not None and per[j] is not None:
+                    images[j] = image_embedding(per[j], d, f"image prompt of {name!r} (label set {b})")
+                    has_images[j] = True
+            text = torch.from_numpy(np.stack([table[n] for n in names]))
+            out.append(compose(text, torch.from_numpy(images), torch.from_numpy(use_names | ~has_images),
+                               torch.from_numpy(has_images)).numpy())
+        return out
+
     def generate_params(self, label_sets: Sequence[Sequence[str]], steps: int | None = None, seed: int = 0,
-                        eta: float = 0.0) -> list[dict[str, np.ndarray]]:
+                        eta: float = 0.0, shots: Shots | None = None,
+                        use_names: bool = True) -> list[dict[str, np.ndarray]]:
         """Like `generate` but returns full params dicts (head.weight, head.bias and any global segments)."""
         sets = self.validate(label_sets)
         if not sets:
             return []
+        prompts = self.prompts(sets, shots, use_names)
         steps = int(steps or self.cfg.sample_steps)
         sampler = DDIMSampler(self.schedule, steps=steps, eta=eta, prediction=self.cfg.prediction)
         G, T = self.layout.num_global_tokens, self.layout.token_dim
@@ -98,11 +132,8 @@ class TinaGenerator:
         N, draws = G + K, 1 + sampler.num_noise_draws
 
         unique = sorted({n for s in sets for n in s})
-        table = np.asarray(self.encoder.embed_names(unique), dtype=np.float32)
-        row = {n: i for i, n in enumerate(unique)}
-
         noise = np.zeros((draws, B, N, T), dtype=np.float32)
-        text = np.zeros((B, N, table.shape[1]), dtype=np.float32)
+        prompt = np.zeros((B, N, prompts[0].shape[1]), dtype=np.float32)
         mask = np.zeros((B, N), dtype=bool)
         mask[:, :G] = True
         for b, names in enumerate(sets):
@@ -111,14 +142,14 @@ class TinaGenerator:
                 noise[:, b, g] = token_noise(seed, f"global{g}\x00{set_key}", draws, T)
             for j, name in enumerate(names):
                 noise[:, b, G + j] = token_noise(seed, name, draws, T)
-                text[b, G + j] = table[row[name]]
                 mask[b, G + j] = True
+            prompt[b, G:G + len(names)] = prompts[b]
 
         dev = self.device
         noise_t = torch.from_numpy(noise).to(dev)
         base_raw, kind, model = self._with_base(sets, unique, G)
         with torch.inference_mode():
-            x0 = sampler.sample(model, torch.from_numpy(text).to(dev), torch.from_numpy(mask).to(dev),
+            x0 = sampler.sample(model, torch.from_numpy(prompt).to(dev), torch.from_numpy(mask).to(dev),
                                 noise_t[0], step_noise=noise_t[1:] if draws > 1 else None)
         x0 = x0.float().cpu().numpy()
         if base_raw is None:
@@ -148,10 +179,11 @@ class TinaGenerator:
         return base, indicator, model
 
     def generate(self, label_sets: Sequence[Sequence[str]], steps: int | None = None, seed: int = 0,
-                 eta: float = 0.0) -> list[Head]:
-        """One head per label set, rows in the given class order; one batched DDIM call for all sets."""
+                 eta: float = 0.0, shots: Shots | None = None, use_names: bool = True) -> list[Head]:
+        """One head per label set, rows in the given class order; one batched DDIM call for all sets.
+        ``shots[b][j]``: features [n, d] of example images of class j of set b, or None (name only)."""
         sets = self.validate(label_sets)
-        params = self.generate_params(sets, steps=steps, seed=seed, eta=eta)
+        params = self.generate_params(sets, steps=steps, seed=seed, eta=eta, shots=shots, use_names=use_names)
         return [Head(names, p["head.weight"], p["head.bias"]) for names, p in zip(sets, params)]
 
     def generate_from_text(self, description: str, steps: int | None = None, seed: int = 0) -> Head:

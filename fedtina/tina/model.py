@@ -1,19 +1,21 @@
-"""The Tina network: a DiT-style transformer over parameter tokens, conditioned per token on text.
+"""The Tina network: a DiT-style transformer over parameter tokens, conditioned per token on its class's prompt.
 
 Input ``x`` [B, N, token_dim] holds ``G`` global tokens (see `ParamLayout`; none by default) followed by one token per
-class. There is **no positional encoding**: class tokens are told apart only by their content and their text
+class. There is **no positional encoding**: class tokens are told apart only by their content and their prompt
 conditioning, so the network is permutation-equivariant over classes by construction. Global tokens carry a learned
 type embedding instead (they are not interchangeable).
 
-Conditioning of token i = TimestepEmbedder(t) + TextEmbedder(text_i) (global tokens: a learned type vector + the
-masked mean of the set's text), fed to every block through adaLN-Zero (per token shift/scale/gate, zero-initialised,
-so every block starts as the identity). The text embedding is also added to the token input. Self-attention runs
+A class's prompt (`fedtina.tina.prompt`: its name's text embedding, the mean feature of example images, or both,
+with presence flags) is one vector. Conditioning of token i = TimestepEmbedder(t) + PromptEmbedder(prompt_i) (global
+tokens: a learned type vector + the masked mean of the set's prompts), fed to every block through adaLN-Zero (per
+token shift/scale/gate, zero-initialised, so every block starts as the identity). The prompt is also added to the
+token input. Self-attention runs
 across the tokens with a key padding mask, so padded tokens never influence valid ones; their outputs are garbage
 and ignored by the loss and the sampler.
 
 Residual mode (``residual=True``, see `fedtina.tina.base`): x is the noisy *residual* of each class token w.r.t. a
 base token the server already has. The (normalised) base token enters through its own input projection, added to the
-token input like the text, and a learned OWN / BORROWED indicator embedding is added to the conditioning, so the
+token input like the prompt, and a learned OWN / BORROWED indicator embedding is added to the conditioning, so the
 network can keep an own generic row nearly as is and correct a borrowed one more. Both are per-token and
 position-free, so equivariance and masking are unchanged.
 """
@@ -56,15 +58,15 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(timestep_embedding(t, self.freq_dim))
 
 
-class TextEmbedder(nn.Module):
-    """Per-class text embedding -> conditioning vector (2-layer MLP)."""
+class PromptEmbedder(nn.Module):
+    """Per-class prompt vector -> conditioning vector (2-layer MLP)."""
 
-    def __init__(self, text_dim: int, hidden: int) -> None:
+    def __init__(self, prompt_dim: int, hidden: int) -> None:
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(text_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.mlp = nn.Sequential(nn.Linear(prompt_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
 
-    def forward(self, text: torch.Tensor) -> torch.Tensor:
-        return self.mlp(text)
+    def forward(self, prompt: torch.Tensor) -> torch.Tensor:
+        return self.mlp(prompt)
 
 
 class Attention(nn.Module):
@@ -121,8 +123,8 @@ class FinalLayer(nn.Module):
 class TinaNet(nn.Module):
     """Denoiser over parameter tokens.
 
-    ``forward(x [B,N,T], t [B], text [B,N,E], mask [B,N] bool) -> [B,N,T]``: the first ``num_global_tokens`` of the
-    N tokens are global tokens (their ``text`` rows are ignored), the rest are class tokens. ``mask`` is True for real
+    ``forward(x [B,N,T], t [B], prompt [B,N,P], mask [B,N] bool) -> [B,N,T]``: the first ``num_global_tokens`` of
+    the N tokens are global tokens (their ``prompt`` rows are ignored), the rest are class tokens. ``mask`` is True for real
     tokens; global tokens must always be real. The output is the prediction target of the diffusion (x0 by default,
     see `fedtina.tina.diffusion`).
     """
@@ -130,7 +132,7 @@ class TinaNet(nn.Module):
     def __init__(
         self,
         token_dim: int,
-        text_dim: int,
+        prompt_dim: int,
         d_model: int = 256,
         depth: int = 6,
         num_heads: int = 8,
@@ -139,12 +141,12 @@ class TinaNet(nn.Module):
         residual: bool = False,
     ) -> None:
         super().__init__()
-        self.token_dim, self.text_dim, self.num_global_tokens = token_dim, text_dim, num_global_tokens
+        self.token_dim, self.prompt_dim, self.num_global_tokens = token_dim, prompt_dim, num_global_tokens
         self.residual = residual
         self.x_embed = nn.Linear(token_dim, d_model)
-        self.text_in = nn.Linear(text_dim, d_model)          # text added to the token input
+        self.prompt_in = nn.Linear(prompt_dim, d_model)      # prompt added to the token input
         self.t_embedder = TimestepEmbedder(d_model)
-        self.text_embedder = TextEmbedder(text_dim, d_model)  # text -> per-token conditioning
+        self.prompt_embedder = PromptEmbedder(prompt_dim, d_model)  # prompt -> per-token conditioning
         if num_global_tokens:
             self.global_type = nn.Parameter(torch.zeros(num_global_tokens, d_model))   # input type embedding
             self.global_cond = nn.Parameter(torch.zeros(num_global_tokens, d_model))   # conditioning type embedding
@@ -162,7 +164,7 @@ class TinaNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
         self.apply(_basic)
-        for emb in (self.t_embedder.mlp, self.text_embedder.mlp):
+        for emb in (self.t_embedder.mlp, self.prompt_embedder.mlp):
             nn.init.normal_(emb[0].weight, std=0.02)
             nn.init.normal_(emb[2].weight, std=0.02)
         if self.num_global_tokens:
@@ -179,16 +181,16 @@ class TinaNet(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, mask: torch.Tensor,
+    def forward(self, x: torch.Tensor, t: torch.Tensor, prompt: torch.Tensor, mask: torch.Tensor,
                 base: torch.Tensor | None = None, indicator: torch.Tensor | None = None) -> torch.Tensor:
         """``base`` [B,N,T] normalised base tokens and ``indicator`` [B,N] long (0 own, 1 borrowed): residual mode
         only (their global-token rows are ignored)."""
         G = self.num_global_tokens
         mask = mask.bool()
-        text = text * mask[..., None].to(text.dtype)              # padded rows contribute nothing anywhere
+        prompt = prompt * mask[..., None].to(prompt.dtype)        # padded rows contribute nothing anywhere
         t_emb = self.t_embedder(t)[:, None, :]
         h = self.x_embed(x)
-        h_in, c = self.text_in(text[:, G:]), self.text_embedder(text[:, G:])
+        h_in, c = self.prompt_in(prompt[:, G:]), self.prompt_embedder(prompt[:, G:])
         if self.residual:
             if base is None or indicator is None:
                 raise ValueError("a residual TinaNet needs the base tokens and the own/borrowed indicator")
@@ -196,9 +198,9 @@ class TinaNet(nn.Module):
             h_in = h_in + self.base_in(base[:, G:] * cls_mask.to(base.dtype))
             c = c + self.indicator(indicator[:, G:].long() * cls_mask[..., 0])
         if G:
-            cls_mask = mask[:, G:, None].to(text.dtype)
-            set_text = (text[:, G:] * cls_mask).sum(1) / cls_mask.sum(1).clamp_min(1.0)   # [B, E], order-free
-            g_cond = self.text_embedder(set_text)[:, None, :] + self.global_cond[None]
+            cls_mask = mask[:, G:, None].to(prompt.dtype)
+            set_prompt = (prompt[:, G:] * cls_mask).sum(1) / cls_mask.sum(1).clamp_min(1.0)   # [B, P], order-free
+            g_cond = self.prompt_embedder(set_prompt)[:, None, :] + self.global_cond[None]
             h_in = torch.cat([self.global_type[None].expand(len(x), -1, -1), h_in], dim=1)
             c = torch.cat([g_cond.expand(-1, G, -1), c], dim=1)
         h = h + h_in

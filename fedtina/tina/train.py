@@ -29,7 +29,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -45,20 +45,23 @@ from fedtina.tina.diffusion import PREDICTIONS, NoiseSchedule, training_loss
 from fedtina.tina.generator import TinaGenerator
 from fedtina.tina.layout import WEIGHT_KEY, GlobalSegment, ParamLayout
 from fedtina.tina.model import TinaNet, with_base
+from fedtina.tina.prompt import ShotBank, compose, prompt_dim, sample_kinds
 
-CHECKPOINT_FORMAT = "fedtina.tina/1"
+CHECKPOINT_FORMAT = "fedtina.tina/2"   # 2: class prompts (text | images | both) instead of text only
 
 
 def build_model(cfg: TinaConfig, layout: ParamLayout, text_dim: int) -> TinaNet:
-    return TinaNet(layout.token_dim, text_dim, d_model=cfg.d_model, depth=cfg.depth, num_heads=cfg.num_heads,
-                   mlp_ratio=cfg.mlp_ratio, num_global_tokens=layout.num_global_tokens, residual=cfg.residual)
+    return TinaNet(layout.token_dim, prompt_dim(text_dim, layout.feature_dim), d_model=cfg.d_model, depth=cfg.depth,
+                   num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, num_global_tokens=layout.num_global_tokens,
+                   residual=cfg.residual)
 
 
 class Batch(NamedTuple):
-    """A training batch; ``base`` [B,N,T] (normalised base tokens) and ``indicator`` [B,N] only in residual mode."""
+    """A training batch; ``prompt`` [B,N,P] per class token (`fedtina.tina.prompt`); ``base`` [B,N,T] (normalised
+    base tokens) and ``indicator`` [B,N] only in residual mode."""
 
     x0: torch.Tensor
-    text: torch.Tensor
+    prompt: torch.Tensor
     mask: torch.Tensor
     base: torch.Tensor | None = None
     indicator: torch.Tensor | None = None
@@ -78,11 +81,13 @@ def fit_residual_stats(layout: ParamLayout, entries: Sequence[Any], base: BaseRo
 
 
 class ZooTensors:
-    """The zoo as padded tensors: normalised class tokens, name indices, k per task, global tokens, text table
+    """The zoo as padded tensors: normalised class tokens, name indices, k per task, global tokens, text table,
+    the zoo-part image features behind image prompts (`ShotBank`; without them every prompt is text only)
     (+ in residual mode: raw tokens and every name's own and leave-one-out borrowed base tokens)."""
 
     def __init__(self, entries: Sequence[Any], encoder: Any, layout: ParamLayout, base: BaseRows | None = None,
-                 borrow_prob: float = 0.0) -> None:
+                 borrow_prob: float = 0.0, shots: Mapping[str, np.ndarray] | None = None,
+                 max_shots: int = 16) -> None:
         if not entries:
             raise FedtinaError("cannot train Tina on an empty zoo")
         ks = [len(e.class_names) for e in entries]
@@ -113,6 +118,8 @@ class ZooTensors:
         self.k = torch.tensor(ks, dtype=torch.long)
         self.text = torch.from_numpy(table)
         self.names = names
+        self.feature_dim = layout.feature_dim
+        self.shots = ShotBank(shots, names, layout.feature_dim, max_shots) if shots is not None else None
         self.residual = base is not None
         if self.residual:
             self._init_residual(layout, base, borrow_prob)
@@ -135,10 +142,14 @@ class ZooTensors:
     def to(self, device: torch.device) -> "ZooTensors":
         for attr in ("tokens", "name_idx", "glob", "k", "text") + (self._RESIDUAL if self.residual else ()):
             setattr(self, attr, getattr(self, attr).to(device))
+        if self.shots is not None:
+            self.shots.to(device)
         return self
 
-    def sample(self, batch_size: int, max_classes: int, subset_prob: float, gen: torch.Generator) -> Batch:
-        """A batch (x0 [B,N,T], text [B,N,E], mask [B,N], residual inputs) with N = G + largest k' in the batch."""
+    def sample(self, batch_size: int, max_classes: int, subset_prob: float, gen: torch.Generator,
+               mix: tuple[float, float, float] = (1.0, 0.0, 0.0)) -> Batch:
+        """A batch (x0 [B,N,T], prompt [B,N,P], mask [B,N], residual inputs) with N = G + largest k' in the batch;
+        each class token's prompt is text, images or both with probabilities `mix` (text only without shots)."""
         dev = self.tokens.device
         M, Kz = self.name_idx.shape
         idx = torch.randint(0, M, (batch_size,), generator=gen, device=dev)
@@ -154,7 +165,7 @@ class ZooTensors:
         tokens = torch.gather(self.tokens[idx], 1, perm[..., None].expand(-1, -1, self.tokens.shape[-1]))
         names = torch.gather(self.name_idx[idx], 1, perm)
         mask = torch.arange(K, device=dev)[None] < k[:, None]
-        text = self.text[names] * mask[..., None]
+        text = self._prompts(names, mix, gen) * mask[..., None]
         base = indicator = None
         if self.residual:
             tokens, base, indicator = self._residual(idx, perm, names, mask, gen)
@@ -168,6 +179,15 @@ class ZooTensors:
                 base = torch.cat([base.new_zeros(batch_size, G, base.shape[-1]), base], dim=1)
                 indicator = torch.cat([indicator.new_zeros(batch_size, G), indicator], dim=1)
         return Batch(tokens, text, mask, base, indicator)
+
+    def _prompts(self, names: torch.Tensor, mix: tuple[float, float, float], gen: torch.Generator) -> torch.Tensor:
+        if self.shots is None:
+            return compose(self.text[names], torch.zeros(*names.shape, self.feature_dim, device=names.device),
+                           torch.ones_like(names, dtype=torch.bool), torch.zeros_like(names, dtype=torch.bool))
+        use_text, use_images = sample_kinds(names.shape, mix, gen, names.device)
+        images, available = self.shots.sample(names, gen)
+        use_images = use_images & available
+        return compose(self.text[names], images, use_text | ~use_images, use_images)
 
     def _residual(self, idx: torch.Tensor, perm: torch.Tensor, names: torch.Tensor, mask: torch.Tensor,
                   gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -187,10 +207,12 @@ class TinaTrainer:
 
     def __init__(self, entries: Sequence[Any], encoder: Any, cfg: TinaConfig,
                  global_segments: Sequence[GlobalSegment] = (), log: Callable[[str], Any] | None = print,
-                 init: TinaGenerator | None = None, base: BaseRows | None = None) -> None:
+                 init: TinaGenerator | None = None, base: BaseRows | None = None,
+                 shots: Mapping[str, np.ndarray] | None = None) -> None:
         """``init``: warm start from a trained generator's weights, keeping its layout and normalisation statistics
         (refitting them would change what the weights mean); ``global_segments`` is then taken from it.
-        ``base``: the base rows of residual mode (required with ``cfg.residual``; default: ``init``'s)."""
+        ``base``: the base rows of residual mode (required with ``cfg.residual``; default: ``init``'s).
+        ``shots``: {class name: zoo-part image features [n, d]} for image prompts (None: text prompts only)."""
         if cfg.prediction not in PREDICTIONS:
             raise FedtinaError(f"TinaConfig.prediction must be one of {PREDICTIONS}, got {cfg.prediction!r}")
         base = base if base is not None else getattr(init, "base", None)
@@ -214,7 +236,9 @@ class TinaTrainer:
             self.layout = ParamLayout(d, global_segments).fit(e.params for e in entries)
             if self.base is not None:
                 self.layout = fit_residual_stats(self.layout, entries, self.base)
-        self.data = ZooTensors(entries, encoder, self.layout, self.base, cfg.borrow_prob).to(self.device)
+        self.data = ZooTensors(entries, encoder, self.layout, self.base, cfg.borrow_prob, shots,
+                               cfg.max_shots).to(self.device)
+        self.mix = (cfg.prompt_text, cfg.prompt_images, cfg.prompt_both)
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg, self.layout, int(encoder.dim)).to(self.device)
         if init is not None:
@@ -241,9 +265,9 @@ class TinaTrainer:
         cfg = self.cfg
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(self.step)
-        batch = self.data.sample(cfg.batch_size, cfg.max_classes, cfg.subset_prob, self.gen)
+        batch = self.data.sample(cfg.batch_size, cfg.max_classes, cfg.subset_prob, self.gen, self.mix)
         model = with_base(self.model, batch.base, batch.indicator)
-        loss = training_loss(model, batch.x0, batch.text, batch.mask, self.schedule, cfg.prediction,
+        loss = training_loss(model, batch.x0, batch.prompt, batch.mask, self.schedule, cfg.prediction,
                              generator=self.gen)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -296,11 +320,13 @@ class TinaTrainer:
 
 def train_tina(entries: Sequence[Any], encoder: Any, cfg: TinaConfig, log: Callable[[str], Any] | None = print,
                global_segments: Sequence[GlobalSegment] = (), init: TinaGenerator | None = None,
-               base: BaseRows | None = None) -> TinaGenerator:
+               base: BaseRows | None = None, shots: Mapping[str, np.ndarray] | None = None) -> TinaGenerator:
     """Train Tina on zoo entries (`ZooEntry`: class_names, params with head.weight/head.bias) -> TinaGenerator.
     ``init``: continue from a trained generator (same architecture; its layout statistics are kept).
-    ``base``: the base rows residual mode generates relative to (required with ``cfg.residual``)."""
-    return TinaTrainer(entries, encoder, cfg, global_segments=global_segments, log=log, init=init, base=base).fit()
+    ``base``: the base rows residual mode generates relative to (required with ``cfg.residual``).
+    ``shots``: {class name: zoo-part image features} behind image prompts (None: text prompts only)."""
+    return TinaTrainer(entries, encoder, cfg, global_segments=global_segments, log=log, init=init, base=base,
+                       shots=shots).fit()
 
 
 # -------------------------------------------------------------------- checkpoints

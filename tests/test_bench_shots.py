@@ -1,0 +1,83 @@
+"""The benchmark's shots axis on toy data: shot draws, the imprint baseline, bad `bench.shots` values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedtina.bench_shots import check_shots, draw_shots, format_shots, imprint_heads
+from fedtina.errors import FedtinaError
+from fedtina.heads import accuracy
+
+
+def test_draws_take_n_per_class_deterministically_and_only_from_the_training_part():
+    y = np.array([0] * 6 + [1] * 2 + [2] * 4)
+    a = draw_shots(y, 3, 3, np.random.default_rng([1, 0, 3]))
+    b = draw_shots(y, 3, 3, np.random.default_rng([1, 0, 3]))
+    np.testing.assert_array_equal(a, b)
+    assert np.bincount(y[a], minlength=3).tolist() == [3, 2, 3]       # class 1 has only 2 images
+    assert draw_shots(y, 3, "all", np.random.default_rng(0)).tolist() == list(range(len(y)))
+    assert not np.array_equal(a, draw_shots(y, 3, 3, np.random.default_rng([1, 1, 3])))
+    assert set(a) <= set(range(len(y)))   # positions in the task's zoo-part arrays: never a test image
+
+
+def test_imprint_rows_are_scaled_normalised_class_means():
+    rng = np.random.default_rng(0)
+    centres = np.eye(4, dtype=np.float32)[:3] * 5
+    x = np.concatenate([c + 0.1 * rng.standard_normal((10, 4)) for c in centres]).astype(np.float32)
+    y = np.repeat(np.arange(3), 10)
+    (h,) = imprint_heads([("a", "b", "c")], [(x, y)], scale=2.0)
+    np.testing.assert_allclose(np.linalg.norm(h.weight, axis=1), 2.0, rtol=1e-5)
+    means = np.stack([x[y == c].mean(0) for c in range(3)])
+    np.testing.assert_allclose(h.weight, 2.0 * means / np.linalg.norm(means, axis=1, keepdims=True), rtol=1e-5)
+    assert h.bias.tolist() == [0.0, 0.0, 0.0] and accuracy(h, x, y) == 1.0
+
+
+@pytest.mark.parametrize("bad", [[0], [-1], [1, 1], [2.5], ["few"], [True]])
+def test_bad_shot_lists_are_refused(bad):
+    with pytest.raises(FedtinaError, match="bench.shots"):
+        check_shots(bad)
+
+
+def test_format_shots_puts_rows_by_n():
+    shots = {"0": {"tina": {"id_acc": 0.5, "id_std": 0.1, "ood_acc": 0.4, "ood_std": 0.1}},
+             "5": {"imprint": {"id_acc": 0.7, "id_std": 0.1, "ood_acc": 0.6, "ood_std": 0.1}}}
+    text = format_shots(shots)
+    assert "n=0" in text and "n=5" in text and "70.0 ± 10.0" in text and "40.0 ± 10.0" in text
+
+
+def test_text_baselines_recover_a_linear_name_to_row_world():
+    """Names whose embeddings map linearly to the rows: ridge recovers unseen rows, soft selection mixes seen ones,
+    retrieval returns the zoo's mean row of a seen class."""
+    from types import SimpleNamespace
+
+    from fedtina.bench_baselines import TextBaselines, wrong_names
+
+    rng = np.random.default_rng(0)
+    names = [f"c{i}" for i in range(40)]
+    emb = rng.standard_normal((40, 8))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    true_map = rng.standard_normal((8, 5))
+    rows = emb @ true_map
+    seen = np.arange(30)
+
+    class Enc:
+        def embed_names(self, ns):
+            return emb[[names.index(n) for n in ns]]
+
+    zoo_entry = SimpleNamespace(class_names=("c0", "c1"), params={"head.weight": 2 * rows[:2, :4],
+                                                                  "head.bias": 2 * rows[:2, 4]})
+    assets = SimpleNamespace(
+        dataset=SimpleNamespace(class_names=names), encoder=Enc(),
+        bank=SimpleNamespace(generic_weight=rows[seen, :4], generic_bias=rows[seen, 4], seen=seen),
+        zoo=SimpleNamespace(entries=lambda: [zoo_entry]))
+    tb = TextBaselines(assets)
+    unseen = names[30:34]
+    h = tb.ridge(unseen)
+    want = rows[30:34]
+    assert np.abs(h.weight - want[:, :4]).max() < 0.2 and np.abs(h.bias - want[:, 4]).max() < 0.2
+    s = tb.soft_selection(["c0"])
+    assert s.weight.shape == (1, 4) and tb.temperature > 0
+    r = tb.retrieval(["c1", "c35"])
+    np.testing.assert_allclose(r.weight[0], 2 * rows[1, :4], rtol=1e-5)   # the zoo's row, not the generic one
+    assert wrong_names([("c0", "c1")], names, 0)[0] and not set(wrong_names([("c0", "c1")], names, 0)[0]) & {"c0", "c1"}
