@@ -98,8 +98,10 @@ class TextBaselines:
 
 
 def wrong_names(task_names: Sequence[Sequence[str]], all_names: Sequence[str], seed: int) -> list[list[str]]:
-    """For every task, as many other classes' names (none of the task's), seeded: the prompt check's prompts."""
-    rng = np.random.default_rng(seed)
+    """For every task, as many other classes' names (none of the task's), seeded: the prompt check's prompts. The
+    stream is not the task sampler's (same seed, same draws: the wrong names would sit next to the true ones in the
+    dataset's name order, and on the embedded data share their colour)."""
+    rng = np.random.default_rng([seed, 0x70])
     out = []
     for names in task_names:
         pool = [n for n in all_names if n not in set(names)]
