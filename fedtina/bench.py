@@ -31,8 +31,8 @@ from fedtina.protocol import sample_ood_tasks, sample_tasks
 
 log = logging.getLogger("fedtina.bench")
 
-ROWS = ("selection", "ridge", "soft_selection", "retrieval", "tina", "tina_wrong_names", "tina_ft", "oracle",
-        "scratch")
+ROWS = ("selection", "ridge", "soft_selection", "retrieval", "tina", "tina_best_of_n", "tina_mean_of_n",
+        "tina_wrong_names", "tina_ft", "oracle", "scratch")
 
 
 @dataclass
@@ -91,6 +91,8 @@ def personalize(assets: Assets, tasks: list[BenchTask], cfg: BenchConfig) -> dic
     for row in ("ridge", "soft_selection", "retrieval"):
         timed(row, lambda: [getattr(text, row)(t.class_names) for t in tasks])
     timed("tina", lambda: assets.tina.generate([list(t.class_names) for t in tasks]))
+    timed("tina_best_of_n", lambda: samples_of_tina(assets, tasks, cfg.samples, pick="best"))
+    timed("tina_mean_of_n", lambda: samples_of_tina(assets, tasks, cfg.samples, pick="mean"))
     wrong = wrong_names([t.class_names for t in tasks], assets.dataset.class_names, cfg.seed)
     timed("tina_wrong_names", lambda: [Head(t.class_names, h.weight, h.bias)   # scored as the true classes
                                        for t, h in zip(tasks, assets.tina.generate(wrong))])
@@ -100,6 +102,21 @@ def personalize(assets: Assets, tasks: list[BenchTask], cfg: BenchConfig) -> dic
     timed("oracle", lambda: oracle_heads(out["selection"][0], data, assets.cfg.zoo.finetune))
     timed("scratch", lambda: train_scratch_heads([t.class_names for t in tasks], data, HeadTrainConfig(
         steps=300, lr=0.05, l2_to_init=0.0, weight_decay=1e-4), assets.bank.features.shape[1]))
+    return out
+
+
+def samples_of_tina(assets: Assets, tasks: list[BenchTask], n: int, pick: str) -> list[Head]:
+    """The one use of sampling noise: `n` heads per task (generation seeds 0..n-1); "best": the one with the best
+    accuracy on the task's own zoo-part images (a client with labels would pick so), "mean": their average."""
+    names = [list(t.class_names) for t in tasks]
+    draws = [assets.tina.generate(names, seed=s) for s in range(n)]
+    out = []
+    for i, t in enumerate(tasks):
+        heads = [d[i] for d in draws]
+        if pick == "best":
+            out.append(max(heads, key=lambda h: accuracy(h, t.train_x, t.train_y)))
+        else:
+            out.append(Head(t.class_names, np.mean([h.weight for h in heads], 0), np.mean([h.bias for h in heads], 0)))
     return out
 
 

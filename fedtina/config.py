@@ -114,6 +114,7 @@ class BenchConfig:
     tina_ft: HeadTrainConfig = field(default_factory=lambda: HeadTrainConfig(steps=10))
     seed: int = 1
     shots: list = field(default_factory=lambda: [1, 2, 5, 10, "all"])   # labelled images per class (bench_shots)
+    samples: int = 8                  # tina_best_of_n / tina_mean_of_n: generation seeds per task
 
 
 @dataclass

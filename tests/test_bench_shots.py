@@ -81,3 +81,25 @@ def test_text_baselines_recover_a_linear_name_to_row_world():
     r = tb.retrieval(["c1", "c35"])
     np.testing.assert_allclose(r.weight[0], 2 * rows[1, :4], rtol=1e-5)   # the zoo's row, not the generic one
     assert wrong_names([("c0", "c1")], names, 0)[0] and not set(wrong_names([("c0", "c1")], names, 0)[0]) & {"c0", "c1"}
+
+
+def test_samples_of_tina_best_and_mean():
+    from types import SimpleNamespace
+
+    from fedtina.bench import BenchTask, samples_of_tina
+    from fedtina.heads import Head
+
+    x = np.eye(2, dtype=np.float32)
+    y = np.array([0, 1])
+    good, bad = np.eye(2, dtype=np.float32), np.eye(2, dtype=np.float32)[::-1].copy()
+
+    class Gen:   # seed 0 draws a swapped head, seed 1 the right one
+        def generate(self, names, seed=0):
+            return [Head(tuple(n), good if seed == 1 else bad, np.zeros(2, np.float32)) for n in names]
+
+    assets = SimpleNamespace(tina=Gen())
+    task = BenchTask((0, 1), ("a", "b"), x, y, x, y)
+    (best,) = samples_of_tina(assets, [task], 2, pick="best")
+    np.testing.assert_array_equal(best.weight, good)
+    (mean,) = samples_of_tina(assets, [task], 2, pick="mean")
+    np.testing.assert_allclose(mean.weight, (good + bad) / 2)
