@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 
 from fedtina.assets import Assets, build_assets
-from fedtina.bench_baselines import TextBaselines, wrong_names
+from fedtina.bench_baselines import TextBaselines, novelty, wrong_names
 from fedtina.bench_shots import format_shots, plot_shots, run_shots
 from fedtina.config import BenchConfig, CoreConfig, HeadTrainConfig, from_dict
 from fedtina.errors import FedtinaError
@@ -142,6 +142,8 @@ def run_bench(assets: Assets, cfg: BenchConfig) -> dict:
     for row in ROWS:
         result[row]["personalize_s"] = float(np.mean(list(result[row]["personalize_s"].values())))
         result[row]["generated_params"] = cfg.k * (d + 1) if row.startswith("tina") else 0
+    result["novelty"] = novelty(assets, tasks_by_set["id"], heads_by_set["id"]["tina"][0],
+                                heads_by_set["id"]["selection"][0], assets.cfg.zoo.finetune, cfg.seed)
     if cfg.shots:
         result["shots"] = run_shots(assets, tasks_by_set, cfg, heads_by_set, score)
     return result
@@ -165,6 +167,10 @@ def format_table(result: dict) -> str:
                  f"{100 * gap['id']['oracle']:+.1f} pts: Tina captures {gain_captured(result, 'id'):.2f} of the "
                  f"oracle's gain (target >= 0.80)")
     lines.append(f"OOD: tina - selection {100 * gap['ood']['tina']:+.1f} pts (target: a clear margin)")
+    if "novelty" in result:
+        nv = result["novelty"]
+        lines.append(f"novelty (ID): Tina's rows are {nv['to_zoo']:.3f} (median, relative) from the nearest zoo row of "
+                     f"their class; two fine-tunes of one task differ by {nv['between_fine_tunes']:.3f}")
     lines.append(f"prompt check: tina given other classes' names {100 * result['tina_wrong_names']['id_acc']:.1f} "
                  f"(ID) / {100 * result['tina_wrong_names']['ood_acc']:.1f} (OOD) vs chance "
                  f"{100 / result['k']:.1f}")

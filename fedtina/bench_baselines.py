@@ -8,6 +8,9 @@
   nearest name): what the zoo knows, without a generator.
 * `tina_wrong_names` (the prompt check): Tina given other classes' names, scored on the true classes; it must fall
   to chance, or the "generated" heads do not come from the prompt.
+* `novelty`: how far Tina's rows are from the zoo's rows of the same class (the nearest one), against how far two
+  fine-tunes of one task on two seeded 80% subsamples of its images are from each other: a generator that only
+  copied its training heads would sit much nearer the zoo than that.
 """
 
 from __future__ import annotations
@@ -107,3 +110,29 @@ def wrong_names(task_names: Sequence[Sequence[str]], all_names: Sequence[str], s
         pool = [n for n in all_names if n not in set(names)]
         out.append([pool[i] for i in rng.choice(len(pool), size=len(names), replace=False)])
     return out
+
+
+def novelty(assets, tasks, heads, inits, cfg, seed: int) -> dict[str, float]:
+    """Medians over the tasks' class rows (weight and bias, relative to the row's norm) of: the distance from each
+    generated row (`heads`) to the nearest zoo row of its class (`to_zoo`), and the distance between two fine-tunes
+    of the task from `inits` (the zoo's own recipe `cfg`: from the generic rows) on two seeded 80% subsamples of its
+    zoo-part images (`between_fine_tunes`)."""
+    from fedtina.heads import finetune_heads
+
+    zoo: dict[str, list[np.ndarray]] = {}
+    for e in assets.zoo.entries():
+        w, b = np.asarray(e.params["head.weight"]), np.asarray(e.params["head.bias"])
+        for j, n in enumerate(e.class_names):
+            zoo.setdefault(n, []).append(np.append(w[j], b[j]))
+    rows = lambda h: np.hstack([h.weight, h.bias[:, None]])  # noqa: E731
+    to_zoo = [float(np.min(np.linalg.norm(np.stack(zoo[n]) - r, axis=1)) / np.linalg.norm(r))
+              for t, h in zip(tasks, heads) for n, r in zip(t.class_names, rows(h)) if n in zoo]
+    rng = np.random.default_rng([seed, 0x6e])
+    fits = []
+    for _ in range(2):
+        subsets = [np.sort(rng.permutation(len(t.train_y))[: max(len(t.class_names), int(0.8 * len(t.train_y)))])
+                   for t in tasks]
+        fits.append(finetune_heads(inits, [(t.train_x[i], t.train_y[i]) for t, i in zip(tasks, subsets)], cfg))
+    between = [float(np.linalg.norm(a - b) / np.linalg.norm(a)) for h0, h1 in zip(*fits)
+               for a, b in zip(rows(h0), rows(h1))]
+    return {"to_zoo": float(np.median(to_zoo)), "between_fine_tunes": float(np.median(between))}

@@ -103,3 +103,22 @@ def test_samples_of_tina_best_and_mean():
     np.testing.assert_array_equal(best.weight, good)
     (mean,) = samples_of_tina(assets, [task], 2, pick="mean")
     np.testing.assert_allclose(mean.weight, (good + bad) / 2)
+
+
+def test_novelty_is_zero_for_a_generator_that_copies_the_zoo():
+    from types import SimpleNamespace
+
+    from fedtina.bench import BenchTask
+    from fedtina.bench_baselines import novelty
+    from fedtina.config import HeadTrainConfig
+    from fedtina.heads import Head
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 4)).astype(np.float32)
+    y = np.repeat(np.arange(2), 20)
+    copied = Head(("a", "b"), rng.standard_normal((2, 4)).astype(np.float32), np.zeros(2, np.float32))
+    entry = SimpleNamespace(class_names=("a", "b"), params={"head.weight": copied.weight, "head.bias": copied.bias})
+    assets = SimpleNamespace(zoo=SimpleNamespace(entries=lambda: [entry]))
+    task = BenchTask((0, 1), ("a", "b"), x, y, x, y)
+    nv = novelty(assets, [task], [copied], [copied], HeadTrainConfig(steps=20, lr=0.1), seed=0)
+    assert nv["to_zoo"] == 0.0 and nv["between_fine_tunes"] > 0.0
