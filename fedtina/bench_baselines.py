@@ -29,6 +29,16 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
+def zoo_class_rows(entries) -> dict[str, list[np.ndarray]]:
+    """{class name: every zoo head's row for it, as [weight | bias] vectors}."""
+    rows: dict[str, list[np.ndarray]] = {}
+    for e in entries:
+        w, b = np.asarray(e.params["head.weight"]), np.asarray(e.params["head.bias"])
+        for j, n in enumerate(e.class_names):
+            rows.setdefault(n, []).append(np.append(w[j], b[j]))
+    return rows
+
+
 class TextBaselines:
     """Fit once on the seen classes of `assets`; `heads(rows, task names)` for any task."""
 
@@ -41,7 +51,7 @@ class TextBaselines:
         self.emb = _unit(np.asarray(self.encoder.embed_names(self.seen), np.float64))
         self.ridge_map, self.ridge_lambda = self._fit_ridge()
         self.temperature = self._fit_temperature()
-        self.bank = self._zoo_rows(assets.zoo.entries())
+        self.bank = {n: np.mean(v, axis=0) for n, v in zoo_class_rows(assets.zoo.entries()).items()}
 
     def _fit_ridge(self) -> tuple[np.ndarray, float]:
         X = np.hstack([self.emb, np.ones((len(self.emb), 1))])
@@ -67,13 +77,6 @@ class TextBaselines:
         w = np.exp(z - z.max(1, keepdims=True))
         return w / w.sum(1, keepdims=True)
 
-    def _zoo_rows(self, entries) -> dict[str, np.ndarray]:
-        acc: dict[str, list[np.ndarray]] = {}
-        for e in entries:
-            w, b = np.asarray(e.params["head.weight"]), np.asarray(e.params["head.bias"])
-            for j, n in enumerate(e.class_names):
-                acc.setdefault(n, []).append(np.append(w[j], b[j]))
-        return {n: np.mean(v, axis=0) for n, v in acc.items()}
 
     def _head(self, names: Sequence[str], rows: np.ndarray) -> Head:
         rows = np.asarray(rows, np.float32)
@@ -119,11 +122,7 @@ def novelty(assets, tasks, heads, inits, cfg, seed: int) -> dict[str, float]:
     zoo-part images (`between_fine_tunes`)."""
     from fedtina.heads import finetune_heads
 
-    zoo: dict[str, list[np.ndarray]] = {}
-    for e in assets.zoo.entries():
-        w, b = np.asarray(e.params["head.weight"]), np.asarray(e.params["head.bias"])
-        for j, n in enumerate(e.class_names):
-            zoo.setdefault(n, []).append(np.append(w[j], b[j]))
+    zoo = zoo_class_rows(assets.zoo.entries())
     rows = lambda h: np.hstack([h.weight, h.bias[:, None]])  # noqa: E731
     to_zoo = [float(np.min(np.linalg.norm(np.stack(zoo[n]) - r, axis=1)) / np.linalg.norm(r))
               for t, h in zip(tasks, heads) for n, r in zip(t.class_names, rows(h)) if n in zoo]
