@@ -7,6 +7,7 @@ afterwards; damage found when a product is opened is a CorruptFileError naming t
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -17,8 +18,9 @@ from typing import Callable
 import numpy as np
 
 from fedtina.backbone import FeatureBank, build_feature_bank, feature_cache_key
-from fedtina.config import CoreConfig
+from fedtina.config import CoreConfig, TinaConfig
 from fedtina.data import ImageDataset, load_dataset
+from fedtina.data.descriptions import load_descriptions
 from fedtina.io import cache_lock
 from fedtina.protocol import ProtocolSplit, make_split
 from fedtina.text import CachedTextEncoder, make_encoder
@@ -43,6 +45,13 @@ class Assets:
     def shots(self) -> dict[str, np.ndarray]:
         return zoo_shots(self.dataset, self.split, self.bank)
 
+    def tina_variant(self, log: Callable[[str], None] = print, **changes) -> TinaGenerator:
+        """Another Tina on the same zoo, with `changes` to the TinaConfig (cached by its own key): the bench's
+        tina_regress and the analyses' Tina sizes."""
+        tina_cfg = dataclasses.replace(self.cfg.tina, **changes)
+        return load_or_train_tina(self.cfg, tina_cfg, self.encoder, self.zoo, self.zoo_dir, self.dataset,
+                                  self.split, self.bank, log)[0]
+
 
 def zoo_shots(ds: ImageDataset, split: ProtocolSplit, bank: FeatureBank) -> dict[str, np.ndarray]:
     """{seen class name: features of its zoo-part images}: the example images behind Tina's image prompts in
@@ -60,20 +69,46 @@ def zoo_key(cfg: CoreConfig, ds: ImageDataset, split: ProtocolSplit) -> str:
     return f"{feature_cache_key(ds, split, cfg.backbone)}-n{z.num_tasks}-k{z.k_min}_{z.k_max}s{z.seed}-{digest}"
 
 
-def tina_key(cfg: CoreConfig, encoder: CachedTextEncoder, num_entries: int) -> str:
+def tina_key(tina_cfg: TinaConfig, encoder: CachedTextEncoder, num_entries: int,
+             descriptions: dict[str, str] | None = None) -> str:
     """Every TinaConfig field that changes the trained weights, hashed (device, logging and threads do not; the
-    residual-only fields count only when residual is on, so plain checkpoints keep the key they had before them)."""
-    skip = ("device", "log_every", "cpu_threads") + (() if cfg.tina.residual else ("residual", "borrow_prob"))
-    fields = {k: v for k, v in asdict(cfg.tina).items() if k not in skip}
+    residual-only fields count only when residual is on, so plain checkpoints keep the key they had before them),
+    and the class descriptions when Tina trains on them."""
+    skip = ("device", "log_every", "cpu_threads") + (() if tina_cfg.residual else ("residual", "borrow_prob"))
+    fields = {k: v for k, v in asdict(tina_cfg).items() if k not in skip}
+    if tina_cfg.prompt_sentences > 0:
+        fields["descriptions"] = sorted((descriptions or {}).items())
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
     return f"{encoder.id}-n{num_entries}-{digest}"
 
 
-def build_assets(cfg: CoreConfig, log: Callable[[str], None] = print, with_tina: bool = True) -> Assets:
-    """Everything is cached under cfg.cache_path; a second call with the same config loads in seconds."""
+def load_or_train_tina(cfg: CoreConfig, tina_cfg: TinaConfig, encoder: CachedTextEncoder, zoo: ZooStore,
+                       zoo_dir: Path, ds: ImageDataset, split: ProtocolSplit, bank: FeatureBank,
+                       log: Callable[[str], None]) -> tuple[TinaGenerator, Path]:
+    """The Tina of `tina_cfg` on this zoo: loaded from the cache, or trained and saved (under the cache lock)."""
     from fedtina.tina.base import BaseRows
     from fedtina.tina.train import load_checkpoint, save_checkpoint, train_tina
 
+    tina = None
+    descriptions = load_descriptions(cfg.dataset.descriptions, ds.class_names) if tina_cfg.prompt_sentences else {}
+    path = (cfg.cache_path / "tina" / zoo_dir.name /
+            f"{tina_key(tina_cfg, encoder, len(zoo), descriptions)}.safetensors")
+    base = BaseRows.from_bank(bank, ds.class_names, encoder)   # used by residual Tina only
+    if not path.exists():
+        with cache_lock(path):
+            if not path.exists():  # another process may have trained it while we waited
+                tina = train_tina(zoo.entries(), encoder, tina_cfg, log=log, base=base,
+                                  shots=zoo_shots(ds, split, bank), descriptions=descriptions)
+                save_checkpoint(path, tina)
+                log(f"[tina] trained and saved {path}")
+    if tina is None:
+        tina = load_checkpoint(path, encoder, base=base)  # CorruptFileError naming it when damaged
+        log(f"[tina] loaded {path}")
+    return tina, path
+
+
+def build_assets(cfg: CoreConfig, log: Callable[[str], None] = print, with_tina: bool = True) -> Assets:
+    """Everything is cached under cfg.cache_path; a second call with the same config loads in seconds."""
     cache = cfg.cache_path
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -94,20 +129,9 @@ def build_assets(cfg: CoreConfig, log: Callable[[str], None] = print, with_tina:
     timings["zoo_s"] = time.perf_counter() - t0
     log(f"[zoo] {len(zoo)} heads in {zoo_dir}")
 
-    tina = None
-    tina_path = cache / "tina" / zoo_dir.name / f"{tina_key(cfg, encoder, len(zoo))}.safetensors"
+    tina, tina_path = None, None
     if with_tina:
         t0 = time.perf_counter()
-        base = BaseRows.from_bank(bank, ds.class_names, encoder)   # used by residual Tina only
-        if not tina_path.exists():
-            with cache_lock(tina_path):
-                if not tina_path.exists():  # another process may have trained it while we waited
-                    tina = train_tina(zoo.entries(), encoder, cfg.tina, log=log, base=base,
-                                      shots=zoo_shots(ds, split, bank))
-                    save_checkpoint(tina_path, tina)
-                    log(f"[tina] trained and saved {tina_path}")
-        if tina is None:
-            tina = load_checkpoint(tina_path, encoder, base=base)  # CorruptFileError naming it when damaged
-            log(f"[tina] loaded {tina_path}")
+        tina, tina_path = load_or_train_tina(cfg, cfg.tina, encoder, zoo, zoo_dir, ds, split, bank, log)
         timings["tina_s"] = time.perf_counter() - t0
     return Assets(cfg, ds, split, bank, encoder, zoo, zoo_dir, tina, tina_path, timings)

@@ -28,11 +28,12 @@ from fedtina.errors import FedtinaError
 from fedtina.heads import (Head, accuracy, finetune_heads, generic_rows, oracle_heads, selection_head,
                            train_scratch_heads)
 from fedtina.protocol import sample_ood_tasks, sample_tasks
+from fedtina.tina.generator import TinaGenerator
 
 log = logging.getLogger("fedtina.bench")
 
-ROWS = ("selection", "ridge", "soft_selection", "retrieval", "tina", "tina_best_of_n", "tina_mean_of_n",
-        "tina_wrong_names", "tina_ft", "oracle", "scratch")
+ROWS = ("selection", "ridge", "soft_selection", "retrieval", "tina", "tina_regress", "tina_best_of_n",
+        "tina_mean_of_n", "tina_wrong_names", "tina_ft", "oracle", "scratch")
 
 
 @dataclass
@@ -74,9 +75,11 @@ def selection_heads(assets: Assets, tasks: list[BenchTask]) -> list[Head]:
     return [selection_head(t.class_names, rows, assets.encoder.embed_names) for t in tasks]
 
 
-def personalize(assets: Assets, tasks: list[BenchTask], cfg: BenchConfig) -> dict[str, tuple[list[Head], float]]:
+def personalize(assets: Assets, tasks: list[BenchTask], cfg: BenchConfig,
+                regress: TinaGenerator) -> dict[str, tuple[list[Head], float]]:
     """Every row's heads for `tasks`, with the wall time per task of producing them: each method runs batched over
-    all tasks at once, and the time is divided by the number of tasks (amortized, as a server would serve them)."""
+    all tasks at once, and the time is divided by the number of tasks (amortized, as a server would serve them).
+    ``regress``: Tina's network trained by plain regression on the same zoo (the tina_regress row)."""
     data = [(t.train_x, t.train_y) for t in tasks]
     out: dict[str, tuple[list[Head], float]] = {}
 
@@ -91,6 +94,7 @@ def personalize(assets: Assets, tasks: list[BenchTask], cfg: BenchConfig) -> dic
     for row in ("ridge", "soft_selection", "retrieval"):
         timed(row, lambda: [getattr(text, row)(t.class_names) for t in tasks])
     timed("tina", lambda: assets.tina.generate([list(t.class_names) for t in tasks]))
+    timed("tina_regress", lambda: regress.generate([list(t.class_names) for t in tasks]))
     timed("tina_best_of_n", lambda: samples_of_tina(assets, tasks, cfg.samples, pick="best"))
     timed("tina_mean_of_n", lambda: samples_of_tina(assets, tasks, cfg.samples, pick="mean"))
     wrong = wrong_names([t.class_names for t in tasks], assets.dataset.class_names, cfg.seed)
@@ -128,10 +132,11 @@ def run_bench(assets: Assets, cfg: BenchConfig) -> dict:
     task_sets = sample_task_sets(assets, cfg)
     result: dict[str, dict] = {row: {} for row in ROWS}
     tasks_by_set, heads_by_set = {}, {}
+    regress = assets.tina_variant(log.info, objective="regress")   # does the diffusion matter?
     for set_name, class_sets in task_sets.items():
         tasks = tasks_by_set[set_name] = [task_data(assets, ids) for ids in class_sets]
         log.info("[bench] %s: %d tasks of k=%d", set_name.upper(), len(tasks), cfg.k)
-        heads_by_set[set_name] = personalize(assets, tasks, cfg)
+        heads_by_set[set_name] = personalize(assets, tasks, cfg, regress)
         for row, (heads, secs) in heads_by_set[set_name].items():
             acc = score(heads, tasks)
             result[row][f"{set_name}_acc"] = float(acc.mean())

@@ -20,6 +20,8 @@ class DatasetConfig:
     download: bool = True             # cifar100: try torchvision's download (fails fast offline)
     images_per_class: int = 240       # shapes only
     seed: int = 0                     # shapes: generation seed
+    descriptions: str | None = None   # a sentence per class as an alternative text prompt: "generated" (shapes) or
+                                      # a file of "name<TAB>sentence" lines (fedtina/data/descriptions.py)
 
 
 @dataclass
@@ -104,6 +106,10 @@ class TinaConfig:
     prompt_images: float = 0.3        # P(example images only) and P(both), per class token; image prompts are the
     prompt_both: float = 0.3          # mean of n in 1..max_shots zoo-part images' features
     max_shots: int = 16
+    objective: str = "diffusion"      # diffusion | regress (the same network fit by plain regression of the head
+                                      # on the prompt: one forward pass, no noise; the bench's tina_regress)
+    prompt_sentences: float = 0.0     # P(a text prompt in training is the class's description instead of its name;
+                                      # needs dataset.descriptions)
 
 
 @dataclass
@@ -115,6 +121,13 @@ class BenchConfig:
     seed: int = 1
     shots: list = field(default_factory=lambda: [1, 2, 5, 10, "all"])   # labelled images per class (bench_shots)
     samples: int = 8                  # tina_best_of_n / tina_mean_of_n: generation seeds per task
+
+
+@dataclass
+class AnalysisConfig:
+    """`python -m fedtina.analyses`: which of the paper's analyses, over which values (configs/analysis/)."""
+    name: str = "classes"             # classes | zoo_size | tina_size | sample_steps | descriptions
+    values: list = field(default_factory=lambda: [2, 5, 10, 20])
 
 
 @dataclass

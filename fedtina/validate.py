@@ -51,7 +51,8 @@ RANGES: dict[type, dict[str, Range]] = {
                  "batch_size": POSITIVE, "lr": POSITIVE, "ema_decay": BELOW_ONE, "warmup_steps": NON_NEGATIVE,
                  "weight_decay": NON_NEGATIVE, "grad_clip": NON_NEGATIVE, "subset_prob": UNIT,
                  "log_every": POSITIVE, "cpu_threads": NON_NEGATIVE, "borrow_prob": UNIT,
-                 "prompt_text": UNIT, "prompt_images": UNIT, "prompt_both": UNIT, "max_shots": POSITIVE},
+                 "prompt_text": UNIT, "prompt_images": UNIT, "prompt_both": UNIT, "max_shots": POSITIVE,
+                 "prompt_sentences": UNIT},
     MethodOptions: {"refresh_every": NON_NEGATIVE, "refresh_steps": POSITIVE, "fedavg_epochs": POSITIVE,
                     "fedavg_lr": POSITIVE, "fedavg_batch_size": POSITIVE, "full_epochs": POSITIVE,
                     "full_lr": POSITIVE, "full_batch_size": POSITIVE},
@@ -163,6 +164,7 @@ def validate_core_config(cfg: dict[str, Any]) -> None:
     from fedtina.data import DATASETS
     from fedtina.text import ENCODERS
     from fedtina.tina.diffusion import PREDICTIONS, NoiseSchedule
+    from fedtina.tina.train import check_objective
 
     dataset = cfg.get("dataset") or {}
     if isinstance(dataset, dict) and dataset.get("name") == "folder" and dataset.get("path") in (None, "", MISSING):
@@ -187,6 +189,10 @@ def validate_core_config(cfg: dict[str, Any]) -> None:
     if tina.d_model % tina.num_heads:
         raise FedtinaError(f"tina.d_model={tina.d_model} is not divisible by tina.num_heads={tina.num_heads}")
     _one_of("tina.prediction", tina.prediction, PREDICTIONS)
+    check_objective(tina)
+    if tina.prompt_sentences > 0 and not core.dataset.descriptions:
+        raise FedtinaError("tina.prompt_sentences > 0 trains on class descriptions: set dataset.descriptions "
+                           "('generated' for shapes, or a file of 'name<TAB>sentence' lines)")
     try:
         NoiseSchedule(tina.timesteps, tina.schedule)
     except ValueError as e:

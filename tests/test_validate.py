@@ -206,6 +206,10 @@ def test_a_missing_mandatory_value_is_named(base):
     (("tina.timesteps=1", "tina.sample_steps=1"), r"^tina.schedule='cosine', tina.timesteps=1: timesteps must"),
     (("tina.sample_steps=2000",), r"^tina.sample_steps=2000 exceeds tina.timesteps=1000"),
     (("tina.prompt_text=0.5",), r"^tina.prompt_text \+ prompt_images \+ prompt_both = 1.1: the prompt mix must"),
+    (("tina.objective=gan",), r"^TinaConfig.objective must be one of \('diffusion', 'regress'\)"),
+    (("tina.objective=regress", "tina.prediction=v"), r"^TinaConfig.objective=regress .* needs prediction=x0"),
+    (("tina.prompt_sentences=0.5", "dataset.descriptions=null"), r"^tina.prompt_sentences > 0 .* dataset.descriptions"),
+    (("tina.prompt_sentences=1.5",), r"^tina.prompt_sentences=1.5 .*\[0, 1\]"),
     (("resume=5",), r"^resume=5 is invalid"),
 ])
 def test_cross_key_rules(overrides, match):

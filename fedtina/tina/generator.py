@@ -3,7 +3,9 @@ batched sampler call.
 
 Each class is prompted by its name, by n example images (their frozen-backbone features: `shots`), or both
 (`fedtina.tina.prompt`); one batch may mix the kinds per class. A class with shots is prompted by its images, and
-by its name too unless `use_names=False`; a class without shots always by its name.
+by its name too unless `use_names=False`; a class without shots always by its name. The text part may be a
+description instead of the name (`texts`, e.g. "a shape with three corners, coloured red"); the name still keys the
+class's noise. Tinas trained with ``objective="regress"`` skip the sampler: one forward pass from zeros.
 
 Generation is **order-invariant**: the initial noise of each class token comes from a generator seeded by a stable
 hash of (seed, class name), the network has no positional encoding and DDIM with eta = 0 is deterministic, so
@@ -19,13 +21,13 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from fedtina.config import TinaConfig
+from fedtina.data.descriptions import as_text_prompt
 from fedtina.device import pick_device
 from fedtina.errors import FedtinaError, LabelSetError
 from fedtina.heads import Head
@@ -37,6 +39,8 @@ from fedtina.tina.prompt import compose, image_embedding
 
 # per label set, per class: features [n, d] of example images, or None (prompted by its name only)
 Shots = Sequence[Sequence[np.ndarray | None] | None]
+# per label set, per class: a description to prompt with instead of the name, or None
+Texts = Sequence[Sequence[str | None] | None]
 
 
 def token_noise(seed: int, key: str, rows: int, width: int) -> np.ndarray:
@@ -94,11 +98,22 @@ class TinaGenerator:
         return clean
 
     # ---------------------------------------------------------------- generation
-    def prompts(self, sets: list[tuple[str, ...]], shots: Shots | None, use_names: bool) -> list[np.ndarray]:
+    def prompts(self, sets: list[tuple[str, ...]], shots: Shots | None, use_names: bool,
+                texts: Texts | None = None) -> list[np.ndarray]:
         """One [k, P] prompt matrix per label set (see the module docstring for who gets which kind)."""
-        if shots is not None and len(shots) != len(sets):
-            raise FedtinaError(f"shots: {len(shots)} entries for {len(sets)} label sets")
-        unique = sorted({n for s in sets for n in s})
+        for what, given in (("shots", shots), ("texts", texts)):
+            if given is not None and len(given) != len(sets):
+                raise FedtinaError(f"{what}: {len(given)} entries for {len(sets)} label sets")
+        said = []   # per set, per class: what the text encoder reads (the name, or the description)
+        for b, names in enumerate(sets):
+            given = texts[b] if texts is not None and texts[b] is not None else [None] * len(names)
+            if len(given) != len(names):
+                raise FedtinaError(f"texts of label set {b}: {len(given)} entries for {len(names)} classes")
+            bad = [t for t in given if t is not None and (not isinstance(t, str) or not t.strip())]
+            if bad:
+                raise FedtinaError(f"texts of label set {b}: empty or non-string descriptions {bad[:3]!r}")
+            said.append([n if t is None else as_text_prompt(t) for n, t in zip(names, given)])
+        unique = sorted({t for s in said for t in s})
         table = dict(zip(unique, np.asarray(self.encoder.embed_names(unique), dtype=np.float32)))
         d = self.layout.feature_dim
         out = []
@@ -112,19 +127,19 @@ class TinaGenerator:
                 if per is not None and per[j] is not None:
                     images[j] = image_embedding(per[j], d, f"image prompt of {name!r} (label set {b})")
                     has_images[j] = True
-            text = torch.from_numpy(np.stack([table[n] for n in names]))
+            text = torch.from_numpy(np.stack([table[t] for t in said[b]]))
             out.append(compose(text, torch.from_numpy(images), torch.from_numpy(use_names | ~has_images),
                                torch.from_numpy(has_images)).numpy())
         return out
 
     def generate_params(self, label_sets: Sequence[Sequence[str]], steps: int | None = None, seed: int = 0,
-                        eta: float = 0.0, shots: Shots | None = None,
-                        use_names: bool = True) -> list[dict[str, np.ndarray]]:
+                        eta: float = 0.0, shots: Shots | None = None, use_names: bool = True,
+                        texts: Texts | None = None) -> list[dict[str, np.ndarray]]:
         """Like `generate` but returns full params dicts (head.weight, head.bias and any global segments)."""
         sets = self.validate(label_sets)
         if not sets:
             return []
-        prompts = self.prompts(sets, shots, use_names)
+        prompts = self.prompts(sets, shots, use_names, texts)
         steps = int(steps or self.cfg.sample_steps)
         sampler = DDIMSampler(self.schedule, steps=steps, eta=eta, prediction=self.cfg.prediction)
         G, T = self.layout.num_global_tokens, self.layout.token_dim
@@ -148,9 +163,14 @@ class TinaGenerator:
         dev = self.device
         noise_t = torch.from_numpy(noise).to(dev)
         base_raw, kind, model = self._with_base(sets, unique, G)
+        prompt_t, mask_t = torch.from_numpy(prompt).to(dev), torch.from_numpy(mask).to(dev)
         with torch.inference_mode():
-            x0 = sampler.sample(model, torch.from_numpy(prompt).to(dev), torch.from_numpy(mask).to(dev),
-                                noise_t[0], step_noise=noise_t[1:] if draws > 1 else None)
+            if self.cfg.objective == "regress":   # no diffusion: one forward pass from zeros (tina/train.py)
+                t_last = torch.full((B,), self.cfg.timesteps - 1, dtype=torch.long, device=dev)
+                x0 = model(torch.zeros_like(noise_t[0]), t_last, prompt_t, mask_t) * mask_t[..., None]
+            else:
+                x0 = sampler.sample(model, prompt_t, mask_t, noise_t[0],
+                                    step_noise=noise_t[1:] if draws > 1 else None)
         x0 = x0.float().cpu().numpy()
         if base_raw is None:
             return [self.layout.decode(x0[b, G:G + len(names)], x0[b, :G]) for b, names in enumerate(sets)]
@@ -179,11 +199,14 @@ class TinaGenerator:
         return base, indicator, model
 
     def generate(self, label_sets: Sequence[Sequence[str]], steps: int | None = None, seed: int = 0,
-                 eta: float = 0.0, shots: Shots | None = None, use_names: bool = True) -> list[Head]:
+                 eta: float = 0.0, shots: Shots | None = None, use_names: bool = True,
+                 texts: Texts | None = None) -> list[Head]:
         """One head per label set, rows in the given class order; one batched DDIM call for all sets.
-        ``shots[b][j]``: features [n, d] of example images of class j of set b, or None (name only)."""
+        ``shots[b][j]``: features [n, d] of example images of class j of set b, or None (name only).
+        ``texts[b][j]``: a description of class j of set b to prompt with instead of its name, or None."""
         sets = self.validate(label_sets)
-        params = self.generate_params(sets, steps=steps, seed=seed, eta=eta, shots=shots, use_names=use_names)
+        params = self.generate_params(sets, steps=steps, seed=seed, eta=eta, shots=shots, use_names=use_names,
+                                      texts=texts)
         return [Head(names, p["head.weight"], p["head.bias"]) for names, p in zip(sets, params)]
 
     def generate_from_text(self, description: str, steps: int | None = None, seed: int = 0) -> Head:
@@ -192,17 +215,6 @@ class TinaGenerator:
         if not names:
             raise LabelSetError(f"no class names found in {description!r}")
         return self.generate([names], steps=steps, seed=seed)[0]
-
-    # ---------------------------------------------------------------- persistence
-    def save(self, path: str | Path) -> Path:
-        from fedtina.tina.train import save_checkpoint
-        return save_checkpoint(path, self)
-
-    @classmethod
-    def load(cls, path: str | Path, encoder: Any, device: str | None = None,
-             base: BaseRows | None = None) -> "TinaGenerator":
-        from fedtina.tina.train import load_checkpoint
-        return load_checkpoint(path, encoder, device=device, base=base)
 
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.model.parameters())

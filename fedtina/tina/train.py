@@ -37,6 +37,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fedtina.config import TinaConfig
+from fedtina.data.descriptions import as_text_prompt
 from fedtina.device import pick_device
 from fedtina.errors import CorruptFileError, FedtinaError
 from fedtina.io import atomic_write
@@ -87,7 +88,8 @@ class ZooTensors:
 
     def __init__(self, entries: Sequence[Any], encoder: Any, layout: ParamLayout, base: BaseRows | None = None,
                  borrow_prob: float = 0.0, shots: Mapping[str, np.ndarray] | None = None,
-                 max_shots: int = 16) -> None:
+                 max_shots: int = 16, descriptions: Mapping[str, str] | None = None,
+                 sentence_prob: float = 0.0) -> None:
         if not entries:
             raise FedtinaError("cannot train Tina on an empty zoo")
         ks = [len(e.class_names) for e in entries]
@@ -117,6 +119,15 @@ class ZooTensors:
         self.tokens, self.name_idx, self.glob = map(torch.from_numpy, (tokens, name_idx, glob))
         self.k = torch.tensor(ks, dtype=torch.long)
         self.text = torch.from_numpy(table)
+        described = [n for n in names if n in (descriptions or {})] if sentence_prob > 0 else []
+        self.sentences = torch.from_numpy(table.copy())   # a class's description's embedding (else its name's)
+        if described:
+            idx = [index[n] for n in described]
+            self.sentences[idx] = torch.from_numpy(np.asarray(encoder.embed_names(
+                [as_text_prompt(descriptions[n]) for n in described]), dtype=np.float32))
+        self.has_sentence = torch.zeros(len(names), dtype=torch.bool)
+        self.has_sentence[[index[n] for n in described]] = True
+        self.sentence_prob = float(sentence_prob)
         self.names = names
         self.feature_dim = layout.feature_dim
         self.shots = ShotBank(shots, names, layout.feature_dim, max_shots) if shots is not None else None
@@ -140,7 +151,8 @@ class ZooTensors:
     _RESIDUAL = ("raw", "own_base", "borrowed_base", "class_mean", "class_std", "residual_mean", "residual_std")
 
     def to(self, device: torch.device) -> "ZooTensors":
-        for attr in ("tokens", "name_idx", "glob", "k", "text") + (self._RESIDUAL if self.residual else ()):
+        for attr in ("tokens", "name_idx", "glob", "k", "text", "sentences", "has_sentence") + (
+                self._RESIDUAL if self.residual else ()):
             setattr(self, attr, getattr(self, attr).to(device))
         if self.shots is not None:
             self.shots.to(device)
@@ -181,13 +193,17 @@ class ZooTensors:
         return Batch(tokens, text, mask, base, indicator)
 
     def _prompts(self, names: torch.Tensor, mix: tuple[float, float, float], gen: torch.Generator) -> torch.Tensor:
+        text = self.text[names]
+        if self.has_sentence.any():   # a text prompt is the class's description with probability sentence_prob
+            said = (torch.rand(names.shape, generator=gen, device=names.device) < self.sentence_prob)
+            text = torch.where((said & self.has_sentence[names])[..., None], self.sentences[names], text)
         if self.shots is None:
-            return compose(self.text[names], torch.zeros(*names.shape, self.feature_dim, device=names.device),
+            return compose(text, torch.zeros(*names.shape, self.feature_dim, device=names.device),
                            torch.ones_like(names, dtype=torch.bool), torch.zeros_like(names, dtype=torch.bool))
         use_text, use_images = sample_kinds(names.shape, mix, gen, names.device)
         images, available = self.shots.sample(names, gen)
         use_images = use_images & available
-        return compose(self.text[names], images, use_text | ~use_images, use_images)
+        return compose(text, images, use_text | ~use_images, use_images)
 
     def _residual(self, idx: torch.Tensor, perm: torch.Tensor, names: torch.Tensor, mask: torch.Tensor,
                   gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -202,19 +218,32 @@ class ZooTensors:
         return x0, base_in, kind
 
 
+OBJECTIVES = ("diffusion", "regress")
+
+
+def check_objective(cfg: TinaConfig) -> None:
+    if cfg.prediction not in PREDICTIONS:
+        raise FedtinaError(f"TinaConfig.prediction must be one of {PREDICTIONS}, got {cfg.prediction!r}")
+    if cfg.objective not in OBJECTIVES:
+        raise FedtinaError(f"TinaConfig.objective must be one of {OBJECTIVES}, got {cfg.objective!r}")
+    if cfg.objective == "regress" and cfg.prediction != "x0":
+        raise FedtinaError("TinaConfig.objective=regress predicts the head itself: it needs prediction=x0")
+
+
 class TinaTrainer:
     """Holds the network, its EMA, the optimiser and the zoo tensors; `fit()` trains and returns a TinaGenerator."""
 
     def __init__(self, entries: Sequence[Any], encoder: Any, cfg: TinaConfig,
                  global_segments: Sequence[GlobalSegment] = (), log: Callable[[str], Any] | None = print,
                  init: TinaGenerator | None = None, base: BaseRows | None = None,
-                 shots: Mapping[str, np.ndarray] | None = None) -> None:
+                 shots: Mapping[str, np.ndarray] | None = None,
+                 descriptions: Mapping[str, str] | None = None) -> None:
         """``init``: warm start from a trained generator's weights, keeping its layout and normalisation statistics
         (refitting them would change what the weights mean); ``global_segments`` is then taken from it.
         ``base``: the base rows of residual mode (required with ``cfg.residual``; default: ``init``'s).
-        ``shots``: {class name: zoo-part image features [n, d]} for image prompts (None: text prompts only)."""
-        if cfg.prediction not in PREDICTIONS:
-            raise FedtinaError(f"TinaConfig.prediction must be one of {PREDICTIONS}, got {cfg.prediction!r}")
+        ``shots``: {class name: zoo-part image features [n, d]} for image prompts (None: text prompts only).
+        ``descriptions``: {class name: sentence}, the text prompt of a class token with P(cfg.prompt_sentences)."""
+        check_objective(cfg)
         base = base if base is not None else getattr(init, "base", None)
         if cfg.residual and base is None:
             raise FedtinaError("TinaConfig.residual needs base rows (BaseRows.from_bank(bank, class_names, encoder))")
@@ -236,8 +265,10 @@ class TinaTrainer:
             self.layout = ParamLayout(d, global_segments).fit(e.params for e in entries)
             if self.base is not None:
                 self.layout = fit_residual_stats(self.layout, entries, self.base)
-        self.data = ZooTensors(entries, encoder, self.layout, self.base, cfg.borrow_prob, shots,
-                               cfg.max_shots).to(self.device)
+        if cfg.prompt_sentences > 0 and not descriptions:
+            raise FedtinaError("TinaConfig.prompt_sentences > 0 needs class descriptions (dataset.descriptions)")
+        self.data = ZooTensors(entries, encoder, self.layout, self.base, cfg.borrow_prob, shots, cfg.max_shots,
+                               descriptions, cfg.prompt_sentences).to(self.device)
         self.mix = (cfg.prompt_text, cfg.prompt_images, cfg.prompt_both)
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg, self.layout, int(encoder.dim)).to(self.device)
@@ -254,6 +285,9 @@ class TinaTrainer:
         self.step = 0
         self.history: list[tuple[int, float]] = []   # (step, mean loss since the previous log)
 
+    def _last_t(self, batch_size: int) -> torch.Tensor:
+        return torch.full((batch_size,), self.cfg.timesteps - 1, dtype=torch.long, device=self.device)
+
     def lr_at(self, step: int) -> float:
         cfg = self.cfg
         if step < cfg.warmup_steps:
@@ -267,8 +301,13 @@ class TinaTrainer:
             group["lr"] = self.lr_at(self.step)
         batch = self.data.sample(cfg.batch_size, cfg.max_classes, cfg.subset_prob, self.gen, self.mix)
         model = with_base(self.model, batch.base, batch.indicator)
-        loss = training_loss(model, batch.x0, batch.prompt, batch.mask, self.schedule, cfg.prediction,
-                             generator=self.gen)
+        if cfg.objective == "regress":   # the same network without diffusion: zero input at the last step
+            x0_hat = model(torch.zeros_like(batch.x0), self._last_t(len(batch.x0)), batch.prompt, batch.mask)
+            m = batch.mask[..., None].to(x0_hat.dtype)
+            loss = ((x0_hat - batch.x0) ** 2 * m).sum() / (m.sum() * batch.x0.shape[-1]).clamp_min(1.0)
+        else:
+            loss = training_loss(model, batch.x0, batch.prompt, batch.mask, self.schedule, cfg.prediction,
+                                 generator=self.gen)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -320,13 +359,15 @@ class TinaTrainer:
 
 def train_tina(entries: Sequence[Any], encoder: Any, cfg: TinaConfig, log: Callable[[str], Any] | None = print,
                global_segments: Sequence[GlobalSegment] = (), init: TinaGenerator | None = None,
-               base: BaseRows | None = None, shots: Mapping[str, np.ndarray] | None = None) -> TinaGenerator:
+               base: BaseRows | None = None, shots: Mapping[str, np.ndarray] | None = None,
+               descriptions: Mapping[str, str] | None = None) -> TinaGenerator:
     """Train Tina on zoo entries (`ZooEntry`: class_names, params with head.weight/head.bias) -> TinaGenerator.
     ``init``: continue from a trained generator (same architecture; its layout statistics are kept).
     ``base``: the base rows residual mode generates relative to (required with ``cfg.residual``).
-    ``shots``: {class name: zoo-part image features} behind image prompts (None: text prompts only)."""
+    ``shots``: {class name: zoo-part image features} behind image prompts (None: text prompts only).
+    ``descriptions``: {class name: sentence} for training on descriptions (cfg.prompt_sentences)."""
     return TinaTrainer(entries, encoder, cfg, global_segments=global_segments, log=log, init=init, base=base,
-                       shots=shots).fit()
+                       shots=shots, descriptions=descriptions).fit()
 
 
 # -------------------------------------------------------------------- checkpoints

@@ -1,0 +1,145 @@
+"""Tina's variants and the analyses: regression instead of diffusion (the bench's tina_regress), sentence
+prompts (fedtina/data/descriptions.py), and `python -m fedtina.analyses` at toy size."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedtina.config import TinaConfig
+from fedtina.data.descriptions import as_text_prompt, load_descriptions, parse_descriptions, shapes_sentence
+from fedtina.data.shapes import class_names as shapes_names
+from fedtina.errors import FedtinaError
+from fedtina.tina import TinaTrainer
+from fedtina.tina.train import ZooTensors, check_objective, load_checkpoint, save_checkpoint
+from test_tina import FakeEncoder, fake_zoo, tiny_cfg
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    return float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).mean())
+
+
+# ------------------------------------------------------------------ regression instead of diffusion
+def test_regress_objective_learns_rows_in_one_pass_and_ignores_the_seed(tmp_path):
+    entries, rows, _ = fake_zoo()
+    gen = TinaTrainer(entries, FakeEncoder(), tiny_cfg(objective="regress", train_steps=300), log=None).fit()
+    names = ["class 1", "class 5", "class 9", "class 20"]
+    a, b = gen.generate([names], seed=0)[0], gen.generate([names], seed=7)[0]
+    np.testing.assert_array_equal(a.weight, b.weight)          # no noise anywhere: seeds do not matter
+    assert _cos(a.weight, np.stack([rows[n] for n in names])) > 0.9
+    (p,) = gen.generate([names[::-1]])
+    np.testing.assert_allclose(p.weight, a.weight[::-1], atol=1e-4)   # still a set function
+    path = save_checkpoint(tmp_path / "r.safetensors", gen)
+    np.testing.assert_allclose(load_checkpoint(path, FakeEncoder()).generate([names])[0].weight, a.weight, atol=1e-6)
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(objective="gan"), "objective must be one of"),
+    (dict(objective="regress", prediction="eps"), "needs prediction=x0"),
+    (dict(prediction="score"), "prediction must be one of"),
+])
+def test_bad_objectives_are_errors(changes, match):
+    with pytest.raises(FedtinaError, match=match):
+        check_objective(TinaConfig(**changes))
+
+
+# ------------------------------------------------------------------ descriptions
+def test_generated_sentences_paraphrase_shape_and_texture_words():
+    s = shapes_sentence("red striped triangle")
+    assert s == "a shape with three corners, coloured red, covered in stripes"
+    names = shapes_names()
+    sentences = load_descriptions("generated", names)
+    assert len(set(sentences.values())) == len(names)          # one distinct sentence per class
+    for n, sent in sentences.items():
+        _, texture, shape = n.split()
+        assert shape not in sent and texture not in sent, (n, sent)
+    with pytest.raises(FedtinaError, match="not a 'colour texture shape' class"):
+        load_descriptions("generated", ["airplanes"])
+    assert as_text_prompt("A large bird") == "large bird" and as_text_prompt("tractor") == "tractor"
+
+
+def test_descriptions_file_errors_name_the_line(tmp_path):
+    names = ["oak tree", "tractor", "maple tree"]
+    ok = parse_descriptions("# comment\n\noak tree\ta tall tree with lobed leaves\ntractor\ta farm vehicle\n", names,
+                            "f.tsv")
+    assert ok == {"oak tree": "a tall tree with lobed leaves", "tractor": "a farm vehicle"}
+    for text, match in [("oak tree a tree without a tab\n", "line 1: expected 'class name<TAB>description'"),
+                        ("oak tree\t   \n", "line 1: expected"),
+                        ("oak tree\ta tree\nbus\ta vehicle\n", "line 2: unknown class 'bus'"),
+                        ("tractor\ta\ntractor\tb\n", "line 2: class 'tractor' is described twice"),
+                        ("# only a comment\n", "no descriptions")]:
+        with pytest.raises(FedtinaError, match=match):
+            parse_descriptions(text, names, "f.tsv")
+    with pytest.raises(FedtinaError, match="does not exist"):
+        load_descriptions(str(tmp_path / "missing.tsv"), names)
+    bad = tmp_path / "latin1.tsv"
+    bad.write_bytes("oak tree\tun arbre \xe9lev\xe9\n".encode("latin-1"))
+    with pytest.raises(FedtinaError, match="not UTF-8"):
+        load_descriptions(str(bad), names)
+
+
+def test_sentence_prompts_in_training_and_generation():
+    entries, rows, _ = fake_zoo(num_tasks=40)
+    enc = FakeEncoder()
+    descriptions = {n: f"the thing called {n}" for n in list(rows)[:10]}
+    data = ZooTensors(entries, enc, TinaTrainer(entries, enc, tiny_cfg(), log=None).layout,
+                      descriptions=descriptions, sentence_prob=1.0)
+    described = [data.names.index(n) for n in descriptions]
+    assert bool(data.has_sentence[described].all()) and int(data.has_sentence.sum()) == len(described)
+    np.testing.assert_allclose(data.sentences[described[0]].numpy(),
+                               enc.embed_names([as_text_prompt(descriptions[data.names[described[0]]])])[0])
+    with pytest.raises(FedtinaError, match="needs class descriptions"):
+        TinaTrainer(entries, enc, tiny_cfg(prompt_sentences=0.5), log=None)
+
+    gen = TinaTrainer(entries, enc, tiny_cfg(prompt_sentences=0.5, train_steps=30), log=None,
+                      descriptions=descriptions).fit()
+    names = ["class 0", "class 1"]
+    by_name = gen.generate([names])[0]
+    by_text = gen.generate([names], texts=[[descriptions["class 0"], None]])[0]
+    assert not np.allclose(by_name.weight[0], by_text.weight[0])          # the sentence is what conditions
+    with pytest.raises(FedtinaError, match="texts of label set 0: 1 entries for 2 classes"):
+        gen.generate([names], texts=[["x"]])
+    with pytest.raises(FedtinaError, match="empty or non-string descriptions"):
+        gen.generate([names], texts=[["  ", None]])
+
+
+# ------------------------------------------------------------------ the analyses at toy size
+@pytest.mark.slow
+def test_analyses_sample_steps_and_descriptions(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from fedtina import analyses
+    from test_end_to_end import CONFIGS, TINY
+
+    def run(*overrides: str) -> dict:
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            cfg = compose("analyses", overrides=[*TINY, f"cache_dir={tmp_path / 'cache'}", "bench.num_tasks=6",
+                                                 "bench.k=5", "bench.ood_unseen=2", *overrides])
+        return analyses.main_from_dict(OmegaConf.to_container(cfg, resolve=True), tmp_path / "out")
+
+    steps = run("analysis=sample_steps", "analysis.values=[1,10]")
+    doc = json.loads((tmp_path / "out" / "analysis.json").read_text())
+    assert doc["values"] == ["1", "10"] and (tmp_path / "out" / "sample_steps.png").exists()
+    one, ten = (steps["points"][v]["rows"] for v in ("1", "10"))
+    for rows in (one, ten):
+        assert {"selection", "retrieval", "tina", "oracle"} <= set(rows)
+    assert one["selection"] == {**one["selection"], **{k: ten["selection"][k] for k in ("id_acc", "ood_acc")}}
+    assert one["tina"]["id_acc"] != ten["tina"]["id_acc"]                 # the steps reach the sampler
+
+    desc = run("analysis=descriptions", "analysis.values=[names]")
+    rows = desc["points"]["names"]["rows"]
+    assert {"tina_names", "tina_sentences", "selection_sentences"} <= set(rows)
+    assert rows["tina_names"]["ood_acc"] != rows["tina_sentences"]["ood_acc"]
+
+    for overrides, match in [(("analysis=tina_size", "analysis.values=[big]"), "is not '<d_model>x<depth>'"),
+                             (("analysis=descriptions", "dataset.descriptions=null"), "needs dataset.descriptions"),
+                             (("analysis=sample_steps", "analysis.values=[]"), "analysis.values is empty"),
+                             (("analysis=sample_steps", "analysis.name=volume"), "unknown analysis 'volume'")]:
+        with pytest.raises(FedtinaError, match=match):
+            run(*overrides)
