@@ -21,7 +21,8 @@ from fedtina.backbone import FeatureBank, build_feature_bank, feature_cache_key
 from fedtina.config import CoreConfig, TinaConfig
 from fedtina.data import ImageDataset, load_dataset
 from fedtina.data.descriptions import load_descriptions
-from fedtina.io import cache_lock
+from fedtina.errors import CorruptFileError
+from fedtina.io import atomic_write, cache_lock
 from fedtina.protocol import ProtocolSplit, make_split
 from fedtina.text import CachedTextEncoder, make_encoder
 from fedtina.tina.generator import TinaGenerator
@@ -40,24 +41,52 @@ class Assets:
     tina: TinaGenerator
     tina_path: Path
     timings: dict[str, float]
+    prompt_features: np.ndarray   # [N, D] features of every image behind image prompts (encoder.image_prompts)
 
     @property
     def shots(self) -> dict[str, np.ndarray]:
-        return zoo_shots(self.dataset, self.split, self.bank)
+        return zoo_shots(self.dataset, self.split, self.prompt_features)
 
     def tina_variant(self, log: Callable[[str], None] = print, **changes) -> TinaGenerator:
         """Another Tina on the same zoo, with `changes` to the TinaConfig (cached by its own key): the bench's
         tina_regress and the analyses' Tina sizes."""
         tina_cfg = dataclasses.replace(self.cfg.tina, **changes)
         return load_or_train_tina(self.cfg, tina_cfg, self.encoder, self.zoo, self.zoo_dir, self.dataset,
-                                  self.split, self.bank, log)[0]
+                                  self.split, self.bank, self.prompt_features, log)[0]
 
 
-def zoo_shots(ds: ImageDataset, split: ProtocolSplit, bank: FeatureBank) -> dict[str, np.ndarray]:
-    """{seen class name: features of its zoo-part images}: the example images behind Tina's image prompts in
-    training (the zoo heads' own images; unseen classes never)."""
+def zoo_shots(ds: ImageDataset, split: ProtocolSplit, features: np.ndarray) -> dict[str, np.ndarray]:
+    """{seen class name: prompt features of its zoo-part images}: the example images behind Tina's image prompts
+    in training (the zoo heads' own images; unseen classes never)."""
     labels, zoo_idx = np.asarray(ds.labels), np.asarray(split.zoo_idx)
-    return {ds.class_names[int(c)]: np.asarray(bank.features[zoo_idx[labels[zoo_idx] == c]]) for c in split.seen}
+    return {ds.class_names[int(c)]: np.asarray(features[zoo_idx[labels[zoo_idx] == c]]) for c in split.seen}
+
+
+IMAGE_PROMPTS = ("backbone", "clip")
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:   # a file object: np.save would append ".npy" to a temporary file's name
+        np.save(f, array)
+
+
+def prompt_features(cfg: CoreConfig, ds: ImageDataset, bank: FeatureBank, encoder: CachedTextEncoder,
+                    bank_key: str, log: Callable[[str], None]) -> np.ndarray:
+    """Features of every image for image prompts: the backbone's (the space the head's rows live in), or the open_clip
+    image tower's (encoder=clip; one pass over the dataset, cached beside the feature bank)."""
+    if cfg.encoder.image_prompts == "backbone":
+        return np.asarray(bank.features)
+    path = cfg.cache_path / "features" / bank_key / f"image-prompts-{encoder.encoder.id}.npy"
+    with cache_lock(path):
+        if not path.exists():
+            t0 = time.perf_counter()
+            feats = np.asarray(encoder.encoder.encode_images(ds.images), np.float32)
+            atomic_write(path, lambda tmp: _save_npy(tmp, feats))
+            log(f"[features] {encoder.encoder.id} image tower: {feats.shape} in {time.perf_counter() - t0:.1f}s")
+    feats = np.load(path)
+    if feats.shape[0] != len(ds.images):
+        raise CorruptFileError(f"{path} holds {feats.shape[0]} image features for {len(ds.images)} images; delete it")
+    return feats
 
 
 def zoo_key(cfg: CoreConfig, ds: ImageDataset, split: ProtocolSplit) -> str:
@@ -70,21 +99,24 @@ def zoo_key(cfg: CoreConfig, ds: ImageDataset, split: ProtocolSplit) -> str:
 
 
 def tina_key(tina_cfg: TinaConfig, encoder: CachedTextEncoder, num_entries: int,
-             descriptions: dict[str, str] | None = None) -> str:
+             descriptions: dict[str, str] | None = None, image_prompts: str = "backbone") -> str:
     """Every TinaConfig field that changes the trained weights, hashed (device, logging and threads do not; the
     residual-only fields count only when residual is on, so plain checkpoints keep the key they had before them),
-    and the class descriptions when Tina trains on them."""
+    the class descriptions when Tina trains on them, and the image prompts' features when they are not the
+    backbone's."""
     skip = ("device", "log_every", "cpu_threads") + (() if tina_cfg.residual else ("residual", "borrow_prob"))
     fields = {k: v for k, v in asdict(tina_cfg).items() if k not in skip}
     if tina_cfg.prompt_sentences > 0:
         fields["descriptions"] = sorted((descriptions or {}).items())
+    if image_prompts != "backbone":
+        fields["image_prompts"] = image_prompts
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
     return f"{encoder.id}-n{num_entries}-{digest}"
 
 
 def load_or_train_tina(cfg: CoreConfig, tina_cfg: TinaConfig, encoder: CachedTextEncoder, zoo: ZooStore,
                        zoo_dir: Path, ds: ImageDataset, split: ProtocolSplit, bank: FeatureBank,
-                       log: Callable[[str], None]) -> tuple[TinaGenerator, Path]:
+                       features: np.ndarray, log: Callable[[str], None]) -> tuple[TinaGenerator, Path]:
     """The Tina of `tina_cfg` on this zoo: loaded from the cache, or trained and saved (under the cache lock)."""
     from fedtina.tina.base import BaseRows
     from fedtina.tina.train import load_checkpoint, save_checkpoint, train_tina
@@ -92,13 +124,13 @@ def load_or_train_tina(cfg: CoreConfig, tina_cfg: TinaConfig, encoder: CachedTex
     tina = None
     descriptions = load_descriptions(cfg.dataset.descriptions, ds.class_names) if tina_cfg.prompt_sentences else {}
     path = (cfg.cache_path / "tina" / zoo_dir.name /
-            f"{tina_key(tina_cfg, encoder, len(zoo), descriptions)}.safetensors")
+            f"{tina_key(tina_cfg, encoder, len(zoo), descriptions, cfg.encoder.image_prompts)}.safetensors")
     base = BaseRows.from_bank(bank, ds.class_names, encoder)   # used by residual Tina only
     if not path.exists():
         with cache_lock(path):
             if not path.exists():  # another process may have trained it while we waited
                 tina = train_tina(zoo.entries(), encoder, tina_cfg, log=log, base=base,
-                                  shots=zoo_shots(ds, split, bank), descriptions=descriptions)
+                                  shots=zoo_shots(ds, split, features), descriptions=descriptions)
                 save_checkpoint(path, tina)
                 log(f"[tina] trained and saved {path}")
     if tina is None:
@@ -129,9 +161,10 @@ def build_assets(cfg: CoreConfig, log: Callable[[str], None] = print, with_tina:
     timings["zoo_s"] = time.perf_counter() - t0
     log(f"[zoo] {len(zoo)} heads in {zoo_dir}")
 
+    features = prompt_features(cfg, ds, bank, encoder, feature_cache_key(ds, split, cfg.backbone), log)
     tina, tina_path = None, None
     if with_tina:
         t0 = time.perf_counter()
-        tina, tina_path = load_or_train_tina(cfg, cfg.tina, encoder, zoo, zoo_dir, ds, split, bank, log)
+        tina, tina_path = load_or_train_tina(cfg, cfg.tina, encoder, zoo, zoo_dir, ds, split, bank, features, log)
         timings["tina_s"] = time.perf_counter() - t0
-    return Assets(cfg, ds, split, bank, encoder, zoo, zoo_dir, tina, tina_path, timings)
+    return Assets(cfg, ds, split, bank, encoder, zoo, zoo_dir, tina, tina_path, timings, features)

@@ -38,7 +38,8 @@ ROWS = ("selection", "ridge", "soft_selection", "retrieval", "tina", "tina_regre
 
 @dataclass
 class BenchTask:
-    """One personalization task: its classes and their zoo-part (train) and test-part features."""
+    """One personalization task: its classes and their zoo-part (train) and test-part features; ``train_p``: the
+    zoo-part images' features for image prompts (the backbone's, or CLIP's: encoder.image_prompts)."""
 
     class_ids: tuple[int, ...]
     class_names: tuple[str, ...]
@@ -46,18 +47,21 @@ class BenchTask:
     train_y: np.ndarray
     test_x: np.ndarray
     test_y: np.ndarray
+    train_p: np.ndarray
 
 
 def task_data(assets: Assets, class_ids: tuple[int, ...]) -> BenchTask:
     labels, feats = assets.dataset.labels, assets.bank.features
     pos = {c: i for i, c in enumerate(class_ids)}
 
-    def part(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def part(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         idx = idx[np.isin(labels[idx], class_ids)]
-        return feats[idx], np.array([pos[c] for c in labels[idx]], dtype=np.int64)
+        return feats[idx], np.array([pos[c] for c in labels[idx]], dtype=np.int64), idx
 
     names = tuple(assets.dataset.class_names[c] for c in class_ids)
-    return BenchTask(class_ids, names, *part(assets.split.zoo_idx), *part(assets.split.test_idx))
+    train_x, train_y, train_idx = part(assets.split.zoo_idx)
+    test_x, test_y, _ = part(assets.split.test_idx)
+    return BenchTask(class_ids, names, train_x, train_y, test_x, test_y, assets.prompt_features[train_idx])
 
 
 def sample_task_sets(assets: Assets, cfg: BenchConfig) -> dict[str, list[tuple[int, ...]]]:

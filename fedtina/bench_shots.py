@@ -50,7 +50,7 @@ def shot_rows(assets, tasks, n: int | str, cfg, selection: list[Head], task_seed
              for i, t in enumerate(tasks)]
     data = [(t.train_x[d], t.train_y[d]) for t, d in zip(tasks, draws)]
     names = [t.class_names for t in tasks]
-    per_set = [[x[y == c] for c in range(len(cls))] for cls, (x, y) in zip(names, data)]
+    per_set = [[t.train_p[d][t.train_y[d] == c] for c in range(len(t.class_names))] for t, d in zip(tasks, draws)]
     scale = float(np.linalg.norm(np.asarray(assets.bank.generic_weight), axis=1).mean())
     tune = oracle_heads if cfg.tina_ft.select else finetune_heads
     out = {

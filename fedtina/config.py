@@ -52,6 +52,8 @@ class EncoderConfig:
     pretrained: str | None = None     # clip: a pretrained tag ("openai") or a local checkpoint path; None = random
     template: str = "a photo of a {}."
     device: str = "auto"
+    image_prompts: str = "backbone"   # the features behind image prompts: backbone (the generic model's) | clip
+                                      # (the open_clip image tower of encoder=clip, cached per dataset)
 
 
 @dataclass

@@ -162,6 +162,7 @@ def validate_core_config(cfg: dict[str, Any]) -> None:
     after the backbone or the zoo was built."""
     from fedtina.backbone import BACKBONES
     from fedtina.data import DATASETS
+    from fedtina.assets import IMAGE_PROMPTS
     from fedtina.text import ENCODERS
     from fedtina.tina.diffusion import PREDICTIONS, NoiseSchedule
     from fedtina.tina.train import check_objective
@@ -181,6 +182,10 @@ def validate_core_config(cfg: dict[str, Any]) -> None:
     _one_of("dataset.name", ds.name, DATASETS)
     _one_of("backbone.arch", core.backbone.arch, sorted(BACKBONES))
     _one_of("encoder.name", core.encoder.name, sorted(ENCODERS))
+    _one_of("encoder.image_prompts", core.encoder.image_prompts, IMAGE_PROMPTS)
+    if core.encoder.image_prompts == "clip" and core.encoder.name != "clip":
+        raise FedtinaError(f"encoder.image_prompts=clip uses the open_clip image tower: it needs encoder=clip "
+                           f"(got encoder.name={core.encoder.name!r})")
     if zoo.k_min > zoo.k_max:
         raise FedtinaError(f"zoo.k_min={zoo.k_min} > zoo.k_max={zoo.k_max}: need k_min <= k_max")
     if zoo.k_max > tina.max_classes:
@@ -235,7 +240,11 @@ def validate_simulate_config(cfg: dict[str, Any]) -> None:
         raise FedtinaError(f"method.names={names}: unknown method(s) {unknown}; valid: {list(METHODS)}")
     if not names or len(set(names)) < len(names):
         raise FedtinaError(f"method.names={names}: need one or more distinct methods of {list(METHODS)}")
-    _one_of("method.prompt", (cfg.get("method") or {}).get("prompt", "text"), PROMPTS)
+    prompt = (cfg.get("method") or {}).get("prompt", "text")
+    _one_of("method.prompt", prompt, PROMPTS)
+    if prompt != "text" and (cfg.get("encoder") or {}).get("image_prompts", "backbone") != "backbone":
+        raise FedtinaError(f"method.prompt={prompt} sends the class means of the clients' backbone features: it "
+                           f"needs encoder.image_prompts=backbone (clients do not run the CLIP image tower)")
     clients, rounds = cfg.get("clients"), cfg.get("rounds")
     if "tina" in names and rounds is not None and clients is not None and rounds > clients:
         raise FedtinaError(f"rounds={rounds} exceeds clients={clients}: tina serves the clients in `rounds` cohorts, "

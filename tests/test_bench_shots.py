@@ -98,7 +98,7 @@ def test_samples_of_tina_best_and_mean():
             return [Head(tuple(n), good if seed == 1 else bad, np.zeros(2, np.float32)) for n in names]
 
     assets = SimpleNamespace(tina=Gen())
-    task = BenchTask((0, 1), ("a", "b"), x, y, x, y)
+    task = BenchTask((0, 1), ("a", "b"), x, y, x, y, x)
     (best,) = samples_of_tina(assets, [task], 2, pick="best")
     np.testing.assert_array_equal(best.weight, good)
     (mean,) = samples_of_tina(assets, [task], 2, pick="mean")
@@ -119,6 +119,6 @@ def test_novelty_is_zero_for_a_generator_that_copies_the_zoo():
     copied = Head(("a", "b"), rng.standard_normal((2, 4)).astype(np.float32), np.zeros(2, np.float32))
     entry = SimpleNamespace(class_names=("a", "b"), params={"head.weight": copied.weight, "head.bias": copied.bias})
     assets = SimpleNamespace(zoo=SimpleNamespace(entries=lambda: [entry]))
-    task = BenchTask((0, 1), ("a", "b"), x, y, x, y)
+    task = BenchTask((0, 1), ("a", "b"), x, y, x, y, x)
     nv = novelty(assets, [task], [copied], [copied], HeadTrainConfig(steps=20, lr=0.1), seed=0)
     assert nv["to_zoo"] == 0.0 and nv["between_fine_tunes"] > 0.0

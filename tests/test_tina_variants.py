@@ -143,3 +143,83 @@ def test_analyses_sample_steps_and_descriptions(tmp_path):
                              (("analysis=sample_steps", "analysis.name=volume"), "unknown analysis 'volume'")]:
         with pytest.raises(FedtinaError, match=match):
             run(*overrides)
+
+
+# ------------------------------------------------------------------ image prompts in another feature space (CLIP's)
+def test_image_prompts_may_be_wider_than_the_head_features(tmp_path):
+    entries, rows, _ = fake_zoo(num_tasks=60)
+    rng = np.random.default_rng(0)
+    proj = rng.standard_normal((len(next(iter(rows.values()))), 24)).astype(np.float32)   # 16-d rows, 24-d images
+    shots = {n: ((r + 0.2 * rng.standard_normal((10, len(r)))) @ proj).astype(np.float32) for n, r in rows.items()}
+    gen = TinaTrainer(entries, FakeEncoder(), tiny_cfg(train_steps=30), log=None, shots=shots).fit()
+    assert gen.image_dim == 24 and gen.layout.feature_dim == 16
+    (h,) = gen.generate([["class 0", "class 1"]], shots=[[shots["class 0"][:3], None]])
+    assert h.weight.shape == (2, 16)
+    with pytest.raises(FedtinaError, match=r"image prompt of 'class 0'.*expected \[n, 24\]"):
+        gen.generate([["class 0"]], shots=[[np.ones((2, 16), np.float32)]])
+    path = save_checkpoint(tmp_path / "w.safetensors", gen)
+    loaded = load_checkpoint(path, FakeEncoder())
+    assert loaded.image_dim == 24
+    np.testing.assert_allclose(loaded.generate([["class 0", "class 1"]], shots=[[shots["class 0"][:3], None]])[0].weight,
+                               h.weight, atol=1e-5)
+    with pytest.raises(FedtinaError, match="different widths"):
+        TinaTrainer(entries, FakeEncoder(), tiny_cfg(), log=None, shots={"class 0": np.ones((2, 24), np.float32),
+                                                                         "class 1": np.ones((2, 16), np.float32)})
+
+
+class FakeClip:
+    """A stand-in for open_clip (no 150M-parameter tower in the tests): text and images to fixed random 24-d unit
+    vectors; images by their mean colour, so the features carry what the image shows."""
+
+    def __init__(self, cfg) -> None:
+        self.id, self.dim, self.image_calls = "fakeclip", 24, 0
+        self.proj = np.random.default_rng(0).standard_normal((3, 24)).astype(np.float32)
+
+    def encode(self, texts):
+        return FakeEncoder(dim=24, id="fakeclip").embed_names(list(texts))
+
+    def encode_images(self, images):
+        self.image_calls += 1
+        x = images.reshape(len(images), -1, 3).mean(1).astype(np.float32) / 255 @ self.proj
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.mark.slow
+def test_clip_image_prompts_through_the_pipeline(tmp_path, monkeypatch):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from fedtina import text
+    from fedtina.assets import build_assets
+    from fedtina.bench_shots import shot_rows
+    from fedtina.bench import sample_task_sets, selection_heads, task_data
+    from fedtina.config import BenchConfig, CoreConfig, from_dict
+    from fedtina.validate import validate_core_config
+    from simkit import compose
+
+    made = []
+    monkeypatch.setitem(text.ENCODERS, "clip", lambda cfg: made.append(FakeClip(cfg)) or made[-1])
+    from omegaconf import OmegaConf
+    cfg = OmegaConf.to_container(compose(tmp_path / "cache", "encoder=clip", "encoder.image_prompts=clip"),
+                                 resolve=True)
+    core_dict = {k: cfg[k] for k in ("dataset", "protocol", "backbone", "encoder", "zoo", "tina", "cache_dir")}
+    validate_core_config(core_dict)
+    assets = build_assets(from_dict(CoreConfig, core_dict), log=lambda _m: None)
+    assert assets.prompt_features.shape == (len(assets.dataset.images), 24)
+    assert assets.tina.image_dim == 24 and assets.tina.layout.feature_dim == assets.bank.features.shape[1]
+    assert made[-1].image_calls == 1
+    again = build_assets(from_dict(CoreConfig, core_dict), log=lambda _m: None)    # the image features are cached
+    assert made[-1].image_calls == 0
+    np.testing.assert_array_equal(again.prompt_features, assets.prompt_features)
+
+    bench = BenchConfig(num_tasks=3, k=3, ood_unseen=1)
+    tasks = [task_data(assets, ids) for ids in sample_task_sets(assets, bench)["ood"]]
+    assert all(t.train_p.shape == (len(t.train_y), 24) for t in tasks)
+    rows = shot_rows(assets, tasks, 2, bench, selection_heads(assets, tasks), 0, lambda _row, fn: fn())
+    assert all(h.weight.shape == (3, assets.bank.features.shape[1]) for h in rows["tina_img"])
+
+    for overrides, match in [(("encoder.image_prompts=clip",), "needs encoder=clip"),
+                             (("encoder.image_prompts=dino",), "encoder.image_prompts='dino' is invalid"),
+                             (("encoder=clip", "encoder.image_prompts=clip", "method.prompt=both"),
+                              "needs encoder.image_prompts=backbone")]:
+        from fedtina.validate import validate_simulate_config
+        with pytest.raises(FedtinaError, match=match):
+            validate_simulate_config(compose(tmp_path / "cache", *overrides))

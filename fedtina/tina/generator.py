@@ -1,7 +1,8 @@
 """TinaGenerator: label sets (class names, optionally with example images per class) -> personalized heads, in one
 batched sampler call.
 
-Each class is prompted by its name, by n example images (their frozen-backbone features: `shots`), or both
+Each class is prompted by its name, by n example images (`shots`: their features, the frozen backbone's or the
+CLIP image tower's, whichever the Tina was trained with: `image_dim`), or both
 (`fedtina.tina.prompt`); one batch may mix the kinds per class. A class with shots is prompted by its images, and
 by its name too unless `use_names=False`; a class without shots always by its name. The text part may be a
 description instead of the name (`texts`, e.g. "a shape with three corners, coloured red"); the name still keys the
@@ -55,7 +56,8 @@ class TinaGenerator:
     residual mode)."""
 
     def __init__(self, model: TinaNet, layout: ParamLayout, encoder: Any, cfg: TinaConfig,
-                 device: torch.device | str | None = None, base: BaseRows | None = None) -> None:
+                 device: torch.device | str | None = None, base: BaseRows | None = None,
+                 image_dim: int | None = None) -> None:
         if cfg.residual and base is None:
             raise FedtinaError("this Tina is residual (TinaConfig.residual): it needs the base rows it was trained "
                                "against, BaseRows.from_bank(bank, class_names, encoder)")
@@ -65,6 +67,7 @@ class TinaGenerator:
         self.model = model.to(self.device).eval()
         self.layout = layout
         self.encoder = encoder
+        self.image_dim = int(image_dim or layout.feature_dim)   # image prompts: backbone features, or CLIP's
         self.schedule = NoiseSchedule(cfg.timesteps, cfg.schedule)
 
     @property
@@ -115,7 +118,7 @@ class TinaGenerator:
             said.append([n if t is None else as_text_prompt(t) for n, t in zip(names, given)])
         unique = sorted({t for s in said for t in s})
         table = dict(zip(unique, np.asarray(self.encoder.embed_names(unique), dtype=np.float32)))
-        d = self.layout.feature_dim
+        d = self.image_dim
         out = []
         for b, names in enumerate(sets):
             per = shots[b] if shots is not None else None

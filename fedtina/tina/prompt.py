@@ -31,8 +31,8 @@ def image_embedding(shots: np.ndarray, feature_dim: int, where: str = "image pro
     if x.ndim == 1:
         x = x[None]
     if x.ndim != 2 or x.shape[1] != feature_dim:
-        raise FedtinaError(f"{where}: features of shape {x.shape}, expected [n, {feature_dim}] (the backbone's "
-                           f"feature width)")
+        raise FedtinaError(f"{where}: features of shape {x.shape}, expected [n, {feature_dim}] (the width of "
+                           f"this Tina's image features: the backbone's, or the CLIP image tower's)")
     if len(x) == 0:
         raise FedtinaError(f"{where}: zero shots; give at least one image, or no image prompt for this class")
     if not np.isfinite(x).all():

@@ -51,8 +51,8 @@ from fedtina.tina.prompt import ShotBank, compose, prompt_dim, sample_kinds
 CHECKPOINT_FORMAT = "fedtina.tina/2"   # 2: class prompts (text | images | both) instead of text only
 
 
-def build_model(cfg: TinaConfig, layout: ParamLayout, text_dim: int) -> TinaNet:
-    return TinaNet(layout.token_dim, prompt_dim(text_dim, layout.feature_dim), d_model=cfg.d_model, depth=cfg.depth,
+def build_model(cfg: TinaConfig, layout: ParamLayout, text_dim: int, image_dim: int) -> TinaNet:
+    return TinaNet(layout.token_dim, prompt_dim(text_dim, image_dim), d_model=cfg.d_model, depth=cfg.depth,
                    num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, num_global_tokens=layout.num_global_tokens,
                    residual=cfg.residual)
 
@@ -89,7 +89,7 @@ class ZooTensors:
     def __init__(self, entries: Sequence[Any], encoder: Any, layout: ParamLayout, base: BaseRows | None = None,
                  borrow_prob: float = 0.0, shots: Mapping[str, np.ndarray] | None = None,
                  max_shots: int = 16, descriptions: Mapping[str, str] | None = None,
-                 sentence_prob: float = 0.0) -> None:
+                 sentence_prob: float = 0.0, image_dim: int | None = None) -> None:
         if not entries:
             raise FedtinaError("cannot train Tina on an empty zoo")
         ks = [len(e.class_names) for e in entries]
@@ -129,8 +129,8 @@ class ZooTensors:
         self.has_sentence[[index[n] for n in described]] = True
         self.sentence_prob = float(sentence_prob)
         self.names = names
-        self.feature_dim = layout.feature_dim
-        self.shots = ShotBank(shots, names, layout.feature_dim, max_shots) if shots is not None else None
+        self.image_dim = int(image_dim or layout.feature_dim)   # width of the image prompts' features
+        self.shots = ShotBank(shots, names, self.image_dim, max_shots) if shots is not None else None
         self.residual = base is not None
         if self.residual:
             self._init_residual(layout, base, borrow_prob)
@@ -198,7 +198,7 @@ class ZooTensors:
             said = (torch.rand(names.shape, generator=gen, device=names.device) < self.sentence_prob)
             text = torch.where((said & self.has_sentence[names])[..., None], self.sentences[names], text)
         if self.shots is None:
-            return compose(text, torch.zeros(*names.shape, self.feature_dim, device=names.device),
+            return compose(text, torch.zeros(*names.shape, self.image_dim, device=names.device),
                            torch.ones_like(names, dtype=torch.bool), torch.zeros_like(names, dtype=torch.bool))
         use_text, use_images = sample_kinds(names.shape, mix, gen, names.device)
         images, available = self.shots.sample(names, gen)
@@ -219,6 +219,14 @@ class ZooTensors:
 
 
 OBJECTIVES = ("diffusion", "regress")
+
+
+def image_width(shots: Mapping[str, np.ndarray] | None, default: int) -> int:
+    """The feature width of the image prompts in `shots` (the backbone's, or e.g. CLIP's image tower's)."""
+    widths = {np.asarray(x).shape[-1] for x in (shots or {}).values() if np.asarray(x).ndim == 2 and len(x)}
+    if len(widths) > 1:
+        raise FedtinaError(f"image prompts: the classes' features have different widths {sorted(widths)}")
+    return widths.pop() if widths else int(default)
 
 
 def check_objective(cfg: TinaConfig) -> None:
@@ -265,13 +273,17 @@ class TinaTrainer:
             self.layout = ParamLayout(d, global_segments).fit(e.params for e in entries)
             if self.base is not None:
                 self.layout = fit_residual_stats(self.layout, entries, self.base)
+        self.image_dim = image_width(shots, init.image_dim if init is not None else self.layout.feature_dim)
+        if init is not None and init.image_dim != self.image_dim:
+            raise FedtinaError(f"warm start: the generator's image prompts are {init.image_dim}-d, these shots "
+                               f"{self.image_dim}-d")
         if cfg.prompt_sentences > 0 and not descriptions:
             raise FedtinaError("TinaConfig.prompt_sentences > 0 needs class descriptions (dataset.descriptions)")
         self.data = ZooTensors(entries, encoder, self.layout, self.base, cfg.borrow_prob, shots, cfg.max_shots,
-                               descriptions, cfg.prompt_sentences).to(self.device)
+                               descriptions, cfg.prompt_sentences, self.image_dim).to(self.device)
         self.mix = (cfg.prompt_text, cfg.prompt_images, cfg.prompt_both)
         torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg, self.layout, int(encoder.dim)).to(self.device)
+        self.model = build_model(cfg, self.layout, int(encoder.dim), self.image_dim).to(self.device)
         if init is not None:
             try:
                 self.model.load_state_dict(init.model.state_dict())
@@ -354,7 +366,7 @@ class TinaTrainer:
     def generator(self) -> TinaGenerator:
         """A TinaGenerator over (a copy of) the current EMA weights."""
         return TinaGenerator(copy.deepcopy(self.ema).eval(), self.layout, self.encoder, self.cfg, device=self.device,
-                             base=self.base)
+                             base=self.base, image_dim=self.image_dim)
 
 
 def train_tina(entries: Sequence[Any], encoder: Any, cfg: TinaConfig, log: Callable[[str], Any] | None = print,
@@ -386,6 +398,7 @@ def save_checkpoint(path: str | Path, generator: TinaGenerator) -> Path:
         "layout": json.dumps(generator.layout.spec()),
         "encoder_id": str(enc.id),
         "encoder_dim": str(int(enc.dim)),
+        "image_dim": str(int(generator.image_dim)),
         "text_template": json.dumps(getattr(enc, "template", None)),
         "sha256": _tensor_digest(tensors),
     }
@@ -439,6 +452,7 @@ def load_checkpoint(path: str | Path, encoder: Any, device: str | None = None,
         cfg = TinaConfig(**{k: v for k, v in cfg_dict.items() if k in known})
         spec = json.loads(meta["layout"])
         enc_id, enc_dim = meta["encoder_id"], int(meta["encoder_dim"])
+        image_dim = int(meta.get("image_dim", spec["feature_dim"]))
         template = json.loads(meta.get("text_template", "null"))
         layout_t = {k[len("layout."):]: v.numpy() for k, v in tensors.items() if k.startswith("layout.")}
         missing = {"class_mean", "class_std", "global_mean", "global_std"} - set(layout_t)
@@ -457,10 +471,10 @@ def load_checkpoint(path: str | Path, encoder: Any, device: str | None = None,
         raise FedtinaError(f"Tina checkpoint {path} was trained with text template {template!r}, "
                            f"but the encoder uses {enc_template!r}; use that template or retrain Tina")
 
-    model = build_model(cfg, layout, enc_dim)
+    model = build_model(cfg, layout, enc_dim, image_dim)
     state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise CorruptFileError(f"Tina checkpoint {path} does not match its config ({err}); delete it and retrain") from err
-    return TinaGenerator(model, layout, encoder, cfg, device=device, base=base)
+    return TinaGenerator(model, layout, encoder, cfg, device=device, base=base, image_dim=image_dim)
