@@ -47,6 +47,11 @@ class Assets:
     def shots(self) -> dict[str, np.ndarray]:
         return zoo_shots(self.dataset, self.split, self.prompt_features)
 
+    @property
+    def descriptions(self) -> dict[str, str]:
+        """{class name: sentence} of dataset.descriptions ({} without)."""
+        return load_descriptions(self.cfg.dataset.descriptions, self.dataset.class_names)
+
     def tina_variant(self, log: Callable[[str], None] = print, **changes) -> TinaGenerator:
         """Another Tina on the same zoo, with `changes` to the TinaConfig (cached by its own key): the bench's
         tina_regress and the analyses' Tina sizes."""

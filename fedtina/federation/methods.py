@@ -369,7 +369,8 @@ def refresh_tina(fed: Federation, zoo, rnd: int) -> str:
                   warmup_steps=min(int(tina.cfg.warmup_steps), max(1, opts.refresh_steps // 5)))
     with PhaseTimer() as t:
         entries = zoo.entries()
-        new = tina_train.train_tina(entries, tina.encoder, cfg, log=None, init=tina, shots=fed.assets.shots)
+        new = tina_train.train_tina(entries, tina.encoder, cfg, log=None, init=tina, shots=fed.assets.shots,
+                                    descriptions=fed.assets.descriptions)
         cohort_path = Path(fed.spec.tina_path).with_name(f"tina-c{rnd}.safetensors")
         for path in (cohort_path, Path(fed.spec.tina_path)):
             tina_train.save_checkpoint(path, new)   # temp file + os.replace
