@@ -212,21 +212,7 @@ def main_from_dict(cfg: dict, out_dir: Path) -> dict:
     return result
 
 
-def _hydra_main() -> None:
-    import hydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import DictConfig, OmegaConf
-
-    @hydra.main(version_base="1.3", config_path="../configs", config_name="analyses")
-    def main(cfg: DictConfig) -> None:
-        try:
-            main_from_dict(OmegaConf.to_container(cfg, resolve=True), Path(HydraConfig.get().runtime.output_dir))
-        except FedtinaError as exc:  # bad input: one clear line, no traceback
-            log.error("%s", exc)
-            raise SystemExit(2) from None
-
-    main()
-
-
 if __name__ == "__main__":
-    _hydra_main()
+    from fedtina.cli import hydra_entry
+
+    hydra_entry("analyses", main_from_dict, log)

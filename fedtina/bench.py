@@ -24,7 +24,6 @@ from fedtina.assets import Assets, build_assets
 from fedtina.bench_baselines import TextBaselines, novelty, wrong_names
 from fedtina.bench_shots import format_shots, plot_shots, run_shots
 from fedtina.config import BenchConfig, CoreConfig, HeadTrainConfig, from_dict
-from fedtina.errors import FedtinaError
 from fedtina.heads import (Head, accuracy, finetune_heads, generic_rows, oracle_heads, selection_head,
                            train_scratch_heads)
 from fedtina.protocol import sample_ood_tasks, sample_tasks
@@ -212,21 +211,7 @@ def main_from_dict(cfg: dict, out_dir: Path) -> dict:
     return report
 
 
-def _hydra_main() -> None:
-    import hydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import DictConfig, OmegaConf
-
-    @hydra.main(version_base="1.3", config_path="../configs", config_name="bench")
-    def main(cfg: DictConfig) -> None:
-        try:
-            main_from_dict(OmegaConf.to_container(cfg, resolve=True), Path(HydraConfig.get().runtime.output_dir))
-        except FedtinaError as exc:  # bad input: one clear line, no traceback
-            log.error("%s", exc)
-            raise SystemExit(2) from None
-
-    main()
-
-
 if __name__ == "__main__":
-    _hydra_main()
+    from fedtina.cli import hydra_entry
+
+    hydra_entry("bench", main_from_dict, log)

@@ -223,3 +223,18 @@ def test_clip_image_prompts_through_the_pipeline(tmp_path, monkeypatch):
         from fedtina.validate import validate_simulate_config
         with pytest.raises(FedtinaError, match=match):
             validate_simulate_config(compose(tmp_path / "cache", *overrides))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["fedtina.bench", "dataset.name=mnist"], "dataset.name='mnist' is invalid"),
+    (["fedtina.analyses", "analysis.name=volume"], "unknown analysis 'volume'"),
+])
+def test_report_commands_fail_in_one_line(argv, message, tmp_path):
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", *argv, f"cache_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
