@@ -104,7 +104,7 @@ def run_analysis(core: CoreConfig, bench: BenchConfig, cfg: AnalysisConfig) -> d
     if cfg.name == "descriptions" and not core.dataset.descriptions:
         raise FedtinaError("analysis=descriptions needs dataset.descriptions ('generated' for shapes, or a file of "
                            "'name<TAB>sentence' lines)")
-    points = {}
+    points, baselines = {}, {}   # baselines: per (zoo, task sets), shared by the points that only change Tina
     for value in values:
         t0 = time.perf_counter()
         point_core, point_bench = _core_for(core, bench, cfg.name, value)
@@ -112,7 +112,11 @@ def run_analysis(core: CoreConfig, bench: BenchConfig, cfg: AnalysisConfig) -> d
             point_core = _with_sentences(point_core, value)
         assets = build_assets(point_core, log=log.info, with_tina=cfg.name not in ("tina_size", "descriptions"))
         point = Point(assets, point_bench)
-        point.baselines()
+        key = (str(assets.zoo_dir), point_bench.k, point_bench.ood_unseen)
+        if key not in baselines:
+            point.baselines()
+            baselines[key] = {row: dict(r) for row, r in point.rows.items()}
+        point.rows.update({row: dict(r) for row, r in baselines[key].items()})
         if cfg.name == "sample_steps":
             point.tina("tina", assets.tina, steps=int(value))
         elif cfg.name == "tina_size":
