@@ -1,4 +1,6 @@
-"""fedtina's ClientApp (Flower Message API). Each handler is thin: the work lives in `fedtina.federation.client_ops`.
+"""fedtina's ClientApp (Flower Message API). The handlers every head-serving method shares are here (`describe`,
+`evaluate.head`, `train.finetune`); each method's own steps come from its module (fedtina.methods registry) and are
+registered below by message type. Handlers are thin: the work lives in the library.
 
 A client knows only its partition id (`node_config["partition-id"]`). Its data (frozen features of its images, or the
 images themselves for fedavg_full) is loaded lazily from the run dir, whose paths arrive in every message's `config`
@@ -20,11 +22,13 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedtina import methods
 from fedtina.config import HeadTrainConfig
 from fedtina.federation import client_ops
 from fedtina.federation.partition import client_spec
 from fedtina.federation.profiling import PhaseTimer, to_config
-from fedtina.federation.runtime import arrays_record, head_record, record_arrays, record_head
+from fedtina.federation.client_call import ClientCall
+from fedtina.federation.runtime import arrays_record, head_record, record_head
 from fedtina.heads import Head
 
 app = ClientApp()
@@ -44,9 +48,9 @@ def _setup(msg: Message, ctx: Context, work: bool = True) -> tuple[ConfigRecord,
 
 
 def _reply(msg: Message, cfg: ConfigRecord, cid: int, phase: str, t: PhaseTimer, records: dict,
-           acc: float | None = None) -> Message:
+           acc: float | None = None, detail: str = "") -> Message:
     rnd = int(cfg.get("round", cfg.get("server-round", 0)))
-    prof = t.record(str(cfg.get("method", "")), rnd, cid, phase, acc=acc)
+    prof = t.record(str(cfg.get("method", "")), rnd, cid, phase, acc=acc, detail=detail)
     return Message(RecordDict({**records, "prof": ConfigRecord(to_config(prof))}), reply_to=msg)
 
 
@@ -148,59 +152,18 @@ def _mislabel(data: client_ops.ClientData, share: float, cid: int) -> client_ops
     return replace(data, train_y=y)
 
 
-@app.train()
-def fedavg_train(msg: Message, ctx: Context) -> Message:
-    """FedAvg's local step on the global head (row c = dataset class c) over the client's frozen features."""
-    cfg, cid = _setup(msg, ctx)
-    arrays = msg.content["arrays"]
-    with PhaseTimer() as t:
-        data = _data(cfg, cid)
-        w, b = client_ops.fedavg_local_train(arrays["weight"].numpy(), arrays["bias"].numpy(), data,
-                                             int(cfg["epochs"]), float(cfg["lr"]), int(cfg["batch_size"]))
-    out = arrays_record({"weight": w, "bias": b})
-    metrics = MetricRecord({"num-examples": int(len(data.train_y))})
-    return _reply(msg, cfg, cid, "train", t, {"arrays": out, "metrics": metrics})
+def _handler(message_type: str, phase: str, step):
+    """A registered method's client step as a ClientApp handler: faults, timer, reply."""
+    def handler(msg: Message, ctx: Context) -> Message:
+        cfg, cid = _setup(msg, ctx)
+        call = ClientCall(msg.content, cfg, cid, ctx.state)
+        with PhaseTimer() as t:
+            records, acc = step(call)
+        return _reply(msg, cfg, cid, phase, t, records, acc, call.note)
+    handler.__name__ = handler.__qualname__ = message_type.replace(".", "_")
+    return handler
 
 
-@app.evaluate()
-def fedavg_evaluate(msg: Message, ctx: Context) -> Message:
-    """FedAvg's evaluation: the global head's rows for the client's classes, k-way accuracy on its test images."""
-    cfg, cid = _setup(msg, ctx)
-    arrays = msg.content["arrays"]
-    with PhaseTimer() as t:
-        data = _data(cfg, cid)
-        head = client_ops.restrict_head(arrays["weight"].numpy(), arrays["bias"].numpy(), data.class_ids,
-                                        data.class_names)
-        res = client_ops.evaluate_head(head, data)
-    return _reply(msg, cfg, cid, "evaluate", t, {"metrics": _metrics(res["acc"], res["num-examples"])}, res["acc"])
-
-
-def _device(cfg: ConfigRecord) -> str:
-    from fedtina.device import pick_device
-
-    return str(pick_device(str(cfg.get("device", "auto"))))
-
-
-@app.train("full")
-def full_train(msg: Message, ctx: Context) -> Message:
-    """fedavg_full: local epochs of the whole ResNet-20 (classifier over all classes) on the client's raw images."""
-    cfg, cid = _setup(msg, ctx)
-    with PhaseTimer() as t:
-        imgs, global_y, _, _ = client_ops.load_client_images(str(cfg["images"]), str(cfg["partition"]), cid)
-        state = client_ops.fedavg_full_local_train(record_arrays(msg.content["arrays"]), imgs, global_y,
-                                                   int(cfg["epochs"]), float(cfg["lr"]), int(cfg["batch_size"]),
-                                                   device=_device(cfg))
-    return _reply(msg, cfg, cid, "train", t, {"arrays": arrays_record(state),
-                                              "metrics": MetricRecord({"num-examples": int(len(global_y))})})
-
-
-@app.evaluate("full")
-def full_evaluate(msg: Message, ctx: Context) -> Message:
-    """fedavg_full: k-way accuracy of the global model over the client's own classes on its test images."""
-    cfg, cid = _setup(msg, ctx)
-    with PhaseTimer() as t:
-        _, _, test_imgs, test_y = client_ops.load_client_images(str(cfg["images"]), str(cfg["partition"]), cid)
-        class_ids = client_spec(str(cfg["partition"]), cid).class_ids
-        acc = client_ops.evaluate_full_model(record_arrays(msg.content["arrays"]), test_imgs, test_y, class_ids,
-                                             device=_device(cfg))
-    return _reply(msg, cfg, cid, "evaluate", t, {"metrics": _metrics(acc, len(test_y))}, acc)
+for _type, (_phase, _step) in methods.client_steps().items():
+    _category, _action = _type.split(".", 1)
+    getattr(app, _category)(_action)(_handler(_type, _phase, _step))

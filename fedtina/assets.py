@@ -57,7 +57,7 @@ class Assets:
         tina_regress and the analyses' Tina sizes."""
         tina_cfg = dataclasses.replace(self.cfg.tina, **changes)
         return load_or_train_tina(self.cfg, tina_cfg, self.encoder, self.zoo, self.zoo_dir, self.dataset,
-                                  self.split, self.bank, self.prompt_features, log)[0]
+                                  self.split, self.prompt_features, log)[0]
 
 
 def zoo_shots(ds: ImageDataset, split: ProtocolSplit, features: np.ndarray) -> dict[str, np.ndarray]:
@@ -105,11 +105,9 @@ def zoo_key(cfg: CoreConfig, ds: ImageDataset, split: ProtocolSplit) -> str:
 
 def tina_key(tina_cfg: TinaConfig, encoder: CachedTextEncoder, num_entries: int,
              descriptions: dict[str, str] | None = None, image_prompts: str = "backbone") -> str:
-    """Every TinaConfig field that changes the trained weights, hashed (device, logging and threads do not; the
-    residual-only fields count only when residual is on, so plain checkpoints keep the key they had before them),
-    the class descriptions when Tina trains on them, and the image prompts' features when they are not the
-    backbone's."""
-    skip = ("device", "log_every", "cpu_threads") + (() if tina_cfg.residual else ("residual", "borrow_prob"))
+    """Every TinaConfig field that changes the trained weights, hashed (device, logging and threads do not), the
+    class descriptions when Tina trains on them, and the image prompts' features when they are not the backbone's."""
+    skip = ("device", "log_every", "cpu_threads")
     fields = {k: v for k, v in asdict(tina_cfg).items() if k not in skip}
     if tina_cfg.prompt_sentences > 0:
         fields["descriptions"] = sorted((descriptions or {}).items())
@@ -120,26 +118,24 @@ def tina_key(tina_cfg: TinaConfig, encoder: CachedTextEncoder, num_entries: int,
 
 
 def load_or_train_tina(cfg: CoreConfig, tina_cfg: TinaConfig, encoder: CachedTextEncoder, zoo: ZooStore,
-                       zoo_dir: Path, ds: ImageDataset, split: ProtocolSplit, bank: FeatureBank,
-                       features: np.ndarray, log: Callable[[str], None]) -> tuple[TinaGenerator, Path]:
+                       zoo_dir: Path, ds: ImageDataset, split: ProtocolSplit, features: np.ndarray,
+                       log: Callable[[str], None]) -> tuple[TinaGenerator, Path]:
     """The Tina of `tina_cfg` on this zoo: loaded from the cache, or trained and saved (under the cache lock)."""
-    from fedtina.tina.base import BaseRows
     from fedtina.tina.train import load_checkpoint, save_checkpoint, train_tina
 
     tina = None
     descriptions = load_descriptions(cfg.dataset.descriptions, ds.class_names) if tina_cfg.prompt_sentences else {}
     path = (cfg.cache_path / "tina" / zoo_dir.name /
             f"{tina_key(tina_cfg, encoder, len(zoo), descriptions, cfg.encoder.image_prompts)}.safetensors")
-    base = BaseRows.from_bank(bank, ds.class_names, encoder)   # used by residual Tina only
     if not path.exists():
         with cache_lock(path):
             if not path.exists():  # another process may have trained it while we waited
-                tina = train_tina(zoo.entries(), encoder, tina_cfg, log=log, base=base,
+                tina = train_tina(zoo.entries(), encoder, tina_cfg, log=log,
                                   shots=zoo_shots(ds, split, features), descriptions=descriptions)
                 save_checkpoint(path, tina)
                 log(f"[tina] trained and saved {path}")
     if tina is None:
-        tina = load_checkpoint(path, encoder, base=base)  # CorruptFileError naming it when damaged
+        tina = load_checkpoint(path, encoder)  # CorruptFileError naming it when damaged
         log(f"[tina] loaded {path}")
     return tina, path
 
@@ -170,6 +166,6 @@ def build_assets(cfg: CoreConfig, log: Callable[[str], None] = print, with_tina:
     tina, tina_path = None, None
     if with_tina:
         t0 = time.perf_counter()
-        tina, tina_path = load_or_train_tina(cfg, cfg.tina, encoder, zoo, zoo_dir, ds, split, bank, features, log)
+        tina, tina_path = load_or_train_tina(cfg, cfg.tina, encoder, zoo, zoo_dir, ds, split, features, log)
         timings["tina_s"] = time.perf_counter() - t0
     return Assets(cfg, ds, split, bank, encoder, zoo, zoo_dir, tina, tina_path, timings, features)

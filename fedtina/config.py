@@ -100,10 +100,6 @@ class TinaConfig:
     log_every: int = 100              # steps between loss logs
     cpu_threads: int = 0              # torch intra-op threads while training on CPU (0 = torch's default); 1 is
                                       # ~3.7x faster than 2 when the 2 cores are shared with other processes
-    residual: bool = False            # generate the head relative to the selection head (fedtina/tina/base.py):
-                                      # Tina diffuses row - base row, given the base row and whether it is borrowed
-    borrow_prob: float = 0.3          # residual training: P(a class token's base is borrowed from the nearest-named
-                                      # other seen class, as for an unseen class at generation) instead of its own
     prompt_text: float = 0.4          # training mix of class prompts (fedtina/tina/prompt.py): P(name only),
     prompt_images: float = 0.3        # P(example images only) and P(both), per class token; image prompts are the
     prompt_both: float = 0.3          # mean of n in 1..max_shots zoo-part images' features

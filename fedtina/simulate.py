@@ -3,6 +3,7 @@
     python -m fedtina.simulate clients=100                    # compare: tina, selection, local_ft, fedavg, fedavg_ft
     python -m fedtina.simulate clients=20 rounds=2 method=tina dataset=caltech101
     python -m fedtina.simulate method=fedavg_full clients=10  # FedAvg of the whole ResNet-20 on images (costly)
+    python -m fedtina.simulate clients=50 method=pfl rounds=10  # Tina against the personalized-FL methods
 
 The driver builds (or loads from the cache) the core assets, writes the run's inputs into the Hydra run dir
 (features.npy, partition.json, a copy of the zoo that the run grows), and runs ONE Flower simulation on Ray in which
@@ -23,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedtina.config import CoreConfig, HeadTrainConfig, from_dict
 from fedtina.errors import FedtinaError
-from fedtina.federation.runtime import Faults, MethodOptions, RunSpec
+from fedtina.federation.runtime import Faults, RunSpec
 from fedtina.io import atomic_write
 from fedtina.validate import validate_partition, validate_simulate_config
 
@@ -47,6 +48,7 @@ def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
 def prepare(cfg: dict[str, Any], out_dir: Path, assets=None) -> RunSpec:
     """Build (or load) the assets and write the run's inputs into `out_dir`; the RunSpec for the ServerApp."""
     from fedtina.federation.partition import PartitionConfig, make_partition, save_partition
+    from fedtina.federation.report import plot_partition
 
     out_dir.mkdir(parents=True, exist_ok=True)
     core = from_dict(CoreConfig, {k: cfg[k] for k in CORE_KEYS if k in cfg})
@@ -67,17 +69,20 @@ def prepare(cfg: dict[str, Any], out_dir: Path, assets=None) -> RunSpec:
     features = out_dir / "features.npy"
     _atomic_save_npy(features, np.ascontiguousarray(assets.bank.features, dtype=np.float32))
     images = None
-    if "fedavg_full" in names:
+    from fedtina.methods import REGISTRY
+
+    if any(REGISTRY[n].needs_images for n in names):
         images = out_dir / "images.npy"
         _atomic_save_npy(images, np.ascontiguousarray(assets.dataset.images))
     partition = make_partition(assets.dataset, assets.split, int(cfg["clients"]),
                                from_dict(PartitionConfig, cfg["partition"]))
     partition_path = out_dir / "partition.json"
     save_partition(partition_path, partition)
+    plot_partition(out_dir / "partition.png", partition)
     st = partition.stats()
-    log.info("[partition] %d clients, %.1f classes and %.0f train images each (min %d), %d with unseen classes, "
-             "%d server hold-out images", st["clients"], st["k_mean"], st["train_mean"], st["train_min"],
-             st["with_unseen"], st["server_val"])
+    log.info("[partition] %d clients (%d new: they arrive after training), %.1f classes and %.0f train images "
+             "each (min %d), %d with unseen classes, %d server hold-out images", st["clients"], st["new"],
+             st["k_mean"], st["train_mean"], st["train_min"], st["with_unseen"], st["server_val"])
 
     zoo_dir = out_dir / "zoo"  # the run's zoo grows; the cached one is never modified
     if zoo_dir.exists():
@@ -90,7 +95,8 @@ def prepare(cfg: dict[str, Any], out_dir: Path, assets=None) -> RunSpec:
                    tina_path=str((out_dir / "tina" / "tina.safetensors").resolve()),
                    n_clients=int(cfg["clients"]), rounds=int(cfg["rounds"]), methods=names,
                    images_path=str(images.resolve()) if images else None,
-                   options=from_dict(MethodOptions, method), head_ft=from_dict(HeadTrainConfig, cfg["head_ft"]),
+                   options={k: dict(v) for k, v in method.items()},
+                   fraction_train=float(cfg.get("fraction_train", 1.0)), head_ft=from_dict(HeadTrainConfig, cfg["head_ft"]),
                    checks=dict(cfg["checks"]), faults=from_dict(Faults, cfg.get("faults")),
                    timeout_s=float(cfg["timeout_s"]), node_wait_s=float(cfg["node_wait_s"]),
                    client_device=str(res.get("device", "auto")),
@@ -202,8 +208,9 @@ def main(cfg: DictConfig) -> float | None:
                   else "nothing was run")
         raise SystemExit(130) from None
     print(format_table(outcome.summary))
-    if by_labels := format_by_labels(outcome.summary):
-        print(by_labels)
+    for group in ("old_clients", "new_clients"):
+        if by_labels := format_by_labels(outcome.summary, group):
+            print(by_labels)
     for name, status in outcome.summary.get("method_status", {}).items():
         if status != "ok":
             print(f"{name}: {status}")

@@ -9,7 +9,7 @@ in a second with one FedtinaError line that names the key, the value and what is
                                               before the backbone trains
 
 `cfg` is the resolved plain config (`OmegaConf.to_container(cfg, resolve=True)`). Types come from the dataclasses
-each section is built into (fedtina.config, PartitionConfig, MethodOptions, ...), so a new option is type-checked
+each section is built into (fedtina.config, PartitionConfig, each method's options, ...), so a new option is type-checked
 without an edit here; the ranges below and a few cross-key rules are all this module adds. Rules that live beside
 the code they protect are called, not repeated: the partition's (fedtina.federation.partition.check_config /
 check_classes); the protocol's fractions are checked by `make_split`, the first step of every build.
@@ -29,7 +29,7 @@ from fedtina.config import (BackboneConfig, CoreConfig, DatasetConfig, HeadTrain
 from fedtina.errors import FedtinaError
 from fedtina.federation.checks import HeadCheckConfig
 from fedtina.federation.partition import PartitionConfig, check_classes, check_config
-from fedtina.federation.runtime import METHODS, PROMPTS, Faults, MethodOptions
+from fedtina.federation.runtime import Faults
 
 MISSING = "???"  # Hydra's mandatory value, left as this string by OmegaConf.to_container
 
@@ -50,25 +50,24 @@ RANGES: dict[type, dict[str, Range]] = {
                  "mlp_ratio": POSITIVE, "timesteps": POSITIVE, "sample_steps": POSITIVE, "train_steps": POSITIVE,
                  "batch_size": POSITIVE, "lr": POSITIVE, "ema_decay": BELOW_ONE, "warmup_steps": NON_NEGATIVE,
                  "weight_decay": NON_NEGATIVE, "grad_clip": NON_NEGATIVE, "subset_prob": UNIT,
-                 "log_every": POSITIVE, "cpu_threads": NON_NEGATIVE, "borrow_prob": UNIT,
+                 "log_every": POSITIVE, "cpu_threads": NON_NEGATIVE,
                  "prompt_text": UNIT, "prompt_images": UNIT, "prompt_both": UNIT, "max_shots": POSITIVE,
                  "prompt_sentences": UNIT},
-    MethodOptions: {"refresh_every": NON_NEGATIVE, "refresh_steps": POSITIVE, "fedavg_epochs": POSITIVE,
-                    "fedavg_lr": POSITIVE, "fedavg_batch_size": POSITIVE, "full_epochs": POSITIVE,
-                    "full_lr": POSITIVE, "full_batch_size": POSITIVE},
     PartitionConfig: {"k_min": POSITIVE, "k_max": POSITIVE, "alpha": POSITIVE, "unseen_share": UNIT,
-                      "unseen_per_client": NON_NEGATIVE, "test_fraction_server": BELOW_ONE},
+                      "unseen_per_client": NON_NEGATIVE, "test_fraction_server": BELOW_ONE, "new_share": BELOW_ONE},
     HeadCheckConfig: {"max_row_norm_ratio": POSITIVE, "max_acc_drop": NON_NEGATIVE, "max_bytes": POSITIVE},
     Faults: {"slow_s": NON_NEGATIVE},
 }
-# simulate's sections built into a dataclass (method: plus `names`)
-SECTIONS: dict[str, type] = {"method": MethodOptions, "partition": PartitionConfig, "head_ft": HeadTrainConfig,
+FRACTION: Range = (lambda v: 0 < v <= 1, "in (0, 1]")
+NAMED_RANGES = {"positive": POSITIVE, "non_negative": NON_NEGATIVE, "unit": UNIT, "fraction": FRACTION}
+# simulate's sections built into a dataclass (the method section: fedtina.methods' own options, `_check_methods`)
+SECTIONS: dict[str, type] = {"partition": PartitionConfig, "head_ft": HeadTrainConfig,
                              "checks": HeadCheckConfig, "faults": Faults}
 # simulate.yaml's own keys and the resources group (no dataclass): type and range
 TOP_LEVEL: dict[str, tuple[Any, Range | None]] = {
     "clients": (int, POSITIVE), "rounds": (int, POSITIVE), "timeout_s": (float, POSITIVE),
     "node_wait_s": (float, POSITIVE), "prepare_only": (bool, None), "verbose": (bool, None),
-    "resume": (bool | str | None, None),
+    "resume": (bool | str | None, None), "fraction_train": (float, FRACTION),
 }
 RESOURCES: dict[str, tuple[Any, Range | None]] = {
     "num_cpus": (float, POSITIVE), "num_gpus": (float, NON_NEGATIVE), "device": (str, None),
@@ -179,10 +178,10 @@ def validate_core_config(cfg: dict[str, Any]) -> None:
             check_value(name, value, hints[name])
     core = from_dict(CoreConfig, present)
     ds, zoo, tina = core.dataset, core.zoo, core.tina
-    _one_of("dataset.name", ds.name, DATASETS)
-    _one_of("backbone.arch", core.backbone.arch, sorted(BACKBONES))
-    _one_of("encoder.name", core.encoder.name, sorted(ENCODERS))
-    _one_of("encoder.image_prompts", core.encoder.image_prompts, IMAGE_PROMPTS)
+    one_of("dataset.name", ds.name, DATASETS)
+    one_of("backbone.arch", core.backbone.arch, sorted(BACKBONES))
+    one_of("encoder.name", core.encoder.name, sorted(ENCODERS))
+    one_of("encoder.image_prompts", core.encoder.image_prompts, IMAGE_PROMPTS)
     if core.encoder.image_prompts == "clip" and core.encoder.name != "clip":
         raise FedtinaError(f"encoder.image_prompts=clip uses the open_clip image tower: it needs encoder=clip "
                            f"(got encoder.name={core.encoder.name!r})")
@@ -193,7 +192,7 @@ def validate_core_config(cfg: dict[str, Any]) -> None:
                            "Tina generates)")
     if tina.d_model % tina.num_heads:
         raise FedtinaError(f"tina.d_model={tina.d_model} is not divisible by tina.num_heads={tina.num_heads}")
-    _one_of("tina.prediction", tina.prediction, PREDICTIONS)
+    one_of("tina.prediction", tina.prediction, PREDICTIONS)
     check_objective(tina)
     if tina.prompt_sentences > 0 and not core.dataset.descriptions:
         raise FedtinaError("tina.prompt_sentences > 0 trains on class descriptions: set dataset.descriptions "
@@ -228,35 +227,49 @@ def validate_simulate_config(cfg: dict[str, Any]) -> None:
         if key in cfg:
             check_value(key, cfg[key], tp, rng)
     for key, cls in SECTIONS.items():
-        check_section(key, cls, cfg.get(key), extra=("names",) if key == "method" else ())
-
-    names = (cfg.get("method") or {}).get("names")
-    if names is None:
-        raise FedtinaError(f"method.names is missing: pick method=compare or one of {list(METHODS)}, or set "
-                           "method.names='[tina,fedavg]'")
-    check_value("method.names", names, list[str])
-    unknown = [n for n in names if n not in METHODS]
-    if unknown:
-        raise FedtinaError(f"method.names={names}: unknown method(s) {unknown}; valid: {list(METHODS)}")
-    if not names or len(set(names)) < len(names):
-        raise FedtinaError(f"method.names={names}: need one or more distinct methods of {list(METHODS)}")
-    prompt = (cfg.get("method") or {}).get("prompt", "text")
-    _one_of("method.prompt", prompt, PROMPTS)
-    if prompt != "text" and (cfg.get("encoder") or {}).get("image_prompts", "backbone") != "backbone":
-        raise FedtinaError(f"method.prompt={prompt} sends the class means of the clients' backbone features: it "
-                           f"needs encoder.image_prompts=backbone (clients do not run the CLIP image tower)")
-    clients, rounds = cfg.get("clients"), cfg.get("rounds")
-    if "tina" in names and rounds is not None and clients is not None and rounds > clients:
-        raise FedtinaError(f"rounds={rounds} exceeds clients={clients}: tina serves the clients in `rounds` cohorts, "
-                           f"so {rounds - clients} cohorts would be empty; need rounds <= clients")
-
+        check_section(key, cls, cfg.get(key))
+    clients = cfg.get("clients")
     part = from_dict(PartitionConfig, cfg.get("partition"))
     check_config(part, int(clients) if clients is not None else 1)
+    _check_methods(cfg)
     max_classes = from_dict(TinaConfig, cfg.get("tina")).max_classes
     if part.k_max > max_classes:
         raise FedtinaError(f"partition.k_max={part.k_max} exceeds tina.max_classes={max_classes} (the largest label "
                            "set Tina generates)")
     _check_resources(cfg.get("resources") or {})
+
+
+def _check_methods(cfg: dict[str, Any]) -> None:
+    """`method.names` and each method's options block (`method.<name>`: its dataclass, ranges and own rules)."""
+    from fedtina.methods import REGISTRY
+
+    valid = list(REGISTRY)
+    section = cfg.get("method") or {}
+    names = section.get("names")
+    if names is None:
+        raise FedtinaError(f"method.names is missing: pick method=compare, method=pfl or one of {valid}, or set "
+                           "method.names='[tina,fedavg]'")
+    check_value("method.names", names, list[str])
+    unknown = [n for n in names if n not in REGISTRY]
+    if unknown:
+        raise FedtinaError(f"method.names={names}: unknown method(s) {unknown}; valid: {valid}")
+    if not names or len(set(names)) < len(names):
+        raise FedtinaError(f"method.names={names}: need one or more distinct methods of {valid}")
+    blocks = sorted(set(section) - {"names"} - set(REGISTRY))
+    if blocks:
+        raise FedtinaError(f"unknown method option block(s) {blocks}: method.<name> must name a method of {valid}")
+    for name in section:
+        if name == "names":
+            continue
+        m = REGISTRY[name]
+        if m.options is None:
+            raise FedtinaError(f"method.{name} has no options; remove the method.{name} block")
+        RANGES.setdefault(m.options, {k: NAMED_RANGES[v] for k, v in m.ranges.items()})
+        check_section(f"method.{name}", m.options, section[name])
+    for name in names:
+        m = REGISTRY[name]
+        if m.check is not None:
+            m.check(from_dict(m.options, section.get(name)) if m.options else None, cfg)
 
 
 def _check_resources(res: dict[str, Any]) -> None:
@@ -292,7 +305,7 @@ def local_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def _one_of(key: str, value: Any, valid) -> None:
+def one_of(key: str, value: Any, valid) -> None:
     if value not in valid:
         raise FedtinaError(f"{key}={_show(value)} is invalid; valid: {list(valid)}")
 

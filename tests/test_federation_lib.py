@@ -25,7 +25,7 @@ from fedtina.federation.partition import (
 from fedtina.federation.profiling import (
     PHASES, PhaseRecord, PhaseTimer, from_config, records_from_config, records_to_config, to_config,
 )
-from fedtina.federation.report import ClientResult, format_table, summarize, write_report
+from fedtina.federation.report import ClientResult, format_by_labels, format_table, summarize, write_report
 from fedtina.heads import Head
 
 N_CLASSES, PER_CLASS, DIM = 12, 40, 8
@@ -257,11 +257,12 @@ def test_load_client_data(run_dir):
     np.testing.assert_array_equal(ids[data.test_y], ds.labels[spec.test_idx])
     np.testing.assert_array_equal(data.train_global_y, ds.labels[spec.train_idx])
     assert _client(run_dir, 2) is data  # lru_cache per process
-    tr, tr_y, te, te_y = load_client_images(str(path / "images.npy"), str(path / "partition.json"), 2)
-    np.testing.assert_array_equal(tr, ds.images[spec.train_idx])
-    np.testing.assert_array_equal(te, ds.images[spec.test_idx])
-    np.testing.assert_array_equal(tr_y, ds.labels[spec.train_idx])
-    np.testing.assert_array_equal(ids[te_y], ds.labels[spec.test_idx])
+    imgs = load_client_images(str(path / "images.npy"), str(path / "partition.json"), 2)
+    np.testing.assert_array_equal(imgs.train_x, ds.images[spec.train_idx])
+    np.testing.assert_array_equal(imgs.test_x, ds.images[spec.test_idx])
+    np.testing.assert_array_equal(imgs.train_global_y, ds.labels[spec.train_idx])
+    np.testing.assert_array_equal(ids[imgs.train_y], ds.labels[spec.train_idx])
+    np.testing.assert_array_equal(ids[imgs.test_y], ds.labels[spec.test_idx])
     with pytest.raises(FedtinaError, match="client id 99"):
         load_client_data(str(path / "features.npy"), str(path / "partition.json"), 99)
     with pytest.raises(CorruptFileError, match="missing.npy"):
@@ -346,21 +347,44 @@ def test_finetune_local_improves_a_noisy_head(run_dir):
     assert evaluate_head(tuned, data)["acc"] > 0.8
 
 
-def test_fedavg_full_model_runs(run_dir):
-    torch = pytest.importorskip("torch")
+def test_the_image_model_trains_what_it_is_told(run_dir):
+    """fedtina.federation.body: the whole model, the body under a frozen head, a proximal pull, a logit shift."""
     from fedtina.config import BackboneConfig
-    from fedtina.federation.client_ops import evaluate_full_model, fedavg_full_local_train, init_full_model_state
+    from fedtina.federation import body
 
     path, ds, part, _, _ = run_dir
-    tr, tr_y, te, te_y = load_client_images(str(path / "images.npy"), str(path / "partition.json"), 0)
-    state = init_full_model_state(N_CLASSES, BackboneConfig(width=4), seed=0)
+    imgs = load_client_images(str(path / "images.npy"), str(path / "partition.json"), 0)
+    state = body.init_state(N_CLASSES, BackboneConfig(width=4), seed=0)
     assert all(v.dtype == np.float32 for v in state.values())
-    new = fedavg_full_local_train(state, tr, tr_y, epochs=1, lr=0.05, batch_size=8, device="cpu")
-    assert set(new) == set(state)
-    assert any(not np.array_equal(new[k], state[k]) for k in state)
-    acc = evaluate_full_model(new, te, te_y, part.clients[0].class_ids)
-    assert 0.0 <= acc <= 1.0
-    del torch
+    kw = {"epochs": 2, "lr": 0.05, "batch_size": 8}
+    new = body.train(state, imgs.train_x, imgs.train_global_y, **kw)
+    assert set(new) == set(state) and not np.array_equal(new["fc.weight"], state["fc.weight"])
+    assert not np.array_equal(new["stem.0.weight"], state["stem.0.weight"])
+    frozen_head = body.train(state, imgs.train_x, imgs.train_global_y, train_head=False, **kw)
+    np.testing.assert_array_equal(frozen_head["fc.weight"], state["fc.weight"])
+    assert not np.array_equal(frozen_head["stem.0.weight"], state["stem.0.weight"])
+    frozen_body = body.train(state, imgs.train_x, imgs.train_global_y, train_body=False, **kw)
+    assert all(np.array_equal(frozen_body[k], state[k]) for k in state if k not in body.HEAD_KEYS)
+    # a strong proximal pull keeps the weights nearer the anchor than free training does
+    prox = body.train(state, imgs.train_x, imgs.train_global_y, mu=10.0, anchor=state, **kw)
+    dist = lambda s: sum(float(((s[k] - state[k]) ** 2).sum()) for k in state if k.endswith("weight"))  # noqa: E731
+    assert dist(prox) < dist(new)
+    with pytest.raises(FedtinaError, match="anchor"):
+        body.train(state, imgs.train_x, imgs.train_global_y, mu=1.0, **kw)
+    # a logit shift of -1e4 on every class but the labelled ones leaves those rows' gradients alone
+    present = np.unique(imgs.train_global_y)
+    shift = np.full(N_CLASSES, -1e4, np.float32)
+    shift[present] = 0.0
+    adj = body.train(state, imgs.train_x, imgs.train_global_y, train_body=False, logit_adjust=shift,
+                     weight_decay=0.0, **kw)
+    absent = [c for c in range(N_CLASSES) if c not in present]
+    np.testing.assert_allclose(adj["fc.weight"][absent], state["fc.weight"][absent], atol=1e-6)
+    # features + rows = the model's own k-way accuracy
+    b, head = body.split(new)
+    assert body.features(b, imgs.test_x).shape == (len(imgs.test_y), head.weight.shape[1])
+    acc = body.accuracy(new, imgs.test_x, imgs.test_y, part.clients[0].class_ids)
+    k_way = body.join(b, body.rows(head, part.clients[0].class_ids, part.clients[0].class_names))
+    assert acc == body.accuracy(k_way, imgs.test_x, imgs.test_y) and 0.0 <= acc <= 1.0
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -655,6 +679,37 @@ def test_summarize_matches_numpy():
     assert len(table.splitlines()) == 4
 
 
+def test_old_and_new_clients_apart_and_the_curve():
+    """Old clients' final round and new clients' one result, each with mean, std, worst 10%, min; the curve is
+    the old clients' mean per round; unserved clients count apart and never enter a mean."""
+    from fedtina.federation.report import rounds_to
+
+    rng = np.random.default_rng(0)
+    results = []
+    for rnd, level in ((1, 0.5), (2, 0.7), (3, 0.8)):
+        results += [ClientResult("fedrep", c, rnd, level + 0.01 * c, 10, False, "ok") for c in range(8)]
+    new = rng.uniform(0.2, 0.9, 4)
+    results += [ClientResult("fedrep", 8 + j, 3, float(a), 10, False, "ok", label_budget=[1, 5, -1, 1][j],
+                             is_new=True) for j, a in enumerate(new)]
+    results.append(ClientResult("fedrep", 12, 3, None, 0, False, "unserved", "no labels", label_budget=0,
+                                is_new=True))
+    s = summarize(results, [], {"fedrep": 3})["methods"]["fedrep"]
+    old = 0.8 + 0.01 * np.arange(8)
+    assert s["old_clients"]["acc_mean"] == pytest.approx(old.mean()) and s["old_clients"]["acc_min"] == 0.8
+    assert s["new_clients"]["acc_mean"] == pytest.approx(new.mean())
+    assert s["new_clients"]["acc_std"] == pytest.approx(new.std())
+    assert s["new_clients"]["acc_worst10"] == pytest.approx(new.min()) == s["new_clients"]["acc_min"]
+    assert (s["new_clients"]["n_clients"], s["new_clients"]["n_ok"], s["new_clients"]["n_unserved"]) == (5, 4, 1)
+    assert s["new_clients"]["acc_by_labels"] == {"-1": pytest.approx(new[2]), "0": None,
+                                                 "1": pytest.approx(new[[0, 3]].mean()), "5": pytest.approx(new[1])}
+    assert [p["round"] for p in s["curve"]] == [1, 2, 3]
+    assert [p["acc_mean"] for p in s["curve"]] == pytest.approx([0.535, 0.735, 0.835])
+    assert s["rounds_to_95"] == 3   # round 2's 0.735 is below 0.95 * 0.835
+    assert rounds_to([{"round": 1, "acc_mean": 0.80}, {"round": 2, "acc_mean": 0.84}]) == 1 and rounds_to([]) is None
+    table = format_by_labels({"methods": {"fedrep": s}})
+    assert "unserved" in table and f"{100 * new[1]:.1f}" in table
+
+
 def test_write_report(tmp_path):
     _, results, records = _results_and_records()
     results.append(ClientResult("selection", 0, 1, None, 0, False, "error", "multi\nline"))
@@ -664,7 +719,7 @@ def test_write_report(tmp_path):
     paths = write_report(tmp_path, summary, results, records, growth)
     names = {p.name for p in paths}
     assert names == {"summary.json", "clients.csv", "phases.csv", "comparison.csv", "acc_by_method.png",
-                     "time_by_phase.png", "zoo_growth.png"}
+                     "time_by_phase.png", "zoo_growth.png", "acc_by_round.png", "acc_vs_compute.png"}
     assert all(p.exists() and p.stat().st_size > 0 for p in paths)
 
     def rows(name):

@@ -120,8 +120,8 @@ def test_sigkill_then_resume_ends_with_the_report_of_an_uninterrupted_run(tiny, 
     from fedtina.simulate import run
 
     cache, assets = tiny
-    args = ["clients=6", "rounds=3", "method.names=[tina,selection,fedavg,fedavg_ft]", "method.refresh_every=1",
-            "method.refresh_steps=5", "checks.max_acc_drop=1.0"]
+    args = ["clients=6", "rounds=3", "method.names=[tina,selection,fedavg,fedavg_ft]", "method.tina.refresh_every=1",
+            "method.tina.refresh_steps=5", "checks.max_acc_drop=1.0"]
     before = _ray_processes()
     run_dir = tmp_path / "killed"
     proc = _simulate(cache, run_dir, *args, "faults.slow_clients=[0,1,2,3,4,5]", "faults.slow_s=0.4")

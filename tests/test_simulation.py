@@ -34,8 +34,8 @@ def test_compare_every_method_on_the_same_clients(tiny, tmp_path):
 
     cache, assets = tiny
     cached_zoo = len(ZooStore(assets.zoo_dir))
-    cfg = _compose(cache, "clients=4", "rounds=2", "method=compare", "method.refresh_every=2",
-                   "method.refresh_steps=5", "checks.max_acc_drop=1.0")
+    cfg = _compose(cache, "clients=4", "rounds=2", "method=compare", "method.tina.refresh_every=2",
+                   "method.tina.refresh_steps=5", "checks.max_acc_drop=1.0")
     out = tmp_path / "run"
     outcome = run(cfg, out)  # assets from the cache, as `python -m fedtina.simulate` does
 
@@ -49,6 +49,9 @@ def test_compare_every_method_on_the_same_clients(tiny, tmp_path):
             assert r["status"] == "ok", r
             assert 0.0 <= r["acc"] <= 1.0 and r["num_examples"] > 0, r
         assert methods[m]["n_ok"] == 4 and 0.0 <= methods[m]["acc_mean"] <= 1.0
+        # client 2 is the new one (partition.new_share=0.2): it arrived after the last round, served by every method
+        assert [r["is_new"] for _, r in sorted(per.items())] == [False, False, True, False], (m, per)
+        assert methods[m]["new_clients"]["n_ok"] == 1 and methods[m]["old_clients"]["n_ok"] == 3, m
     assert methods["fedavg"]["rounds"] == 2
     assert {r["round"] for r in doc["clients"] if r["method"] == "fedavg"} == {1, 2}
     assert {r["round"] for r in doc["clients"] if r["method"] == "tina"} == {1, 2}   # two cohorts
@@ -57,7 +60,8 @@ def test_compare_every_method_on_the_same_clients(tiny, tmp_path):
     phases = {(p["method"], p["phase"]) for p in doc["phases"]}
     assert {("tina", "evaluate"), ("tina_ft", "finetune"), ("fedavg", "train"), ("fedavg", "evaluate")} <= phases
     assert all(p["bytes_recv"] > 0 for p in doc["phases"] if p["phase"] in ("evaluate", "finetune", "train"))
-    assert all(p["bytes_sent"] > 0 for p in doc["phases"] if p["method"] == "tina_ft")
+    uploads = {p["client_id"]: p["bytes_sent"] for p in doc["phases"] if p["method"] == "tina_ft"}
+    assert all(uploads[c] > 0 for c in (0, 1, 3)) and uploads[2] == 0, uploads   # the new client uploads nothing
 
     # the run's zoo grew by the accepted uploads, Tina was refreshed and saved; the cached zoo is untouched
     growth = doc["zoo_growth"]
@@ -66,6 +70,9 @@ def test_compare_every_method_on_the_same_clients(tiny, tmp_path):
     assert growth[0]["zoo_size"] == cached_zoo  # the zoo Tina served the first cohort from
     assert len(ZooStore(assets.zoo_dir)) == cached_zoo
     assert {e.source for e in ZooStore(out / "zoo").entries()} >= {"client:0", "client:1"}
+    assert "client:2" not in {e.source for e in ZooStore(out / "zoo").entries()}   # new clients do not upload
+    # FedAvg's curve: the old clients' mean after each of its rounds
+    assert [p["round"] for p in methods["fedavg"]["curve"]] == [1, 2] and methods["fedavg"]["rounds_to_95"] in (1, 2)
     assert load_checkpoint(out / "tina" / "tina.safetensors", assets.encoder).generate([["red solid circle"]])
     with open(out / "server_phases.csv") as f:
         assert "refresh" in {row["phase"] for row in csv.DictReader(f)}
@@ -85,8 +92,8 @@ def test_faults_failed_refused_and_unknown_class_do_not_stop_the_run(tiny, tmp_p
 
     cache, assets = tiny
     cached_zoo = len(ZooStore(assets.zoo_dir))
-    cfg = _compose(cache, "clients=5", "rounds=1", "method.names=[tina,selection,fedavg]", "method.refresh_every=0",
-                   "checks.max_acc_drop=1.0", "faults.crash_clients=[1]",
+    cfg = _compose(cache, "clients=5", "rounds=1", "method.names=[tina,selection,fedavg]", "method.tina.refresh_every=0",
+                   "partition.new_share=0", "checks.max_acc_drop=1.0", "faults.crash_clients=[1]",
                    "faults.poison_clients=[2]", "faults.unknown_class_clients=[3]")
     out = tmp_path / "run"
     outcome = run(cfg, out, assets=assets)
@@ -152,12 +159,14 @@ def _spec(tmp_path: Path, **kw) -> RunSpec:
 
 def test_run_spec_validation_and_roundtrip(tmp_path):
     with pytest.raises(FedtinaError, match="unknown method"):
-        _spec(tmp_path, methods=["tina", "fedprox"])
-    with pytest.raises(FedtinaError, match="images_path"):
-        _spec(tmp_path, methods=["fedavg_full"])
+        _spec(tmp_path, methods=["tina", "fedfoo"])
+    with pytest.raises(FedtinaError, match=r"\['fedavg_full', 'ditto'\] train on images and need images_path"):
+        _spec(tmp_path, methods=["fedavg_full", "ditto", "pfedhn"])
     with pytest.raises(FedtinaError, match="clients >= 1"):
         _spec(tmp_path, n_clients=0)
-    spec = _spec(tmp_path)
+    with pytest.raises(FedtinaError, match=r"fraction_train=0.0: must be in \(0, 1\]"):
+        _spec(tmp_path, fraction_train=0.0)
+    spec = _spec(tmp_path, options={"tina": {"refresh_every": 3}}, fraction_train=0.5)
     spec.faults.crash_clients = [1]
     spec.assets = object()
     loaded = RunSpec.from_json(json.loads(spec.save().read_text()))
@@ -207,13 +216,15 @@ def test_simulate_config_composes_as_documented(tmp_path):
 @pytest.mark.slow
 def test_clients_with_label_budgets_and_image_prompts(tiny, tmp_path):
     """Label budgets 0 / 1 / 2 per class, round robin; clients describe their classes by names and the mean of
-    their labelled images: a budget-0 client is served from its names only and uploads nothing."""
+    their labelled images: a budget-0 client is served from its names only, uploads nothing, and the methods that
+    fit on labels report it unserved instead of falling back."""
     from fedtina.federation.partition import load_partition
     from fedtina.simulate import run
 
     cache, assets = tiny
-    cfg = _compose(cache, "clients=6", "rounds=1", "method.names=[tina,local_ft,fedavg]", "method.prompt=both",
-                   "partition.labels_per_class=[0,1,2]", "method.refresh_every=0", "checks.max_acc_drop=1.0")
+    cfg = _compose(cache, "clients=6", "rounds=1", "method.names=[tina,local_ft,fedavg]", "method.tina.prompt=both",
+                   "partition.labels_per_class=[0,1,2]", "partition.new_share=0", "method.tina.refresh_every=0",
+                   "checks.max_acc_drop=1.0")
     outcome = run(cfg, tmp_path / "run", assets=assets)
     part = load_partition(tmp_path / "run" / "partition.json")
     for c in part.clients:
@@ -222,13 +233,16 @@ def test_clients_with_label_budgets_and_image_prompts(tiny, tmp_path):
     doc = _summary(tmp_path / "run")
     for m in ("tina", "tina_ft", "local_ft", "fedavg"):
         per = _by_client(doc, m)
-        assert all(r["status"] == "ok" for r in per.values()), (m, per)
-        assert set(doc["summary"]["methods"][m]["acc_by_labels"]) == {"0", "1", "2"}, m
+        zero = m in ("tina_ft", "local_ft")   # they fit on labels: a budget-0 client is unserved, and says why
+        for c, r in per.items():
+            assert r["status"] == ("unserved" if zero and c in (0, 3) else "ok"), (m, r)
+            assert r["status"] != "unserved" or "has none" in r["detail"], r
+        assert set(doc["summary"]["methods"][m]["acc_by_labels"]) == ({"1", "2"} if zero else {"0", "1", "2"}), m
+        assert doc["summary"]["methods"][m]["old_clients"]["n_unserved"] == (2 if zero else 0), m
     ft = _by_client(doc, "tina_ft")
-    assert all(ft[c]["upload"] == "" for c in (0, 3)), ft   # budget 0: nothing to teach the zoo
     assert all(ft[c]["upload"] in ("accepted", "refused") for c in (1, 2, 4, 5)), ft
-    # a budget-0 client keeps the head it received: fine-tuning on nothing changes nothing
-    assert all(ft[c]["acc"] == _by_client(doc, "tina")[c]["acc"] for c in (0, 3))
     from fedtina.federation.report import format_by_labels
 
-    assert "labels   0" in format_by_labels(outcome.summary)
+    table = format_by_labels(outcome.summary, "old_clients")
+    assert "labels   0" in table and "unserved" in table.splitlines()[[ln.split()[0] for ln in
+                                                                       table.splitlines()].index("local_ft")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -12,10 +13,7 @@ import torch
 from fedtina.config import TinaConfig
 from fedtina.errors import CorruptFileError, FedtinaError, LabelSetError
 from fedtina.tina.train import _tensor_digest
-from fedtina.heads import selection_head
-from fedtina.tina.base import BORROWED, OWN
 from fedtina.tina import (
-    BaseRows,
     DDIMSampler,
     DDPMSampler,
     GlobalSegment,
@@ -417,6 +415,26 @@ def test_checkpoint_errors(trained, tmp_path):
         assert not isinstance(info.value, CorruptFileError)
 
 
+def test_checkpoint_with_keys_this_version_lacks_loads(trained, tmp_path):
+    """Checkpoints saved before the residual mode was removed hold its config keys and layout statistics."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    _, gen = trained
+    path = save_checkpoint(tmp_path / "tina.safetensors", gen)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors["layout.residual_mean"] = torch.zeros(2, D + 1)
+    tensors["layout.residual_std"] = torch.ones(2, D + 1)
+    config = {**json.loads(meta["config"]), "residual": False, "borrow_prob": 0.3}
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata={**meta, "config": json.dumps(config), "sha256": _tensor_digest(tensors)})
+    loaded = load_checkpoint(old, FakeEncoder())
+    assert loaded.cfg == gen.cfg
+    sets = [["class 1", "class 5"]]
+    np.testing.assert_array_equal(loaded.generate(sets)[0].weight, gen.generate(sets)[0].weight)
+
+
 def test_empty_zoo_and_bad_config_are_errors():
     with pytest.raises(FedtinaError, match="empty zoo"):
         TinaTrainer([], FakeEncoder(), tiny_cfg(), log=None)
@@ -438,140 +456,3 @@ def test_warm_start_keeps_weights_and_layout(trained, zoo):
     with pytest.raises(FedtinaError, match="does not match"):
         train_tina(grown, FakeEncoder(), replace(gen.cfg, d_model=32), log=None, init=gen)
 
-
-# ------------------------------------------------------------------ residual mode
-@pytest.fixture(scope="module")
-def base_rows(zoo):
-    """The generic rows of the fake zoo's classes are their true rows: zoo heads = base + small task noise."""
-    _, rows, biases = zoo
-    return BaseRows({n: (rows[n], biases[n]) for n in rows}, FakeEncoder())
-
-
-@pytest.fixture(scope="module")
-def residual_trained(zoo, base_rows):
-    entries, _, _ = zoo
-    trainer = TinaTrainer(entries, FakeEncoder(), tiny_cfg(residual=True), log=None, base=base_rows)
-    return trainer, trainer.fit()
-
-
-def test_base_rows_are_the_selection_rows_and_borrow_from_the_nearest_other_name(zoo, base_rows):
-    _, rows, biases = zoo
-    tokens, kind = base_rows.tokens(["class 4", "zebra", "class 0"])
-    sel = selection_head(["class 4", "zebra", "class 0"], base_rows.rows, FakeEncoder().embed_names)
-    np.testing.assert_array_equal(tokens, np.concatenate([sel.weight, sel.bias[:, None]], axis=1))
-    assert kind.tolist() == [OWN, BORROWED, OWN]
-    np.testing.assert_array_equal(tokens[0], np.append(rows["class 4"], biases["class 4"]))
-    names = sorted(rows)
-    emb = FakeEncoder().embed_names(names)
-    sim = emb @ emb.T
-    np.fill_diagonal(sim, -np.inf)
-    loo = base_rows.borrowed_tokens(names)
-    for i, n in enumerate(names):
-        donor = names[int(sim[i].argmax())]
-        assert donor != n
-        np.testing.assert_array_equal(loo[i], np.append(rows[donor], biases[donor]))
-    with pytest.raises(FedtinaError, match="zebra"):
-        base_rows.borrowed_tokens(["zebra"])
-
-
-def test_residual_batch_inputs(base_rows):
-    segs = [GlobalSegment("adapter", (2, 20))]
-    entries = fake_zoo(num_tasks=30, extra={"adapter": (2, 20)})[0]
-    trainer = TinaTrainer(entries, FakeEncoder(), tiny_cfg(residual=True, borrow_prob=0.5, train_steps=2,
-                                                           warmup_steps=1), global_segments=segs, log=None,
-                          base=base_rows)
-    layout, data = trainer.layout, trainer.data
-    assert layout.residual_std.shape == (2, D + 1) and np.all(layout.residual_std[OWN] < layout.residual_std[BORROWED])
-    batch = data.sample(64, 10, 0.5, torch.Generator().manual_seed(0))
-    G = layout.num_global_tokens
-    B, N, T = batch.x0.shape
-    assert batch.base.shape == (B, N, T) and batch.indicator.shape == (B, N) and G == 3
-    cls_mask = batch.mask[:, G:]
-    assert torch.all(batch.base[:, :G] == 0) and torch.all(batch.base[:, G:][~cls_mask] == 0)
-    borrowed = batch.indicator[:, G:][cls_mask].float().mean()
-    assert 0.4 < borrowed < 0.6 and torch.all(batch.indicator[:, G:][~cls_mask] == 0)
-    # x0 is the normalised residual of the token's true row against the base row it was given
-    b, j = [int(v) for v in torch.nonzero(cls_mask)[0]]
-    base = batch.base[b, G + j].numpy() * layout.class_std + layout.class_mean
-    kind = int(batch.indicator[b, G + j])
-    row = base + layout.denormalize_residual(batch.x0[b, G + j].numpy()[None], [kind])[0]
-    assert any(np.allclose(np.append(w, bb), row, atol=1e-4)
-               for e in entries for w, bb in zip(e.params["head.weight"], e.params["head.bias"]))
-    gen = trainer.fit()
-    out = gen.generate_params([["class 1", "zebra"]], steps=3)[0]
-    assert out["adapter"].shape == (2, 20) and out["head.weight"].shape == (2, D)
-
-
-def test_residual_generation_is_base_plus_residual(zoo, base_rows):
-    entries, _, _ = zoo
-    trainer = TinaTrainer(entries, FakeEncoder(), tiny_cfg(residual=True, train_steps=0), log=None, base=base_rows)
-    gen = trainer.generator()          # zero-initialised output: every residual is the layout's mean residual
-    names = ["class 3", "never seen", "class 9"]
-    head = gen.generate([names], steps=3)[0]
-    tokens, kind = base_rows.tokens(names)
-    expected = tokens + gen.layout.residual_mean[kind]
-    np.testing.assert_allclose(head.weight, expected[:, :D], atol=1e-5)
-    np.testing.assert_allclose(head.bias, expected[:, D], atol=1e-5)
-
-
-def test_residual_generation_is_order_invariant(residual_trained):
-    _, gen = residual_trained
-    names = ["class 3", "class 17", "unseen thing", "class 25", "class 0"]
-    perm = [2, 4, 0, 1, 3]
-    a, b = gen.generate([names, [names[i] for i in perm]], seed=5)
-    np.testing.assert_allclose(b.weight, a.weight[perm], atol=1e-5)
-    np.testing.assert_allclose(b.bias, a.bias[perm], atol=1e-5)
-
-
-def test_residual_recovers_true_rows_better_than_plain(zoo, trained, residual_trained):
-    _, rows, biases = zoo
-    names = sorted(rows)
-    sets = [names[i:i + 10] for i in range(0, len(names), 10)]
-
-    def row_error(gen) -> float:
-        heads = gen.generate(sets)
-        return float(np.mean([np.linalg.norm(np.append(w, b) - np.append(rows[n], biases[n]))
-                              for h in heads for n, w, b in zip(h.class_names, h.weight, h.bias)]))
-
-    plain, residual = row_error(trained[1]), row_error(residual_trained[1])
-    assert residual < 0.8 * plain, (residual, plain)
-
-
-def test_residual_checkpoint_needs_the_base(residual_trained, base_rows, tmp_path):
-    _, gen = residual_trained
-    path = save_checkpoint(tmp_path / "res.safetensors", gen)
-    loaded = load_checkpoint(path, FakeEncoder(), base=base_rows)
-    assert loaded.cfg.residual and loaded.base is base_rows
-    np.testing.assert_array_equal(loaded.layout.residual_std, gen.layout.residual_std)
-    sets = [["class 1", "zebra"]]
-    np.testing.assert_array_equal(loaded.generate(sets)[0].weight, gen.generate(sets)[0].weight)
-    with pytest.raises(FedtinaError, match="base rows"):
-        load_checkpoint(path, FakeEncoder())
-    with pytest.raises(FedtinaError, match="base rows"):
-        TinaTrainer(fake_zoo(num_tasks=3)[0], FakeEncoder(), tiny_cfg(residual=True), log=None)
-
-
-def test_residual_net_masking_and_equivariance():
-    torch.manual_seed(0)
-    net = TinaNet(D + 1, TEXT_DIM, d_model=32, depth=2, num_heads=4, num_global_tokens=1, residual=True)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(0, 0.3)
-    B, K, T = 2, 5, D + 1
-    x, text, base = torch.randn(B, 1 + K, T), torch.randn(B, 1 + K, TEXT_DIM), torch.randn(B, 1 + K, T)
-    ind, t = torch.randint(0, 2, (B, 1 + K)), torch.tensor([10, 700])
-    mask = torch.ones(B, 1 + K, dtype=torch.bool)
-    mask[0, 4:] = False
-    with torch.no_grad():
-        out = net(x, t, text, mask, base=base, indicator=ind)
-        base2, ind2 = base.clone(), ind.clone()
-        base2[~mask], ind2[~mask] = 100.0, 1 - ind2[~mask]
-        torch.testing.assert_close(net(x, t, text, mask, base=base2, indicator=ind2)[mask], out[mask])
-        assert not torch.allclose(net(x, t, text, mask, base=base2 * 0, indicator=ind)[mask], out[mask])
-        perm = torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(K)])
-        full = torch.ones_like(mask)
-        ref = net(x, t, text, full, base=base, indicator=ind)
-        torch.testing.assert_close(net(x[:, perm], t, text[:, perm], full, base=base[:, perm], indicator=ind[:, perm]),
-                                   ref[:, perm], atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="base"):
-        net(x, t, text, mask)

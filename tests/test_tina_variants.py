@@ -218,7 +218,7 @@ def test_clip_image_prompts_through_the_pipeline(tmp_path, monkeypatch):
 
     for overrides, match in [(("encoder.image_prompts=clip",), "needs encoder=clip"),
                              (("encoder.image_prompts=dino",), "encoder.image_prompts='dino' is invalid"),
-                             (("encoder=clip", "encoder.image_prompts=clip", "method.prompt=both"),
+                             (("encoder=clip", "encoder.image_prompts=clip", "method.tina.prompt=both"),
                               "needs encoder.image_prompts=backbone")]:
         from fedtina.validate import validate_simulate_config
         with pytest.raises(FedtinaError, match=match):

@@ -98,9 +98,9 @@ def test_top_level_values(override, match):
 @pytest.mark.parametrize("key, value", [
     ("head_ft__steps", 0), ("head_ft__steps", 2.5), ("head_ft__lr", 0), ("head_ft__l2_to_init", -1.0),
     ("head_ft__select", "yes"),
-    ("method__refresh_every", -1), ("method__refresh_steps", 0), ("method__fedavg_epochs", 0),
-    ("method__fedavg_lr", -0.1), ("method__fedavg_batch_size", 0), ("method__full_epochs", 0),
-    ("method__full_batch_size", 1.5), ("method__finetune", 1),
+    ("method__tina__refresh_every", -1), ("method__tina__refresh_steps", 0), ("method__fedavg__epochs", 0),
+    ("method__fedavg__lr", -0.1), ("method__fedavg__batch_size", 0), ("method__fedavg__batch_size", 1.5),
+    ("method__tina__finetune", 1), ("fraction_train", 0), ("partition__new_share", -0.1),
     ("partition__k_min", 0), ("partition__k_max", "ten"), ("partition__alpha", 0), ("partition__unseen_share", 1.5),
     ("partition__unseen_per_client", -1), ("partition__test_fraction_server", 1.0), ("partition__seed", 0.5),
     ("partition__template", 3),
@@ -112,7 +112,7 @@ def test_top_level_values(override, match):
     ("backbone__epochs", 0), ("backbone__batch_size", -1), ("backbone__width", 2.0), ("backbone__lr", 0),
     ("tina__max_classes", 0), ("tina__d_model", 0), ("tina__depth", 0), ("tina__train_steps", 0),
     ("tina__sample_steps", 0), ("tina__lr", 0), ("tina__ema_decay", 1.0), ("tina__subset_prob", 2.0),
-    ("tina__borrow_prob", -0.5), ("tina__warmup_steps", -1), ("tina__residual", "no"),
+    ("tina__warmup_steps", -1),
     ("encoder__template", None),
     ("cache_dir", 3),
     ("resources__num_cpus", 0), ("resources__num_cpus", -1), ("resources__num_cpus", "many"),
@@ -126,7 +126,8 @@ def test_each_value_is_typed_and_ranged(base, key, value):
 
 
 @pytest.mark.parametrize("key, value", [
-    ("method__refresh_every", 0), ("partition__unseen_per_client", 0), ("partition__unseen_share", 0.0),
+    ("method__tina__refresh_every", 0), ("partition__unseen_per_client", 0), ("partition__unseen_share", 0.0),
+    ("fraction_train", 1.0), ("fraction_train", 0.01), ("partition__new_share", 0.0),
     ("timeout_s", 0.5), ("resources__num_cpus", 0.5), ("resources__num_cpus", 2), ("resources__init_num_cpus", None),
     ("tina__warmup_steps", 0), ("faults__crash_clients", [0, 3]),
 ])
@@ -144,8 +145,10 @@ def test_every_range_rule_names_a_real_field():
 
 
 def test_unknown_options_are_named(base):
-    with pytest.raises(FedtinaError, match=r"unknown method option\(s\) \['fo'\]"):
+    with pytest.raises(FedtinaError, match=r"unknown method option block\(s\) \['fo'\]"):
         validate_simulate_config(_with(base, method__fo=1))
+    with pytest.raises(FedtinaError, match=r"unknown method.tina option\(s\) \['fo'\]"):
+        validate_simulate_config(_with(base, method__tina__fo=1))
     with pytest.raises(FedtinaError, match=r"unknown zoo.finetune option\(s\) \['stepz'\]"):
         validate_simulate_config(_with(base, zoo__finetune__stepz=1))
     with pytest.raises(FedtinaError, match=r"^partition=3 is invalid"):
@@ -157,8 +160,9 @@ def test_unknown_options_are_named(base):
 
 
 def test_method_names():
-    with pytest.raises(FedtinaError, match=r"^method.names is missing: pick method=compare or one of \['tina'"):
-        validate_simulate_config(_compose("method=_options"))  # KeyError 'names' before
+    with pytest.raises(FedtinaError, match=r"^method.names is missing: pick method=compare, method=pfl or one of "
+                                           r"\['tina'"):
+        validate_simulate_config(_compose("~method.names"))  # KeyError 'names' before
     with pytest.raises(FedtinaError, match=r"unknown method\(s\) \['foo'\]; valid: \['tina'"):
         validate_simulate_config(_compose("method.names=[tina,foo]"))
     with pytest.raises(FedtinaError, match=r"^method.names=\[\]: need one or more"):
@@ -170,9 +174,11 @@ def test_method_names():
 
 
 def test_rounds_may_not_exceed_clients_when_tina_runs():
-    with pytest.raises(FedtinaError, match=r"^rounds=1000 exceeds clients=5: .*995 cohorts would be empty"):
+    with pytest.raises(FedtinaError, match=r"^rounds=1000 exceeds the 4 clients that train \(clients=5 minus the new "
+                                           r"ones\): .*996 cohorts would be empty"):
         validate_simulate_config(_compose("rounds=1000", "clients=5"))
-    validate_simulate_config(_compose("rounds=5", "clients=5"))
+    validate_simulate_config(_compose("rounds=4", "clients=5"))
+    validate_simulate_config(_compose("rounds=5", "clients=5", "partition.new_share=0"))
 
 
 def test_folder_dataset_needs_a_path():

@@ -1,5 +1,6 @@
 """What a client does with its data, free of Flower: load its slice of the run's inputs, score a head, fine-tune it,
-run the FedAvg local steps. ClientApp handlers (Ray actors) call these; tests call them directly.
+run the FedAvg local steps on frozen features (the image model's steps: fedtina.federation.body). ClientApp handlers
+(Ray actors) call these; tests call them directly.
 
 Loading is lazy and cached per actor process (`lru_cache`): features are memory-mapped from the run dir's
 `features.npy`, so many actors share the page cache instead of each holding a copy.
@@ -10,17 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedtina.config import BackboneConfig, HeadTrainConfig
+from fedtina.config import HeadTrainConfig
 from fedtina.errors import CorruptFileError, FedtinaError, LabelSetError, UnknownClassError
 from fedtina.federation.partition import ClientSpec, client_spec
 from fedtina.heads import Head
-
-if TYPE_CHECKING:
-    import torch
 
 
 @dataclass
@@ -104,15 +101,27 @@ def _load_client_data(features_path: str, partition_path: str, client_id: int, _
                       np.asarray(spec.train_labels, dtype=np.int64))
 
 
-def load_client_images(images_path: str, partition_path: str, client_id: int
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Raw uint8 images for the FedAvg-of-the-full-model baseline: (train_imgs, train_global_y, test_imgs, test_y)
-    with train labels as dataset class ids and test labels as positions 0..k-1 in the client's class order.
-    `images_path` is an .npy of all images (uint8 [N, H, W, 3]) written by the driver; it is memory-mapped."""
+@dataclass
+class ClientImages:
+    """A client's raw uint8 [n, H, W, 3] images, for the methods that train the body. Labels as in ClientData:
+    positions 0..k-1 in `class_ids` order, and dataset class ids for the training images."""
+
+    class_ids: tuple[int, ...]
+    train_x: np.ndarray
+    train_y: np.ndarray
+    train_global_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+
+
+def load_client_images(images_path: str, partition_path: str, client_id: int) -> ClientImages:
+    """The client's images from the run dir's `images.npy` (all images, uint8 [N, H, W, 3], written by the driver;
+    memory-mapped, only the client's rows are copied)."""
     spec: ClientSpec = client_spec(partition_path, client_id)
     imgs = _mmap(str(images_path))
-    return (_rows(imgs, spec.train_idx), np.asarray(spec.train_labels, dtype=np.int64),
-            _rows(imgs, spec.test_idx), to_positions(spec.test_labels, spec.class_ids))
+    return ClientImages(spec.class_ids, _rows(imgs, spec.train_idx), to_positions(spec.train_labels, spec.class_ids),
+                        np.asarray(spec.train_labels, dtype=np.int64), _rows(imgs, spec.test_idx),
+                        to_positions(spec.test_labels, spec.class_ids))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -237,118 +246,3 @@ def fedavg_local_train(weight: np.ndarray, bias: np.ndarray, data: ClientData, e
             w -= lr * (p.T @ xb)
             b -= lr * p.sum(axis=0)
     return w, b
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# FedAvg of the full model (costly baseline): ResNet + head on raw images
-
-
-def _model_from_state(state_dict: dict[str, np.ndarray], arch: str) -> "torch.nn.Module":
-    """A backbone of `arch` sized from the state dict itself (classes from `fc.weight`, width from the stem)."""
-    import torch
-
-    from fedtina.backbone import build_backbone
-
-    if "fc.weight" not in state_dict:
-        raise FedtinaError(f"full-model state has no 'fc.weight' (keys: {sorted(state_dict)[:5]}...)")
-    num_classes = int(state_dict["fc.weight"].shape[0])
-    width = int(state_dict["stem.0.weight"].shape[0]) if "stem.0.weight" in state_dict \
-        else int(state_dict["fc.weight"].shape[1]) // 4
-    model = build_backbone(BackboneConfig(arch=arch, width=width), num_classes=num_classes)
-    model.load_state_dict({k: torch.as_tensor(np.array(v)) for k, v in state_dict.items()}, strict=True)
-    return model
-
-
-def _state_to_numpy(model: "torch.nn.Module") -> dict[str, np.ndarray]:
-    """All entries as float32 (BatchNorm's int64 `num_batches_tracked` included) so FedAvg can average every array;
-    load_state_dict casts them back."""
-    return {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
-
-
-def init_full_model_state(num_classes: int, cfg: BackboneConfig, seed: int = 0,
-                          backbone_path: str | None = None) -> dict[str, np.ndarray]:
-    """The server's initial full model: a fresh `cfg.arch` with a `num_classes`-way fc (seeded), optionally warm-
-    started from the generic backbone at `backbone_path` (all weights but the fc, incl. pixel normalisation)."""
-    import torch
-
-    from fedtina.backbone import build_backbone, load_backbone
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = build_backbone(cfg, num_classes=num_classes)
-    if backbone_path is not None:
-        generic = load_backbone(backbone_path, "cpu").state_dict()
-        model.load_state_dict({k: v for k, v in generic.items() if not k.startswith("fc.")}, strict=False)
-    return _state_to_numpy(model)
-
-
-def _sgd_step(params: list, momenta: list, lr: float, weight_decay: float, momentum: float = 0.9) -> None:
-    """SGD with momentum, weight decay on weights only (ndim > 1). Hand-written because building a torch.optim
-    optimizer imports torch._dynamo on first use (4+ s per Ray actor process on a small CPU)."""
-    import torch
-
-    with torch.no_grad():
-        for p, buf in zip(params, momenta):
-            if p.grad is None:
-                continue
-            g = p.grad.add(p, alpha=weight_decay) if p.ndim > 1 and weight_decay else p.grad
-            buf.mul_(momentum).add_(g)
-            p.sub_(buf, alpha=lr)
-
-
-def fedavg_full_local_train(state_dict: dict[str, np.ndarray], images_uint8: np.ndarray, labels_global: np.ndarray,
-                            epochs: int, lr: float, batch_size: int, device: str = "cpu", seed: int = 0,
-                            arch: str = "resnet20", weight_decay: float = 5e-4) -> dict[str, np.ndarray]:
-    """FedAvg client step for the whole model: `epochs` of SGD (momentum 0.9) with crop+flip augmentation on the
-    client's raw uint8 [n, H, W, 3] images, weight decay on conv/linear weights only, labels = dataset class ids (fc
-    rows). BatchNorm statistics are trained and returned too. A ragged last batch of one image is skipped (BatchNorm
-    cannot train on it). Returns every state entry as float32 (see `_state_to_numpy`)."""
-    import torch
-    import torch.nn.functional as F
-
-    from fedtina.backbone import _to_nchw, augment
-
-    dev = torch.device(device)
-    model = _model_from_state(state_dict, arch).to(dev).train()
-    x_all = _to_nchw(np.asarray(images_uint8)).to(dev)
-    y_all = torch.as_tensor(np.array(labels_global, dtype=np.int64)).to(dev)
-    if len(y_all) and int(y_all.max()) >= model.fc.out_features:
-        raise UnknownClassError(f"class id {int(y_all.max())} has no row in the model's fc ({model.fc.out_features})")
-    params = list(model.parameters())
-    momenta = [torch.zeros_like(p) for p in params]
-    gen = torch.Generator().manual_seed(seed)
-    n, bs = len(y_all), max(1, int(batch_size))
-    for _ in range(int(epochs)):
-        perm = torch.randperm(n, generator=gen).to(dev)
-        for start in range(0, n, bs):
-            idx = perm[start : start + bs]
-            if len(idx) < 2:
-                continue
-            loss = F.cross_entropy(model(augment(x_all[idx], gen)), y_all[idx])
-            model.zero_grad(set_to_none=True)
-            loss.backward()
-            _sgd_step(params, momenta, lr, weight_decay)
-    return _state_to_numpy(model)
-
-
-def evaluate_full_model(state_dict: dict[str, np.ndarray], images: np.ndarray, labels_local: np.ndarray,
-                        class_ids: tuple[int, ...], device: str = "cpu", arch: str = "resnet20",
-                        batch_size: int = 256) -> float:
-    """k-way accuracy of the full model over the client's classes: logits restricted to the fc rows `class_ids`,
-    labels = positions 0..k-1 in `class_ids`. 0.0 on an empty set."""
-    import torch
-
-    from fedtina.backbone import _to_nchw
-
-    if len(labels_local) == 0:
-        return 0.0
-    dev = torch.device(device)
-    model = _model_from_state(state_dict, arch).to(dev).eval()
-    rows = torch.as_tensor(np.asarray(class_ids, dtype=np.int64), device=dev)
-    correct = 0
-    with torch.no_grad():
-        for start in range(0, len(images), batch_size):
-            x = _to_nchw(np.asarray(images[start : start + batch_size])).to(dev)
-            pred = model(x)[:, rows].argmax(1).cpu().numpy()
-            correct += int((pred == np.asarray(labels_local[start : start + batch_size])).sum())
-    return correct / len(labels_local)

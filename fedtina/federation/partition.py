@@ -4,7 +4,8 @@ Each client holds k classes (k uniform in [k_min, k_max]); a share of the client
 and the zoo never saw (unseen classes). Clients hold only zoo-part images (to train on) and test-part images (to score
 on) -- never backbone-part images, which the generic model was trained on. Each class's images are split among the
 clients that hold it with Dirichlet(alpha) proportions (quantity skew), so clients differ both in *which* classes they
-have and in *how many* images of each.
+have and in *how many* images of each. A `new_share` of the clients, drawn at random, never trains: they arrive
+after the last round (with their own label budgets, `new_labels_per_class`).
 
 The partition is a small JSON file (`save_partition` / `load_partition`): class ids, names, image indices and their
 dataset labels per client, plus the server's held-out test images.
@@ -48,6 +49,9 @@ class PartitionConfig:
     seed: int = 0
     labels_per_class: list[int] | None = None   # label budgets, client i gets [i % len]: at most this many labelled
                                                 # training images per class (0: it can only describe); None: all
+    new_share: float = 0.2              # share of clients that never train: they arrive after the last round
+    new_labels_per_class: list[int] | None = None   # label budgets of the new clients, new client j gets [j % len]
+                                                # (-1: all it holds); None: as labels_per_class
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,7 @@ class ClientSpec:
     train_labels: np.ndarray = field(default_factory=_empty_ids)  # int64 dataset class ids, aligned with train_idx
     test_labels: np.ndarray = field(default_factory=_empty_ids)   # int64 dataset class ids, aligned with test_idx
     label_budget: int = -1              # labelled training images per class it was allowed (-1: all it holds)
+    is_new: bool = False                # arrives after the last round (never trains)
 
     @property
     def k(self) -> int:
@@ -89,7 +94,8 @@ class Partition:
         te = [len(c.test_idx) for c in self.clients]
         return {"clients": len(self.clients), "k_mean": float(np.mean(ks)), "train_mean": float(np.mean(tr)),
                 "train_min": int(np.min(tr)), "test_mean": float(np.mean(te)),
-                "with_unseen": int(sum(c.has_unseen for c in self.clients)), "server_val": len(self.server_val_idx)}
+                "with_unseen": int(sum(c.has_unseen for c in self.clients)), "server_val": len(self.server_val_idx),
+                "new": int(sum(c.is_new for c in self.clients))}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -99,6 +105,11 @@ class Partition:
 def unseen_clients(cfg: PartitionConfig, n_clients: int) -> int:
     """How many of `n_clients` clients hold unseen classes."""
     return int(round(cfg.unseen_share * n_clients)) if n_clients > 0 else 0
+
+
+def new_clients(cfg: PartitionConfig, n_clients: int) -> int:
+    """How many of `n_clients` clients arrive after training."""
+    return int(round(cfg.new_share * n_clients)) if n_clients > 0 else 0
 
 
 def check_config(cfg: PartitionConfig, n_clients: int) -> None:
@@ -123,6 +134,15 @@ def check_config(cfg: PartitionConfig, n_clients: int) -> None:
                                                    for b in budgets)):
         raise FedtinaError(f"partition.labels_per_class={budgets}: need a non-empty list of integers >= 0 "
                            f"(or null for every image)")
+    if not 0.0 <= cfg.new_share < 1.0:
+        raise FedtinaError(f"partition.new_share={cfg.new_share}: must be in [0, 1)")
+    if n_clients - new_clients(cfg, n_clients) < 1:
+        raise FedtinaError(f"partition.new_share={cfg.new_share} makes all {n_clients} clients new: no client would "
+                           f"train; lower it or add clients")
+    nb = cfg.new_labels_per_class
+    if nb is not None and (not nb or any(isinstance(b, bool) or not isinstance(b, int) or b < -1 for b in nb)):
+        raise FedtinaError(f"partition.new_labels_per_class={nb}: need a non-empty list of integers >= 0, or -1 "
+                           f"for every image (or null: as labels_per_class)")
     if unseen_clients(cfg, n_clients) > 0:
         u = cfg.unseen_per_client
         if u < 1:
@@ -253,16 +273,27 @@ def make_partition(ds: ImageDataset, split: "ProtocolSplit", n_clients: int, cfg
         for cid, part in zip(holders[c], _divide(test_c[n_server:], shares, rng)):
             test_parts[cid].append(part)
 
+    budgets = [-1 if cfg.labels_per_class is None else cfg.labels_per_class[cid % len(cfg.labels_per_class)]
+               for cid in range(n_clients)]
     if cfg.labels_per_class is not None:
         train_parts = _label_budgets(train_parts, cfg.labels_per_class, rng)
+    # its own stream: adding new clients leaves every other draw (hence older partitions) as it was
+    is_new = np.zeros(n_clients, dtype=bool)
+    is_new[np.random.default_rng([cfg.seed, 1]).choice(n_clients, size=new_clients(cfg, n_clients),
+                                                        replace=False)] = True
+    if cfg.new_labels_per_class is not None:
+        nb, sub = cfg.new_labels_per_class, np.random.default_rng([cfg.seed, 2])
+        for j, cid in enumerate(np.flatnonzero(is_new)):
+            budgets[cid] = nb[j % len(nb)]
+            if budgets[cid] >= 0:
+                train_parts[cid] = [sub.permutation(part)[: budgets[cid]] for part in train_parts[cid]]
     clients = []
     for cid, (classes, has_unseen) in enumerate(assignment):
         names = tuple(ds.class_names[c] for c in classes)
-        tr = np.sort(np.concatenate(train_parts[cid]))
+        tr = np.sort(np.concatenate(train_parts[cid])) if train_parts[cid] else _empty_ids()
         te = np.sort(np.concatenate(test_parts[cid])) if test_parts[cid] else _empty_ids()
-        budget = -1 if cfg.labels_per_class is None else cfg.labels_per_class[cid % len(cfg.labels_per_class)]
         clients.append(ClientSpec(cid, tuple(classes), names, tr, te, has_unseen, _describe(names, cfg),
-                                  labels[tr], labels[te], budget))
+                                  labels[tr], labels[te], budgets[cid], bool(is_new[cid])))
     server_val = np.sort(np.concatenate(server_parts)) if server_parts else _empty_ids()
     return Partition(clients, server_val, cfg, labels[server_val])
 
@@ -275,7 +306,8 @@ def _client_to_json(c: ClientSpec) -> dict:
     return {"client_id": c.client_id, "class_ids": list(c.class_ids), "class_names": list(c.class_names),
             "train_idx": c.train_idx.tolist(), "train_labels": c.train_labels.tolist(),
             "test_idx": c.test_idx.tolist(), "test_labels": c.test_labels.tolist(),
-            "has_unseen": c.has_unseen, "description": c.description, "label_budget": c.label_budget}
+            "has_unseen": c.has_unseen, "description": c.description, "label_budget": c.label_budget,
+            "is_new": c.is_new}
 
 
 def _ids(values: list) -> np.ndarray:
@@ -288,7 +320,8 @@ def _ids(values: list) -> np.ndarray:
 def _client_from_json(d: dict) -> ClientSpec:
     return ClientSpec(int(d["client_id"]), tuple(int(c) for c in d["class_ids"]), tuple(d["class_names"]),
                       _ids(d["train_idx"]), _ids(d["test_idx"]), bool(d["has_unseen"]), str(d["description"]),
-                      _ids(d["train_labels"]), _ids(d["test_labels"]), int(d.get("label_budget", -1)))
+                      _ids(d["train_labels"]), _ids(d["test_labels"]), int(d.get("label_budget", -1)),
+                      bool(d.get("is_new", False)))
 
 
 def save_partition(path: str | Path, partition: Partition) -> None:

@@ -28,11 +28,12 @@ class ClientResult:
     acc: float | None
     num_examples: int
     has_unseen: bool
-    status: str                        # ok | error | failed | refused
+    status: str                        # ok | error | failed | refused | unserved (the method cannot serve it)
     detail: str = ""
     upload: str = ""                   # tina_ft: accepted | refused by the server's gate ("": nothing was checked)
     upload_detail: str = ""            # tina_ft: the gate's reason (which check, class and margin)
     label_budget: int = -1             # labelled training images per class the client has (-1: all it holds)
+    is_new: bool = False               # arrived after the last round (never trained)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -91,9 +92,42 @@ def _cost(records: list[PhaseRecord]) -> dict[str, Any]:
     }
 
 
+def client_block(per: list[ClientResult]) -> dict[str, Any]:
+    """Accuracy over a group of clients' final results: mean, std, worst 10%, min over the ok ones; counts; means
+    per label budget."""
+    ok = [r for r in per if r.status == "ok" and r.acc is not None]
+    accs = [float(r.acc) for r in ok]
+    return {"acc_mean": _mean(accs), "acc_std": float(np.std(accs)) if accs else None,
+            "acc_worst10": worst_decile_mean(accs), "acc_min": float(min(accs)) if accs else None,
+            "n_clients": len(per), "n_ok": len(ok), "n_unserved": sum(r.status == "unserved" for r in per),
+            "acc_by_labels": {str(b): _mean([float(r.acc) for r in ok if r.label_budget == b])
+                              for b in sorted({r.label_budget for r in per})},
+            "unserved_by_labels": {str(b): sum(r.status == "unserved" for r in per if r.label_budget == b)
+                                   for b in sorted({r.label_budget for r in per})}}
+
+
+def curve(results: list[ClientResult], method: str) -> list[dict[str, Any]]:
+    """Mean accuracy of the old clients scored in each round (the method's accuracy after every round)."""
+    by_round: dict[int, list[float]] = {}
+    for r in results:
+        if r.method == method and not r.is_new and r.status == "ok" and r.acc is not None:
+            by_round.setdefault(r.round, []).append(float(r.acc))
+    return [{"round": k, "acc_mean": float(np.mean(v)), "n": len(v)} for k, v in sorted(by_round.items())]
+
+
+def rounds_to(points: list[dict[str, Any]], share: float = 0.95) -> int | None:
+    """The first round whose mean reaches `share` of the last round's (None without rounds)."""
+    if not points:
+        return None
+    target = share * points[-1]["acc_mean"]
+    return next(p["round"] for p in points if p["acc_mean"] >= target)
+
+
 def summarize(results: list[ClientResult], records: list[PhaseRecord], rounds: dict[str, int]) -> dict:
     """{"methods": {method: stats}} in a stable method order (`rounds` first). Per method:
-    acc_mean / acc_std (population std) / acc_worst10 over ok clients' final results; acc_seen_only and
+    acc_mean / acc_std (population std) / acc_worst10 over ok clients' final results; `old_clients` and
+    `new_clients` (client_block: mean, std, worst 10%, min, counts, per label budget), `curve` (old clients' mean
+    per round) and `rounds_to_95`; acc_seen_only and
     acc_with_unseen (means over ok clients without / with unseen classes); n_clients, n_ok, n_failed (any status but
     ok) and status_counts; rounds; client_wall_s, client_cpu_s (mean per profiled client of the sum over its phases),
     bytes_per_client / mb_per_client (mean sent+received), peak_mem_mb (max), phase_wall_s / phase_cpu_s (mean per
@@ -117,6 +151,9 @@ def summarize(results: list[ClientResult], records: list[PhaseRecord], rounds: d
                               for b in sorted({r.label_budget for r in ok})},
             "n_clients": len(per), "n_ok": len(ok), "n_failed": len(per) - len(ok), "status_counts": counts,
             "rounds": int(rounds.get(m, max((r.round for r in per), default=0))),
+            "old_clients": client_block([r for r in per if not r.is_new]),
+            "new_clients": client_block([r for r in per if r.is_new]),
+            "curve": (c := curve(results, m)), "rounds_to_95": rounds_to(c),
             **_cost([r for r in records if r.method == m]),
         }
     return {"methods": methods}
@@ -130,32 +167,41 @@ def _fmt(v: float | None, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-def format_by_labels(summary: dict) -> str:
-    """Mean accuracy (%) per method and label budget (labelled images per class; "all": every image it holds);
-    empty when every client has the same budget."""
-    budgets = sorted({b for s in summary["methods"].values() for b in s.get("acc_by_labels", {})}, key=int)
+def format_by_labels(summary: dict, group: str = "new_clients") -> str:
+    """Mean accuracy (%) per method and label budget (labelled images per class; "all": every image it holds) over
+    the `group` clients; "unserved" where the method cannot serve them; empty when they all have one budget."""
+    budgets = sorted({b for s in summary["methods"].values() for b in s[group]["acc_by_labels"]}, key=int)
     if len(budgets) < 2:
         return ""
     show = lambda b: "all" if b == "-1" else b  # noqa: E731
-    lines = ["method       | " + " | ".join(f"labels {show(b):>3}".ljust(10) for b in budgets)]
+
+    def cell(blk: dict, b: str) -> str:
+        if blk["acc_by_labels"].get(b) is not None:
+            return f"{100 * blk['acc_by_labels'][b]:.1f}"
+        return "unserved" if blk["unserved_by_labels"].get(b) else "-"
+
+    lines = [f"{group.replace('_', ' ')} | " + " | ".join(f"labels {show(b):>3}".ljust(10) for b in budgets)]
+    width = len(group)
     for name, s in summary["methods"].items():
-        cells = [_fmt(None if s["acc_by_labels"].get(b) is None else 100 * s["acc_by_labels"][b], ".1f")
-                 for b in budgets]
-        lines.append(f"{name:<12} | " + " | ".join(c.ljust(10) for c in cells))
+        lines.append(f"{name:<{width}} | " + " | ".join(cell(s[group], b).ljust(10) for b in budgets))
     return "\n".join(line.rstrip() for line in lines)
 
 
 def format_table(summary: dict) -> str:
-    """Fixed-width comparison table, one line per method (accuracies in %)."""
-    cols = [("method", 12), ("acc mean ± std", 16), ("worst10%", 9), ("seen-only", 10), ("with-unseen", 12),
-            ("ok/failed", 10), ("rounds", 7), ("client s", 9), ("MB/client", 10)]
+    """Fixed-width comparison table, one line per method (accuracies in %): old clients (they trained), new clients
+    (they arrived after the last round), then cost."""
+    cols = [("method", 12), ("old acc ± std", 14), ("old worst10", 11), ("new acc ± std", 14), ("new worst10", 11),
+            ("new min", 8), ("unserved", 9), ("ok/failed", 10), ("rounds", 7), ("to 95%", 7), ("client s", 9),
+            ("MB/client", 10)]
     lines = [" | ".join(name.ljust(w) for name, w in cols)]
     lines.append("-+-".join("-" * w for _, w in cols))
     pct = lambda v: None if v is None else 100 * v  # noqa: E731
+    both = lambda b: "-" if b["acc_mean"] is None else f"{100 * b['acc_mean']:.1f} ± {100 * b['acc_std']:.1f}"  # noqa: E731
     for name, s in summary["methods"].items():
-        acc = "-" if s["acc_mean"] is None else f"{100 * s['acc_mean']:.1f} ± {100 * s['acc_std']:.1f}"
-        row = [name, acc, _fmt(pct(s["acc_worst10"]), ".1f"), _fmt(pct(s["acc_seen_only"]), ".1f"),
-               _fmt(pct(s["acc_with_unseen"]), ".1f"), f"{s['n_ok']}/{s['n_failed']}", str(s["rounds"]),
+        old, new = s["old_clients"], s["new_clients"]
+        row = [name, both(old), _fmt(pct(old["acc_worst10"]), ".1f"), both(new), _fmt(pct(new["acc_worst10"]), ".1f"),
+               _fmt(pct(new["acc_min"]), ".1f"), str(old["n_unserved"] + new["n_unserved"]),
+               f"{s['n_ok']}/{s['n_failed']}", str(s["rounds"]), str(s["rounds_to_95"] or "-"),
                _fmt(s["client_wall_s"], ".3f"), _fmt(s["mb_per_client"], ".3f")]
         lines.append(" | ".join(v.ljust(w) for v, (_, w) in zip(row, cols)))
     return "\n".join(line.rstrip() for line in lines)
@@ -174,8 +220,16 @@ def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> Path:
 
 
 COMPARISON_COLUMNS = ["method", "acc_mean", "acc_std", "acc_worst10", "acc_seen_only", "acc_with_unseen",
-                      "n_clients", "n_ok", "n_failed", "rounds", "client_wall_s", "client_cpu_s", "mb_per_client",
-                      "peak_mem_mb"]
+                      "old_acc_mean", "old_acc_std", "old_acc_worst10", "old_acc_min", "new_acc_mean", "new_acc_std",
+                      "new_acc_worst10", "new_acc_min", "n_unserved", "n_clients", "n_ok", "n_failed", "rounds",
+                      "rounds_to_95", "client_wall_s", "client_cpu_s", "mb_per_client", "peak_mem_mb"]
+
+
+def _comparison_row(m: str, s: dict) -> list:
+    flat = {**s, "n_unserved": s["old_clients"]["n_unserved"] + s["new_clients"]["n_unserved"],
+            **{f"{g}_{k}": s[f"{g}_clients"][k] for g in ("old", "new") for k in ("acc_mean", "acc_std", "acc_worst10",
+                                                                                  "acc_min")}}
+    return [m] + [flat.get(k) for k in COMPARISON_COLUMNS[1:]]
 
 
 def _plot_acc(path: Path, results: list[ClientResult], methods: list[str]) -> Path:
@@ -195,6 +249,50 @@ def _plot_acc(path: Path, results: list[ClientResult], methods: list[str]) -> Pa
     ax.set_xticks(range(1, len(methods) + 1), methods, rotation=20)
     ax.set_ylabel("client test accuracy (k-way)")
     ax.set_title("accuracy per client, by method")
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _plot_rounds(path: Path, summary: dict) -> Path:
+    """Old clients' mean accuracy after every round, one line per method (one-round methods as points)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.subplots()
+    for name, s in summary["methods"].items():
+        pts = s.get("curve") or []
+        if pts:
+            ax.plot([p["round"] for p in pts], [p["acc_mean"] for p in pts], marker="o", ms=3, label=name)
+    ax.set_xlabel("round")
+    ax.set_ylabel("mean accuracy, old clients")
+    ax.set_title("accuracy after every round")
+    ax.legend(fontsize=7, ncol=2)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _plot_compute(path: Path, summary: dict) -> Path:
+    """Accuracy against mean client compute (wall s over the run), one point per method: old clients filled, new
+    clients hollow."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.subplots()
+    for i, (name, s) in enumerate(summary["methods"].items()):
+        x = s.get("client_wall_s")
+        if x is None:
+            continue
+        color = f"C{i % 10}"
+        for block, face in (("old_clients", color), ("new_clients", "none")):
+            y = s[block]["acc_mean"]
+            if y is not None:
+                ax.scatter([x], [y], s=40, facecolors=face, edgecolors=color)
+        ax.annotate(name, (x, s["old_clients"]["acc_mean"] or s["new_clients"]["acc_mean"] or 0.0), fontsize=7,
+                    textcoords="offset points", xytext=(4, 2))
+    ax.set_xscale("log")
+    ax.set_xlabel("mean client wall time over the run (s, log)")
+    ax.set_ylabel("mean accuracy (filled: old clients, hollow: new)")
+    ax.set_title("accuracy vs client compute")
     fig.savefig(path, dpi=120)
     return path
 
@@ -249,6 +347,36 @@ def _plot_zoo(path: Path, zoo_growth: list[dict]) -> Path:
     return path
 
 
+def plot_partition(path: Path, partition) -> Path:
+    """The clients' data: labelled training images per class (a client per column, classes by id; new clients
+    right of the line) and each client's training and test sizes."""
+    from matplotlib.figure import Figure
+
+    clients = sorted(partition.clients, key=lambda c: (c.is_new, c.client_id))
+    n_classes = 1 + max((max(c.class_ids) for c in clients if c.class_ids), default=0)
+    counts = np.zeros((n_classes, len(clients)))
+    for j, c in enumerate(clients):
+        np.add.at(counts[:, j], np.asarray(c.train_labels, dtype=np.int64), 1)
+    fig = Figure(figsize=(max(6.0, 0.12 * len(clients) + 3), 7), layout="constrained")
+    ax1, ax2 = fig.subplots(2, 1, height_ratios=[3, 1], sharex=True)
+    im = ax1.imshow(np.where(counts > 0, counts, np.nan), aspect="auto", interpolation="nearest", cmap="viridis")
+    fig.colorbar(im, ax=ax1, label="labelled training images")
+    ax1.set_ylabel("class id")
+    ax1.set_title(f"partition: {len(clients)} clients, {sum(c.is_new for c in clients)} new (right of the line), "
+                  f"{np.mean([c.k for c in clients]):.1f} classes each")
+    x = np.arange(len(clients))
+    ax2.bar(x, [len(c.train_idx) for c in clients], label="train (labelled)")
+    ax2.bar(x, [len(c.test_idx) for c in clients], bottom=[len(c.train_idx) for c in clients], label="test")
+    n_old = sum(not c.is_new for c in clients)
+    for ax in (ax1, ax2):
+        ax.axvline(n_old - 0.5, color="red", lw=1)
+    ax2.set_xlabel("client (old ones by id, then new ones)")
+    ax2.set_ylabel("images")
+    ax2.legend(fontsize=7)
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def _json_safe(obj: Any) -> Any:
     """NaN/inf -> None, numpy scalars -> Python, recursively: summary.json stays strict JSON."""
     if isinstance(obj, dict):
@@ -280,9 +408,11 @@ def write_report(out_dir: Path, summary: dict, results: list[ClientResult], reco
     paths.append(_write_csv(out / "phases.csv", pr, [[getattr(r, k) for k in pr] for r in records]))
     methods = list(summary["methods"])
     paths.append(_write_csv(out / "comparison.csv", COMPARISON_COLUMNS,
-                            [[m] + [summary["methods"][m].get(k) for k in COMPARISON_COLUMNS[1:]] for m in methods]))
+                            [_comparison_row(m, summary["methods"][m]) for m in methods]))
     paths.append(_plot_acc(out / "acc_by_method.png", results, methods))
     paths.append(_plot_phases(out / "time_by_phase.png", summary))
+    paths.append(_plot_rounds(out / "acc_by_round.png", summary))
+    paths.append(_plot_compute(out / "acc_vs_compute.png", summary))
     if zoo_growth:
         paths.append(_plot_zoo(out / "zoo_growth.png", zoo_growth))
     return paths

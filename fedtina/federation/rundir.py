@@ -6,7 +6,7 @@ the checkpoint that `resume=true` restarts from.
 * `status.json`: {state: running | done | failed | interrupted, pid, updated, detail, resume}, written atomically at
   every change of state.
 * `checkpoint.json`: what finished so far (the ServerApp writes it after every method and every Tina cohort; see
-  `fedtina.federation.methods`), written atomically, so a kill leaves the previous checkpoint whole.
+  `fedtina.federation.federation`), written atomically, so a kill leaves the previous checkpoint whole.
 """
 
 from __future__ import annotations

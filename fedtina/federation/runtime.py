@@ -26,26 +26,6 @@ from fedtina.heads import Head
 from fedtina.io import atomic_write
 
 _IN_PROCESS = ("assets", "outcome", "stop", "finished", "concurrency", "resume")
-PROMPTS = ("text", "images", "both")   # how clients describe their classes to Tina (MethodOptions.prompt)
-METHODS = ("tina", "selection", "local_ft", "fedavg", "fedavg_ft", "fedavg_full")
-
-
-@dataclass
-class MethodOptions:
-    """Options of the server-side method loops (the `method` Hydra node, minus `names`)."""
-
-    finetune: bool = True           # tina: clients fine-tune the generated head and upload it
-    refresh_every: int = 20         # tina: refresh Tina after this many accepted heads (0 = never)
-    refresh_steps: int = 30         # tina: training steps per refresh
-    gen_seed: int = 0               # tina: generation noise seed
-    prompt: str = "text"            # tina: what a client describes its classes by: text | images | both (images:
-                                    # the mean feature of its labelled training images of each class)
-    fedavg_epochs: int = 5          # fedavg: local epochs per round (frozen features)
-    fedavg_lr: float = 0.1
-    fedavg_batch_size: int = 32
-    full_epochs: int = 1            # fedavg_full: local epochs per round (ResNet-20 on images)
-    full_lr: float = 0.05
-    full_batch_size: int = 32
 
 
 @dataclass
@@ -73,8 +53,9 @@ class RunSpec:
     n_clients: int
     rounds: int
     methods: list[str]
-    images_path: str | None = None  # only for fedavg_full
-    options: MethodOptions = field(default_factory=MethodOptions)
+    images_path: str | None = None  # only for the methods that train on images
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)   # per method: its options (configs/method)
+    fraction_train: float = 1.0     # share of the old clients sampled per round by the multi-round methods
     head_ft: HeadTrainConfig = field(default_factory=lambda: HeadTrainConfig(steps=30))
     checks: dict[str, Any] = field(default_factory=dict)   # HeadCheckConfig fields
     faults: Faults = field(default_factory=Faults)
@@ -91,15 +72,21 @@ class RunSpec:
     resume: bool = field(default=False, repr=False, compare=False)   # continue from the run dir's checkpoint
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS]
+        from fedtina.methods import REGISTRY
+
+        unknown = [m for m in self.methods if m not in REGISTRY]
         if unknown:
-            raise FedtinaError(f"unknown method(s) {unknown}; valid: {list(METHODS)}")
+            raise FedtinaError(f"unknown method(s) {unknown}; valid: {list(REGISTRY)}")
         if not self.methods:
             raise FedtinaError("no method to run: method.names is empty")
         if self.n_clients < 1 or self.rounds < 1:
             raise FedtinaError(f"need clients >= 1 and rounds >= 1, got clients={self.n_clients} rounds={self.rounds}")
-        if "fedavg_full" in self.methods and not self.images_path:
-            raise FedtinaError("method fedavg_full needs images_path (the driver writes images.npy)")
+        if not 0.0 < self.fraction_train <= 1.0:
+            raise FedtinaError(f"fraction_train={self.fraction_train}: must be in (0, 1]")
+        images = [m for m in self.methods if REGISTRY[m].needs_images]
+        if images and not self.images_path:
+            raise FedtinaError(f"method(s) {images} train on images and need images_path (the driver writes "
+                               f"images.npy)")
 
     def to_json(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) if not is_dataclass(getattr(self, f.name)) else
@@ -108,7 +95,7 @@ class RunSpec:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "RunSpec":
         data = dict(data)
-        data["options"] = from_dict(MethodOptions, data.get("options"))
+        data["options"] = dict(data.get("options") or {})
         data["head_ft"] = from_dict(HeadTrainConfig, data.get("head_ft"))
         data["faults"] = from_dict(Faults, data.get("faults"))
         return cls(**data)
@@ -182,5 +169,5 @@ def spec_from_run_config(run_config: dict[str, Any], log=print) -> RunSpec:
     if Path(spec.tina_path).exists():  # the run's own (refreshed) Tina
         from fedtina.tina.train import load_checkpoint
 
-        spec.assets.tina = load_checkpoint(spec.tina_path, spec.assets.encoder, base=spec.assets.tina.base)
+        spec.assets.tina = load_checkpoint(spec.tina_path, spec.assets.encoder)
     return spec

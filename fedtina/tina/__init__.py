@@ -3,10 +3,8 @@
     gen = train_tina(zoo_entries, encoder, TinaConfig())        # once
     heads = gen.generate([["maple tree", "oak tree", "tractor"]])  # any user, no training
     save_checkpoint(path, gen); gen = load_checkpoint(path, encoder)
-    # residual mode (cfg.residual): heads relative to the selection head, base = BaseRows.from_bank(bank, names, encoder)
 """
 
-from fedtina.tina.base import BaseRows
 from fedtina.tina.diffusion import DDIMSampler, DDPMSampler, NoiseSchedule, training_loss
 from fedtina.tina.generator import TinaGenerator, parse_label_text
 from fedtina.tina.layout import GlobalSegment, ParamLayout
@@ -14,6 +12,6 @@ from fedtina.tina.model import TinaNet
 from fedtina.tina.train import TinaTrainer, load_checkpoint, save_checkpoint, train_tina
 
 __all__ = [
-    "BaseRows", "DDIMSampler", "DDPMSampler", "GlobalSegment", "NoiseSchedule", "ParamLayout", "TinaGenerator", "TinaNet",
+    "DDIMSampler", "DDPMSampler", "GlobalSegment", "NoiseSchedule", "ParamLayout", "TinaGenerator", "TinaNet",
     "TinaTrainer", "load_checkpoint", "parse_label_text", "save_checkpoint", "train_tina", "training_loss",
 ]

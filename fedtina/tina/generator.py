@@ -12,9 +12,6 @@ Generation is **order-invariant**: the initial noise of each class token comes f
 hash of (seed, class name), the network has no positional encoding and DDIM with eta = 0 is deterministic, so
 permuting a label set permutes the generated rows (up to float round-off) and the same (set, seed) always gives the
 same head.
-
-Residual mode (``cfg.residual``): the generator also holds a `BaseRows`; every class token gets its base token (the
-selection row, a function of its name only, so order invariance holds) and the sampled residual is added back.
 """
 
 from __future__ import annotations
@@ -32,10 +29,9 @@ from fedtina.data.descriptions import as_text_prompt
 from fedtina.device import pick_device
 from fedtina.errors import FedtinaError, LabelSetError
 from fedtina.heads import Head
-from fedtina.tina.base import BaseRows
 from fedtina.tina.diffusion import DDIMSampler, NoiseSchedule
 from fedtina.tina.layout import ParamLayout
-from fedtina.tina.model import TinaNet, with_base
+from fedtina.tina.model import TinaNet
 from fedtina.tina.prompt import compose, image_embedding
 
 # per label set, per class: features [n, d] of example images, or None (prompted by its name only)
@@ -52,17 +48,11 @@ def token_noise(seed: int, key: str, rows: int, width: int) -> np.ndarray:
 
 
 class TinaGenerator:
-    """A trained Tina network (EMA weights) + its layout + the text encoder it was trained with (+ its base rows in
-    residual mode)."""
+    """A trained Tina network (EMA weights) + its layout + the text encoder it was trained with."""
 
     def __init__(self, model: TinaNet, layout: ParamLayout, encoder: Any, cfg: TinaConfig,
-                 device: torch.device | str | None = None, base: BaseRows | None = None,
-                 image_dim: int | None = None) -> None:
-        if cfg.residual and base is None:
-            raise FedtinaError("this Tina is residual (TinaConfig.residual): it needs the base rows it was trained "
-                               "against, BaseRows.from_bank(bank, class_names, encoder)")
+                 device: torch.device | str | None = None, image_dim: int | None = None) -> None:
         self.cfg = cfg
-        self.base = base if cfg.residual else None
         self.device = torch.device(device) if device is not None else pick_device(cfg.device)
         self.model = model.to(self.device).eval()
         self.layout = layout
@@ -149,7 +139,6 @@ class TinaGenerator:
         B, K = len(sets), max(len(s) for s in sets)
         N, draws = G + K, 1 + sampler.num_noise_draws
 
-        unique = sorted({n for s in sets for n in s})
         noise = np.zeros((draws, B, N, T), dtype=np.float32)
         prompt = np.zeros((B, N, prompts[0].shape[1]), dtype=np.float32)
         mask = np.zeros((B, N), dtype=bool)
@@ -165,41 +154,16 @@ class TinaGenerator:
 
         dev = self.device
         noise_t = torch.from_numpy(noise).to(dev)
-        base_raw, kind, model = self._with_base(sets, unique, G)
         prompt_t, mask_t = torch.from_numpy(prompt).to(dev), torch.from_numpy(mask).to(dev)
         with torch.inference_mode():
             if self.cfg.objective == "regress":   # no diffusion: one forward pass from zeros (tina/train.py)
                 t_last = torch.full((B,), self.cfg.timesteps - 1, dtype=torch.long, device=dev)
-                x0 = model(torch.zeros_like(noise_t[0]), t_last, prompt_t, mask_t) * mask_t[..., None]
+                x0 = self.model(torch.zeros_like(noise_t[0]), t_last, prompt_t, mask_t) * mask_t[..., None]
             else:
-                x0 = sampler.sample(model, prompt_t, mask_t, noise_t[0],
+                x0 = sampler.sample(self.model, prompt_t, mask_t, noise_t[0],
                                     step_noise=noise_t[1:] if draws > 1 else None)
         x0 = x0.float().cpu().numpy()
-        if base_raw is None:
-            return [self.layout.decode(x0[b, G:G + len(names)], x0[b, :G]) for b, names in enumerate(sets)]
-        cls = [slice(G, G + len(names)) for names in sets]
-        return [self.layout.decode(x0[b, c], x0[b, :G], base_raw[b, c], kind[b, c]) for b, c in enumerate(cls)]
-
-    def _with_base(self, sets: list[tuple[str, ...]], unique: list[str],
-                   G: int) -> tuple[np.ndarray | None, np.ndarray | None, Any]:
-        """Residual mode: (raw base tokens [B, N, T], indicator [B, N], the network with its normalised base and
-        indicator bound); else (None, None, the network)."""
-        if self.base is None:
-            return None, None, self.model
-        tokens, borrowed = self.base.tokens(unique)
-        row = {n: i for i, n in enumerate(unique)}
-        B, N = len(sets), G + max(len(s) for s in sets)
-        base = np.zeros((B, N, self.layout.token_dim), dtype=np.float32)
-        base_in = np.zeros_like(base)
-        indicator = np.zeros((B, N), dtype=np.int64)
-        for b, names in enumerate(sets):
-            idx = [row[n] for n in names]
-            base[b, G:G + len(names)] = tokens[idx]
-            base_in[b, G:G + len(names)] = self.layout.normalize_class(tokens[idx])
-            indicator[b, G:G + len(names)] = borrowed[idx]
-        dev = self.device
-        model = with_base(self.model, torch.from_numpy(base_in).to(dev), torch.from_numpy(indicator).to(dev))
-        return base, indicator, model
+        return [self.layout.decode(x0[b, G:G + len(names)], x0[b, :G]) for b, names in enumerate(sets)]
 
     def generate(self, label_sets: Sequence[Sequence[str]], steps: int | None = None, seed: int = 0,
                  eta: float = 0.0, shots: Shots | None = None, use_names: bool = True,

@@ -8,10 +8,6 @@
   are none by default; adding a segment does not change the class-token path.
 * **Normalisation**: per-dimension mean/std over all class tokens of the zoo (and per-element mean/std of the global
   tokens over the zoo's entries). They are fitted once (`fit`) and saved with the checkpoint (`state_tensors`).
-* **Residual tokens** (residual Tina, `fedtina.tina.base`): class token - base token. They get their own
-  per-dimension mean/std, one set per kind of base (`fit_residual`; 0/1 until fitted): residuals from a class's own
-  generic row are an order of magnitude smaller than from a borrowed row, and with one shared scale the network's
-  error on a borrowed row's scale would swamp the small own corrections. `decode(..., base=, kind=)` adds the base back.
 """
 
 from __future__ import annotations
@@ -60,8 +56,6 @@ class ParamLayout:
         class_std: np.ndarray | None = None,
         global_mean: np.ndarray | None = None,
         global_std: np.ndarray | None = None,
-        residual_mean: np.ndarray | None = None,
-        residual_std: np.ndarray | None = None,
     ) -> None:
         if feature_dim <= 0:
             raise FedtinaError(f"feature_dim must be positive, got {feature_dim}")
@@ -84,9 +78,6 @@ class ParamLayout:
         self.class_std = np.maximum(_as_stat(class_std, (T,), 1.0, "class_std"), _STD_FLOOR)
         self.global_mean = _as_stat(global_mean, (G, T), 0.0, "global_mean")
         self.global_std = np.maximum(_as_stat(global_std, (G, T), 1.0, "global_std"), _STD_FLOOR)
-        # row 0: residuals from the class's own base row, row 1: from a borrowed one (fedtina.tina.base OWN/BORROWED)
-        self.residual_mean = _as_stat(residual_mean, (2, T), 0.0, "residual_mean")
-        self.residual_std = np.maximum(_as_stat(residual_std, (2, T), 1.0, "residual_std"), _STD_FLOOR)
 
     @property
     def token_dim(self) -> int:
@@ -146,28 +137,14 @@ class ParamLayout:
     def denormalize_global(self, tokens: np.ndarray) -> np.ndarray:
         return (tokens * self.global_std + self.global_mean).astype(np.float32)
 
-    def normalize_residual(self, residuals: np.ndarray, kind: np.ndarray) -> np.ndarray:
-        """Raw residuals [k, T] -> normalised, with the statistics of each row's base ``kind`` [k] (0 own, 1 borrowed)."""
-        kind = np.asarray(kind, np.int64)
-        return ((residuals - self.residual_mean[kind]) / self.residual_std[kind]).astype(np.float32)
-
-    def denormalize_residual(self, residuals: np.ndarray, kind: np.ndarray) -> np.ndarray:
-        kind = np.asarray(kind, np.int64)
-        return (residuals * self.residual_std[kind] + self.residual_mean[kind]).astype(np.float32)
-
     def encode(self, params: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """``params`` -> normalised (class tokens [k, T], global tokens [G, T])."""
         return self.normalize_class(self.class_tokens(params)), self.normalize_global(self.global_tokens(params))
 
-    def decode(self, class_tokens: np.ndarray, global_tokens: np.ndarray | None = None,
-               base: np.ndarray | None = None, kind: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """Normalised tokens -> params dict (the inverse of `encode`). With ``base`` (raw base tokens [k, T]) and its
-        ``kind`` [k] the class tokens are normalised residuals and the base is added back."""
+    def decode(self, class_tokens: np.ndarray, global_tokens: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Normalised tokens -> params dict (the inverse of `encode`)."""
         g = None if global_tokens is None else self.denormalize_global(global_tokens)
-        if base is None:
-            return self.params_from_tokens(self.denormalize_class(class_tokens), g)
-        residual = self.denormalize_residual(class_tokens, kind)
-        return self.params_from_tokens(np.asarray(base, np.float32) + residual, g)
+        return self.params_from_tokens(self.denormalize_class(class_tokens), g)
 
     def fit(self, params_list: Iterable[Mapping[str, np.ndarray]]) -> "ParamLayout":
         """A copy of this layout whose statistics are fitted on ``params_list`` (e.g. every zoo entry's params)."""
@@ -192,24 +169,7 @@ class ParamLayout:
             class_std=rows.std(axis=0) if len(rows) > 1 else np.ones(self.token_dim),
             global_mean=glob.mean(axis=0),
             global_std=g_std,
-            residual_mean=self.residual_mean,
-            residual_std=self.residual_std,
         )
-
-    def fit_residual(self, residuals: np.ndarray, kind: np.ndarray) -> "ParamLayout":
-        """A copy of this layout whose residual statistics are the per-dimension mean/std of raw residual tokens
-        [n, T], separately for each base ``kind`` [n] (a kind with fewer than 2 rows keeps 0/1); other statistics
-        are kept."""
-        r, kind = np.asarray(residuals, np.float64), np.asarray(kind)
-        if r.ndim != 2 or r.shape[1] != self.token_dim or kind.shape != (len(r),):
-            raise FedtinaError(f"residuals must be [n, {self.token_dim}] with one kind each, got {r.shape} and "
-                               f"{kind.shape}")
-        mean, std = self.residual_mean.astype(np.float64), self.residual_std.astype(np.float64)
-        for k in (0, 1):
-            if (kind == k).sum() > 1:
-                mean[k], std[k] = r[kind == k].mean(axis=0), r[kind == k].std(axis=0)
-        return ParamLayout.from_spec(self.spec(), {**self.state_tensors(), "residual_mean": mean,
-                                                   "residual_std": std})
 
     # ---------------------------------------------------------------- serialisation
     def spec(self) -> dict[str, Any]:
@@ -225,17 +185,15 @@ class ParamLayout:
             "class_std": self.class_std.astype(np.float32),
             "global_mean": self.global_mean.astype(np.float32),
             "global_std": self.global_std.astype(np.float32),
-            "residual_mean": self.residual_mean.astype(np.float32),
-            "residual_std": self.residual_std.astype(np.float32),
         }
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any], tensors: Mapping[str, np.ndarray] | None = None) -> "ParamLayout":
+        """Statistics from ``tensors`` (unknown keys, e.g. an older checkpoint's residual statistics, are ignored)."""
         segments = [GlobalSegment(s["name"], tuple(s["shape"])) for s in spec.get("global_segments", [])]
         tensors = tensors or {}
         return cls(int(spec["feature_dim"]), segments, **{k: tensors.get(k) for k in
-                                                         ("class_mean", "class_std", "global_mean", "global_std",
-                                                          "residual_mean", "residual_std")})
+                                                         ("class_mean", "class_std", "global_mean", "global_std")})
 
     def __repr__(self) -> str:
         segs = ", ".join(f"{s.name}{list(s.shape)}" for s in self.global_segments)

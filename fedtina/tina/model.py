@@ -12,19 +12,11 @@ token shift/scale/gate, zero-initialised, so every block starts as the identity)
 token input. Self-attention runs
 across the tokens with a key padding mask, so padded tokens never influence valid ones; their outputs are garbage
 and ignored by the loss and the sampler.
-
-Residual mode (``residual=True``, see `fedtina.tina.base`): x is the noisy *residual* of each class token w.r.t. a
-base token the server already has. The (normalised) base token enters through its own input projection, added to the
-token input like the prompt, and a learned OWN / BORROWED indicator embedding is added to the conditioning, so the
-network can keep an own generic row nearly as is and correct a borrowed one more. Both are per-token and
-position-free, so equivariance and masking are unchanged.
 """
 
 from __future__ import annotations
 
 import math
-from functools import partial
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -138,11 +130,9 @@ class TinaNet(nn.Module):
         num_heads: int = 8,
         mlp_ratio: float = 4.0,
         num_global_tokens: int = 0,
-        residual: bool = False,
     ) -> None:
         super().__init__()
         self.token_dim, self.prompt_dim, self.num_global_tokens = token_dim, prompt_dim, num_global_tokens
-        self.residual = residual
         self.x_embed = nn.Linear(token_dim, d_model)
         self.prompt_in = nn.Linear(prompt_dim, d_model)      # prompt added to the token input
         self.t_embedder = TimestepEmbedder(d_model)
@@ -150,9 +140,6 @@ class TinaNet(nn.Module):
         if num_global_tokens:
             self.global_type = nn.Parameter(torch.zeros(num_global_tokens, d_model))   # input type embedding
             self.global_cond = nn.Parameter(torch.zeros(num_global_tokens, d_model))   # conditioning type embedding
-        if residual:
-            self.base_in = nn.Linear(token_dim, d_model)      # base token added to the token input
-            self.indicator = nn.Embedding(2, d_model)         # OWN / BORROWED base, added to the conditioning
         self.blocks = nn.ModuleList(TinaBlock(d_model, num_heads, mlp_ratio) for _ in range(depth))
         self.final_layer = FinalLayer(d_model, token_dim)
         self.initialize_weights()
@@ -170,8 +157,6 @@ class TinaNet(nn.Module):
         if self.num_global_tokens:
             nn.init.normal_(self.global_type, std=0.02)
             nn.init.normal_(self.global_cond, std=0.02)
-        if self.residual:
-            nn.init.normal_(self.indicator.weight, std=0.02)
         # adaLN-Zero: every block starts as the identity, the output layer starts at 0 (= the zoo's mean token)
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
@@ -181,22 +166,13 @@ class TinaNet(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, prompt: torch.Tensor, mask: torch.Tensor,
-                base: torch.Tensor | None = None, indicator: torch.Tensor | None = None) -> torch.Tensor:
-        """``base`` [B,N,T] normalised base tokens and ``indicator`` [B,N] long (0 own, 1 borrowed): residual mode
-        only (their global-token rows are ignored)."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, prompt: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         G = self.num_global_tokens
         mask = mask.bool()
         prompt = prompt * mask[..., None].to(prompt.dtype)        # padded rows contribute nothing anywhere
         t_emb = self.t_embedder(t)[:, None, :]
         h = self.x_embed(x)
         h_in, c = self.prompt_in(prompt[:, G:]), self.prompt_embedder(prompt[:, G:])
-        if self.residual:
-            if base is None or indicator is None:
-                raise ValueError("a residual TinaNet needs the base tokens and the own/borrowed indicator")
-            cls_mask = mask[:, G:, None]
-            h_in = h_in + self.base_in(base[:, G:] * cls_mask.to(base.dtype))
-            c = c + self.indicator(indicator[:, G:].long() * cls_mask[..., 0])
         if G:
             cls_mask = mask[:, G:, None].to(prompt.dtype)
             set_prompt = (prompt[:, G:] * cls_mask).sum(1) / cls_mask.sum(1).clamp_min(1.0)   # [B, P], order-free
@@ -208,9 +184,3 @@ class TinaNet(nn.Module):
         for block in self.blocks:
             h = block(h, c, mask)
         return self.final_layer(h, c)
-
-
-def with_base(model: TinaNet, base: torch.Tensor | None, indicator: torch.Tensor | None) -> Callable:
-    """The network as the samplers and the loss call it, ``(x, t, cond, mask)``, with the residual inputs bound
-    (the diffusion code stays unaware of residual mode)."""
-    return model if base is None else partial(model, base=base, indicator=indicator)

@@ -6,12 +6,6 @@ weights (the EMA is what generates). Augmentation: with probability ``cfg.subset
 sub-head of k' in [1, k] of its classes (rows of a fine-tuned head are a fine target for the smaller task), so every
 k up to ``max_classes`` is seen; batches are padded to the largest k in the batch and masked.
 
-Residual mode (``cfg.residual``, needs a `BaseRows`): the target of a class token is its row minus a base row,
-normalised with the layout's residual statistics, and the network also sees the base and an OWN / BORROWED
-indicator. The base is the class's own generic row, except for a fraction ``cfg.borrow_prob`` of the tokens, which
-borrow the row of the nearest-named other seen class: the situation of an unseen class at generation time, which
-the zoo (seen classes only) never shows otherwise.
-
 Default size (TinaConfig): d_model 128, depth 4, 4 heads, batch 64 tasks, 1500 steps, lr 1e-3 (1.4M parameters with a
 384-d text encoder). Measured on the shared 2-core CPU for 600 tasks of k = 10, d = 64: d_model 256 / depth 6 /
 batch 128 (7.6M params) ran at 0.2 steps/s, far too slow; the default runs at ~7 steps/s with 1 thread, so 1500 steps
@@ -41,11 +35,10 @@ from fedtina.data.descriptions import as_text_prompt
 from fedtina.device import pick_device
 from fedtina.errors import CorruptFileError, FedtinaError
 from fedtina.io import atomic_write
-from fedtina.tina.base import BORROWED, OWN, BaseRows
 from fedtina.tina.diffusion import PREDICTIONS, NoiseSchedule, training_loss
 from fedtina.tina.generator import TinaGenerator
 from fedtina.tina.layout import WEIGHT_KEY, GlobalSegment, ParamLayout
-from fedtina.tina.model import TinaNet, with_base
+from fedtina.tina.model import TinaNet
 from fedtina.tina.prompt import ShotBank, compose, prompt_dim, sample_kinds
 
 CHECKPOINT_FORMAT = "fedtina.tina/2"   # 2: class prompts (text | images | both) instead of text only
@@ -53,41 +46,23 @@ CHECKPOINT_FORMAT = "fedtina.tina/2"   # 2: class prompts (text | images | both)
 
 def build_model(cfg: TinaConfig, layout: ParamLayout, text_dim: int, image_dim: int) -> TinaNet:
     return TinaNet(layout.token_dim, prompt_dim(text_dim, image_dim), d_model=cfg.d_model, depth=cfg.depth,
-                   num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, num_global_tokens=layout.num_global_tokens,
-                   residual=cfg.residual)
+                   num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, num_global_tokens=layout.num_global_tokens)
 
 
 class Batch(NamedTuple):
-    """A training batch; ``prompt`` [B,N,P] per class token (`fedtina.tina.prompt`); ``base`` [B,N,T] (normalised
-    base tokens) and ``indicator`` [B,N] only in residual mode."""
+    """A training batch; ``prompt`` [B,N,P] per class token (`fedtina.tina.prompt`)."""
 
     x0: torch.Tensor
     prompt: torch.Tensor
     mask: torch.Tensor
-    base: torch.Tensor | None = None
-    indicator: torch.Tensor | None = None
-
-
-def fit_residual_stats(layout: ParamLayout, entries: Sequence[Any], base: BaseRows) -> ParamLayout:
-    """Residual statistics of every zoo token against its own base row and against its leave-one-out borrowed one."""
-    rows = np.concatenate([layout.class_tokens(e.params) for e in entries])
-    names = [n for e in entries for n in e.class_names]
-    unique = list(dict.fromkeys(names))
-    own_of = dict(zip(unique, base.tokens(unique)[0]))
-    borrowed_of = dict(zip(unique, base.borrowed_tokens(unique)))
-    own = np.stack([own_of[n] for n in names])
-    borrowed = np.stack([borrowed_of[n] for n in names])
-    kind = np.repeat([OWN, BORROWED], len(rows))
-    return layout.fit_residual(np.concatenate([rows - own, rows - borrowed]), kind)
 
 
 class ZooTensors:
     """The zoo as padded tensors: normalised class tokens, name indices, k per task, global tokens, text table,
-    the zoo-part image features behind image prompts (`ShotBank`; without them every prompt is text only)
-    (+ in residual mode: raw tokens and every name's own and leave-one-out borrowed base tokens)."""
+    the zoo-part image features behind image prompts (`ShotBank`; without them every prompt is text only)."""
 
-    def __init__(self, entries: Sequence[Any], encoder: Any, layout: ParamLayout, base: BaseRows | None = None,
-                 borrow_prob: float = 0.0, shots: Mapping[str, np.ndarray] | None = None,
+    def __init__(self, entries: Sequence[Any], encoder: Any, layout: ParamLayout,
+                 shots: Mapping[str, np.ndarray] | None = None,
                  max_shots: int = 16, descriptions: Mapping[str, str] | None = None,
                  sentence_prob: float = 0.0, image_dim: int | None = None) -> None:
         if not entries:
@@ -131,28 +106,9 @@ class ZooTensors:
         self.names = names
         self.image_dim = int(image_dim or layout.feature_dim)   # width of the image prompts' features
         self.shots = ShotBank(shots, names, self.image_dim, max_shots) if shots is not None else None
-        self.residual = base is not None
-        if self.residual:
-            self._init_residual(layout, base, borrow_prob)
-
-    def _init_residual(self, layout: ParamLayout, base: BaseRows, borrow_prob: float) -> None:
-        """Raw tokens, each name's own and leave-one-out borrowed base tokens (raw), and the layout statistics."""
-        own, borrowed = base.tokens(self.names)
-        if borrowed.any():
-            unknown = [n for n, b in zip(self.names, borrowed) if b]
-            raise FedtinaError(f"residual Tina: zoo classes {unknown[:5]} have no generic row")
-        stat = lambda a: torch.from_numpy(np.asarray(a, np.float32))  # noqa: E731
-        self.raw = self.tokens * stat(layout.class_std) + stat(layout.class_mean)   # padding is garbage, masked
-        self.own_base, self.borrowed_base = stat(own), stat(base.borrowed_tokens(self.names))
-        self.class_mean, self.class_std = stat(layout.class_mean), stat(layout.class_std)
-        self.residual_mean, self.residual_std = stat(layout.residual_mean), stat(layout.residual_std)
-        self.borrow_prob = float(borrow_prob)
-
-    _RESIDUAL = ("raw", "own_base", "borrowed_base", "class_mean", "class_std", "residual_mean", "residual_std")
 
     def to(self, device: torch.device) -> "ZooTensors":
-        for attr in ("tokens", "name_idx", "glob", "k", "text", "sentences", "has_sentence") + (
-                self._RESIDUAL if self.residual else ()):
+        for attr in ("tokens", "name_idx", "glob", "k", "text", "sentences", "has_sentence"):
             setattr(self, attr, getattr(self, attr).to(device))
         if self.shots is not None:
             self.shots.to(device)
@@ -160,7 +116,7 @@ class ZooTensors:
 
     def sample(self, batch_size: int, max_classes: int, subset_prob: float, gen: torch.Generator,
                mix: tuple[float, float, float] = (1.0, 0.0, 0.0)) -> Batch:
-        """A batch (x0 [B,N,T], prompt [B,N,P], mask [B,N], residual inputs) with N = G + largest k' in the batch;
+        """A batch (x0 [B,N,T], prompt [B,N,P], mask [B,N]) with N = G + largest k' in the batch;
         each class token's prompt is text, images or both with probabilities `mix` (text only without shots)."""
         dev = self.tokens.device
         M, Kz = self.name_idx.shape
@@ -178,19 +134,13 @@ class ZooTensors:
         names = torch.gather(self.name_idx[idx], 1, perm)
         mask = torch.arange(K, device=dev)[None] < k[:, None]
         text = self._prompts(names, mix, gen) * mask[..., None]
-        base = indicator = None
-        if self.residual:
-            tokens, base, indicator = self._residual(idx, perm, names, mask, gen)
         tokens = tokens * mask[..., None]
         G = self.glob.shape[1]
         if G:
             tokens = torch.cat([self.glob[idx], tokens], dim=1)
             text = torch.cat([text.new_zeros(batch_size, G, text.shape[-1]), text], dim=1)
             mask = torch.cat([mask.new_ones(batch_size, G), mask], dim=1)
-            if self.residual:
-                base = torch.cat([base.new_zeros(batch_size, G, base.shape[-1]), base], dim=1)
-                indicator = torch.cat([indicator.new_zeros(batch_size, G), indicator], dim=1)
-        return Batch(tokens, text, mask, base, indicator)
+        return Batch(tokens, text, mask)
 
     def _prompts(self, names: torch.Tensor, mix: tuple[float, float, float], gen: torch.Generator) -> torch.Tensor:
         text = self.text[names]
@@ -204,18 +154,6 @@ class ZooTensors:
         images, available = self.shots.sample(names, gen)
         use_images = use_images & available
         return compose(text, images, use_text | ~use_images, use_images)
-
-    def _residual(self, idx: torch.Tensor, perm: torch.Tensor, names: torch.Tensor, mask: torch.Tensor,
-                  gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(normalised residual targets, normalised base tokens, indicator) of the sampled class tokens; each
-        token borrows its base with probability ``borrow_prob``."""
-        raw = torch.gather(self.raw[idx], 1, perm[..., None].expand(-1, -1, self.raw.shape[-1]))
-        borrowed = (torch.rand(names.shape, generator=gen, device=names.device) < self.borrow_prob) & mask
-        base = torch.where(borrowed[..., None], self.borrowed_base[names], self.own_base[names])
-        kind = borrowed.long()
-        x0 = (raw - base - self.residual_mean[kind]) / self.residual_std[kind]
-        base_in = (base - self.class_mean) / self.class_std * mask[..., None]
-        return x0, base_in, kind
 
 
 OBJECTIVES = ("diffusion", "regress")
@@ -243,25 +181,17 @@ class TinaTrainer:
 
     def __init__(self, entries: Sequence[Any], encoder: Any, cfg: TinaConfig,
                  global_segments: Sequence[GlobalSegment] = (), log: Callable[[str], Any] | None = print,
-                 init: TinaGenerator | None = None, base: BaseRows | None = None,
-                 shots: Mapping[str, np.ndarray] | None = None,
+                 init: TinaGenerator | None = None, shots: Mapping[str, np.ndarray] | None = None,
                  descriptions: Mapping[str, str] | None = None) -> None:
         """``init``: warm start from a trained generator's weights, keeping its layout and normalisation statistics
         (refitting them would change what the weights mean); ``global_segments`` is then taken from it.
-        ``base``: the base rows of residual mode (required with ``cfg.residual``; default: ``init``'s).
         ``shots``: {class name: zoo-part image features [n, d]} for image prompts (None: text prompts only).
         ``descriptions``: {class name: sentence}, the text prompt of a class token with P(cfg.prompt_sentences)."""
         check_objective(cfg)
-        base = base if base is not None else getattr(init, "base", None)
-        if cfg.residual and base is None:
-            raise FedtinaError("TinaConfig.residual needs base rows (BaseRows.from_bank(bank, class_names, encoder))")
-        if cfg.residual and not 0.0 <= cfg.borrow_prob <= 1.0:
-            raise FedtinaError(f"TinaConfig.borrow_prob must be in [0, 1], got {cfg.borrow_prob}")
         entries = list(entries)
         if not entries:
             raise FedtinaError("cannot train Tina on an empty zoo")
         self.cfg, self.encoder, self.log = cfg, encoder, log or (lambda _msg: None)
-        self.base = base if cfg.residual else None
         self.device = pick_device(cfg.device)
         d = np.asarray(entries[0].params[WEIGHT_KEY]).shape[-1]
         if init is not None:
@@ -271,16 +201,14 @@ class TinaTrainer:
             self.layout = init.layout
         else:
             self.layout = ParamLayout(d, global_segments).fit(e.params for e in entries)
-            if self.base is not None:
-                self.layout = fit_residual_stats(self.layout, entries, self.base)
         self.image_dim = image_width(shots, init.image_dim if init is not None else self.layout.feature_dim)
         if init is not None and init.image_dim != self.image_dim:
             raise FedtinaError(f"warm start: the generator's image prompts are {init.image_dim}-d, these shots "
                                f"{self.image_dim}-d")
         if cfg.prompt_sentences > 0 and not descriptions:
             raise FedtinaError("TinaConfig.prompt_sentences > 0 needs class descriptions (dataset.descriptions)")
-        self.data = ZooTensors(entries, encoder, self.layout, self.base, cfg.borrow_prob, shots, cfg.max_shots,
-                               descriptions, cfg.prompt_sentences, self.image_dim).to(self.device)
+        self.data = ZooTensors(entries, encoder, self.layout, shots, cfg.max_shots, descriptions,
+                               cfg.prompt_sentences, self.image_dim).to(self.device)
         self.mix = (cfg.prompt_text, cfg.prompt_images, cfg.prompt_both)
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg, self.layout, int(encoder.dim), self.image_dim).to(self.device)
@@ -312,7 +240,7 @@ class TinaTrainer:
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(self.step)
         batch = self.data.sample(cfg.batch_size, cfg.max_classes, cfg.subset_prob, self.gen, self.mix)
-        model = with_base(self.model, batch.base, batch.indicator)
+        model = self.model
         if cfg.objective == "regress":   # the same network without diffusion: zero input at the last step
             x0_hat = model(torch.zeros_like(batch.x0), self._last_t(len(batch.x0)), batch.prompt, batch.mask)
             m = batch.mask[..., None].to(x0_hat.dtype)
@@ -366,19 +294,18 @@ class TinaTrainer:
     def generator(self) -> TinaGenerator:
         """A TinaGenerator over (a copy of) the current EMA weights."""
         return TinaGenerator(copy.deepcopy(self.ema).eval(), self.layout, self.encoder, self.cfg, device=self.device,
-                             base=self.base, image_dim=self.image_dim)
+                             image_dim=self.image_dim)
 
 
 def train_tina(entries: Sequence[Any], encoder: Any, cfg: TinaConfig, log: Callable[[str], Any] | None = print,
                global_segments: Sequence[GlobalSegment] = (), init: TinaGenerator | None = None,
-               base: BaseRows | None = None, shots: Mapping[str, np.ndarray] | None = None,
+               shots: Mapping[str, np.ndarray] | None = None,
                descriptions: Mapping[str, str] | None = None) -> TinaGenerator:
     """Train Tina on zoo entries (`ZooEntry`: class_names, params with head.weight/head.bias) -> TinaGenerator.
     ``init``: continue from a trained generator (same architecture; its layout statistics are kept).
-    ``base``: the base rows residual mode generates relative to (required with ``cfg.residual``).
     ``shots``: {class name: zoo-part image features} behind image prompts (None: text prompts only).
     ``descriptions``: {class name: sentence} for training on descriptions (cfg.prompt_sentences)."""
-    return TinaTrainer(entries, encoder, cfg, global_segments=global_segments, log=log, init=init, base=base,
+    return TinaTrainer(entries, encoder, cfg, global_segments=global_segments, log=log, init=init,
                        shots=shots, descriptions=descriptions).fit()
 
 
@@ -433,10 +360,9 @@ def read_checkpoint_metadata(path: str | Path) -> dict[str, str]:
     return meta
 
 
-def load_checkpoint(path: str | Path, encoder: Any, device: str | None = None,
-                    base: BaseRows | None = None) -> TinaGenerator:
-    """Checkpoint -> TinaGenerator using ``encoder`` (must be the encoder it was trained with) and, for a residual
-    checkpoint, ``base`` (the base rows it was trained against; FedtinaError without it).
+def load_checkpoint(path: str | Path, encoder: Any, device: str | None = None) -> TinaGenerator:
+    """Checkpoint -> TinaGenerator using ``encoder`` (must be the encoder it was trained with). Config keys and
+    layout tensors this version does not know (e.g. of the removed residual mode) are ignored.
 
     Raises FileNotFoundError if missing, CorruptFileError (naming the path) if truncated, garbled or missing tensors,
     and FedtinaError if ``encoder``'s id, dim or template differ from the training encoder's."""
@@ -477,4 +403,4 @@ def load_checkpoint(path: str | Path, encoder: Any, device: str | None = None,
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise CorruptFileError(f"Tina checkpoint {path} does not match its config ({err}); delete it and retrain") from err
-    return TinaGenerator(model, layout, encoder, cfg, device=device, base=base, image_dim=image_dim)
+    return TinaGenerator(model, layout, encoder, cfg, device=device, image_dim=image_dim)

@@ -1,0 +1,42 @@
+"""FedRep (Collins et al., 2021): each round the client first fits its personal head with the body frozen, then
+trains the body with that head frozen; the server averages the body only. The head fit runs on body features
+(fedtina.heads, `head_steps` full-batch steps)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from fedtina.federation import body
+from fedtina.federation.client_call import ClientCall, update
+from fedtina.federation.federation import Federation, Progress
+from fedtina.methods import personal
+from fedtina.methods.registry import Method, register
+
+
+@dataclass
+class FedRepOptions(body.LocalTraining):
+    head_steps: int = 30      # head updates before the body epochs (body frozen)
+
+
+def run(fed: Federation, prog: Progress) -> None:
+    opts = fed.options("fedrep", FedRepOptions)
+    personal.run_body_method(fed, "fedrep", opts, head_steps=int(opts.head_steps))
+
+
+def client_train(call: ClientCall):
+    received, imgs = call.arrays(), call.images()
+    body_state, _ = body.split(received)
+    head = personal.start_head(call, received, "fedrep")
+    cfg = replace(personal.head_config(call.cfg), steps=int(call.cfg["head_steps"]), select=False)
+    head = personal.fit_head(call, head, personal.feature_data(call, body_state, imgs, test=False), cfg)
+    state = body.train(body.join(body_state, head), imgs.train_x, imgs.train_y, train_head=False,
+                       device=call.device, **body.local_training(call.cfg))
+    call.save_state("fedrep", {"weight": head.weight, "bias": head.bias})
+    return update(body.split(state)[0], len(imgs.train_y))
+
+
+register(Method("fedrep", run, FedRepOptions, ranges={**body.TRAINING_RANGES, "head_steps": "positive"},
+                needs_images=True, zero_labels=personal.ZERO,
+                client_steps={"train.fedrep": ("train", client_train),
+                              "evaluate.fedrep": ("evaluate", personal.evaluate_step("fedrep", finetune=False))},
+                order=80, summary="shared body (FedAvg), personal head fitted first each round"))

@@ -1,0 +1,59 @@
+"""FedRoD (Chen & Chao, 2022): a shared body and a generic head trained with the balanced softmax (logits shifted by
+the log of the client's class prior, so the global head learns class-balanced scores from skewed clients), both
+averaged; plus a personal head on top. Here the personal head is the generic rows fine-tuned on the client's labels
+with an L2 pull toward them (a personal offset added to the generic logits, in one linear layer). New clients
+without labels are served by the generic head alone."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.serverapp.strategy import FedAvg
+
+from fedtina.federation import body
+from fedtina.federation.client_call import ClientCall, update
+from fedtina.federation.federation import Federation, Progress
+from fedtina.federation.runtime import arrays_record
+from fedtina.federation.strategy import start
+from fedtina.methods import personal
+from fedtina.methods.fedavg_full import full_model_state, serve_new
+from fedtina.methods.registry import Method, register
+
+
+@dataclass
+class FedRoDOptions(body.LocalTraining):
+    pass
+
+
+def run(fed: Federation, prog: Progress) -> None:
+    opts = fed.options("fedrod", FedRoDOptions)
+    fed.out.rounds["fedrod"] = fed.spec.rounds
+    ft = personal.finetune_config(fed)
+    result = start(fed, "fedrod", FedAvg, arrays_record(full_model_state(fed)), train_type="train.fedrod",
+                   evaluate_type="evaluate.fedrod", train_config=opts.kwargs(), evaluate_config=ft)
+    serve_new(fed, "fedrod", result.arrays, "evaluate.fedrod", **ft)
+
+
+def client_train(call: ClientCall):
+    received, imgs = call.arrays(), call.images()
+    count = np.bincount(imgs.train_global_y, minlength=len(received["fc.bias"]))
+    adjust = np.where(count > 0, np.log(np.maximum(count, 1)), -1e4).astype(np.float32)   # balanced softmax
+    new = body.train(received, imgs.train_x, imgs.train_global_y, logit_adjust=adjust, device=call.device,
+                     **body.local_training(call.cfg))
+    return update(new, len(imgs.train_y))
+
+
+def client_evaluate(call: ClientCall):
+    """The generic rows plus the personal offset fitted on the client's labels (none without labels)."""
+    received, imgs = call.arrays(), call.images()
+    body_state, _ = body.split(received)
+    data = personal.feature_data(call, body_state, imgs)
+    head = personal.fit_head(call, personal.start_head(call, received, None), data)
+    return personal.score(head, data)
+
+
+register(Method("fedrod", run, FedRoDOptions, ranges=body.TRAINING_RANGES, needs_images=True,
+                client_steps={"train.fedrod": ("train", client_train),
+                              "evaluate.fedrod": ("evaluate", client_evaluate)},
+                order=110, summary="shared body + balanced-softmax generic head, personal offset per client"))

@@ -1,0 +1,252 @@
+"""Tina: the server generates each client's head from the description of its classes (text, image prompts or both).
+
+Clients arrive in `rounds` cohorts; per cohort one batched generation, `evaluate.head`, then (with `finetune`) a
+fine-tune on the client's labels, the upload, the server's gate, the accepted heads appended to the run's zoo and a
+Tina refresh every `refresh_every` accepted heads. New clients arrive after the last cohort and are served by
+generation alone (then fine-tuned, without upload). A checkpoint follows every cohort; a resumed run continues
+after the last one, with that point's zoo and Tina. Results: `tina` (the generated head) and `tina_ft`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Message
+
+from fedtina.errors import FedtinaError
+from fedtina.federation.checks import HeadCheckConfig, check_head
+from fedtina.federation.federation import Federation, Progress, _mean_std
+from fedtina.federation.profiling import PhaseTimer
+from fedtina.federation.runtime import record_head
+from fedtina.heads import Head
+from fedtina.methods.registry import Method, register
+
+log = logging.getLogger("fedtina.federation")
+PROMPTS = ("text", "images", "both")
+ZERO_FT = "tina_ft fine-tunes on the client's labels; this client has none (its tina row is the generated head)"
+
+
+@dataclass
+class TinaOptions:
+    finetune: bool = True       # clients fine-tune the generated head and upload it (-> tina_ft, zoo growth)
+    refresh_every: int = 20     # refresh Tina after this many accepted heads (0 = never)
+    refresh_steps: int = 30     # training steps per refresh (warm start on the grown zoo)
+    gen_seed: int = 0           # generation noise seed
+    prompt: str = "text"        # what a client describes its classes by: text | images | both (images: the mean
+                                # feature of its labelled training images of each class)
+
+
+def refresh_tina(fed: Federation, zoo, rnd: int) -> str:
+    """Continue training Tina on the grown zoo for `refresh_steps` steps (warm start from the current weights and
+    normalisation); save it atomically as the run's Tina and as this cohort's (`tina-c<rnd>`, which a resumed run
+    restarts from). Returns the cohort file's path."""
+    from fedtina.tina import train as tina_train
+
+    opts, tina = fed.options("tina", TinaOptions), fed.tina
+    # one thread: the cores are shared with the ClientApp actors, and one-thread CPU training is bit-reproducible,
+    # so a resumed run refreshes exactly as an uninterrupted one
+    cfg = replace(tina.cfg, train_steps=int(opts.refresh_steps), cpu_threads=1,
+                  warmup_steps=min(int(tina.cfg.warmup_steps), max(1, opts.refresh_steps // 5)))
+    with PhaseTimer() as t:
+        entries = zoo.entries()
+        new = tina_train.train_tina(entries, tina.encoder, cfg, log=None, init=tina, shots=fed.assets.shots,
+                                    descriptions=fed.assets.descriptions)
+        cohort_path = Path(fed.spec.tina_path).with_name(f"tina-c{rnd}.safetensors")
+        for path in (cohort_path, Path(fed.spec.tina_path)):
+            tina_train.save_checkpoint(path, new)   # temp file + os.replace
+    fed.tina = new
+    fed.server_record("tina", rnd, "refresh", t, detail=f"{opts.refresh_steps} steps on {len(entries)} heads")
+    fed.progress("tina", rnd, fed.spec.rounds, f"Tina refreshed on {len(entries)} zoo heads "
+                 f"({opts.refresh_steps} steps, {t.wall_s:.1f} s)")
+    return str(cohort_path)
+
+
+def row_norm_scale(fed: Federation, zoo) -> float:
+    """The row norm of a plausible head, for the gate's `max_row_norm_ratio`: the mean row norm of the zoo's heads
+    (fine-tuned heads have rows several times longer than the generic head's: measured 6x-9x on shapes, so the
+    generic scale would refuse the zoo itself); the generic head's mean row norm while the zoo is empty."""
+    rows = [np.linalg.norm(np.asarray(e.params["head.weight"], np.float32), axis=1) for e in zoo.entries()]
+    if rows:
+        return float(np.concatenate(rows).mean())
+    return float(np.linalg.norm(np.asarray(fed.assets.bank.generic_weight), axis=1).mean())
+
+
+def check_uploads(fed: Federation, ok: dict[int, Message], rnd: int, norm_scale: float,
+                  sent: dict[int, Head]) -> tuple[list, int]:
+    """Run every uploaded head through the server's gate, against the selection head and the head the server sent
+    that node (`sent`): (accepted ZooEntries, number refused). The verdict and its reason also go on the client's
+    tina_ft result of this round (`upload`, `upload_detail`)."""
+    from fedtina.zoo import ZooEntry
+
+    check_cfg = HeadCheckConfig(**fed.spec.checks)
+    d = int(fed.assets.bank.features.shape[1])
+    rows = {r.client_id: r for r in fed.out.results if r.method == "tina_ft" and r.round == rnd}
+    entries, refused = [], 0
+    for node, rep in ok.items():
+        c = fed.clients[node]
+        with PhaseTimer() as t:
+            try:
+                up = record_head(rep.content["head"], c.names)
+                res = check_head(up, c.names, d, fed.selection(c.names), *fed.val_data(c.class_ids), norm_scale,
+                                 check_cfg, sent=sent[node])
+                reason, acc = res.reason, res.acc
+                if res.accepted and res.class_drop is not None:  # how close an accepted head came to the limit
+                    reason = f"{reason} (largest class-pair AUC drop {res.class_drop:.2f})"
+            except Exception as e:  # noqa: BLE001 - a malformed upload is refused, never fatal
+                res, reason, acc = None, f"malformed upload: {type(e).__name__}: {e}", None
+        if c.client_id in rows:
+            rows[c.client_id].upload = "accepted" if res is not None and res.accepted else "refused"
+            rows[c.client_id].upload_detail = reason
+        if res is not None and res.accepted:
+            entries.append(ZooEntry(class_names=c.names, params=up.params(),
+                                    metrics={"acc": float(rep.content["metrics"]["acc"]),
+                                             "server_val_acc": float(acc) if acc is not None else float("nan")},
+                                    source=f"client:{c.client_id}"))
+            fed.server_record("tina", rnd, "check", t, cid=c.client_id, acc=acc, detail=reason)
+        else:
+            refused += 1
+            log.warning("[tina] round %d: refused the head uploaded by client %d: %s", rnd, c.client_id, reason)
+            fed.server_record("tina", rnd, "check", t, cid=c.client_id, acc=acc, status="refused", detail=reason)
+    return entries, refused
+
+
+def run_tina(fed: Federation, prog: Progress) -> None:
+    """Clients arrive in `rounds` cohorts (by client id). Per cohort: one batched generation for every usable
+    description, `evaluate.head`, then (method.finetune) `train.finetune` with upload, the server's checks, the
+    accepted heads appended to the run's zoo, and a Tina refresh every `refresh_every` accepted heads. A checkpoint
+    follows every cohort; a resumed run continues after the last one, with that point's zoo and Tina."""
+    from fedtina.tina.train import load_checkpoint
+    from fedtina.zoo import ZooStore
+
+    if prog.tina_zoo_size is not None:
+        trim_run_zoo(Path(fed.spec.zoo_dir), prog.tina_zoo_size)
+    if prog.tina_checkpoint:
+        fed.tina = load_checkpoint(prog.tina_checkpoint, fed.assets.encoder)
+    with ZooStore(Path(fed.spec.zoo_dir)) as zoo:
+        if prog.tina_norm_scale is None:  # fixed for the run: the gate does not drift with what it admits
+            prog.tina_norm_scale, prog.tina_zoo_size = row_norm_scale(fed, zoo), len(zoo)
+            fed.checkpoint(prog)
+        _tina_rounds(fed, zoo, prog)
+
+
+def trim_run_zoo(zoo_dir: Path, size: int) -> None:
+    """Back to the checkpoint's zoo: a kill between a cohort's zoo append and its checkpoint leaves heads that the
+    resumed cohort will upload again. The append-only store is rebuilt from its first `size` entries (same ids);
+    the longer one is kept beside it, renamed."""
+    from fedtina.zoo import ZooStore
+
+    with ZooStore(zoo_dir) as zoo:
+        n = len(zoo)
+        if n < size:
+            raise FedtinaError(f"the run's zoo {zoo_dir} has {n} entries, fewer than the checkpoint's {size}: it was "
+                               f"modified outside the run; the run cannot be resumed")
+        keep = zoo.entries(zoo.ids()[:size]) if n > size else None
+    if keep is None:
+        return
+    aside = zoo_dir.with_name(f"{zoo_dir.name}.unfinished-{time.strftime('%Y%m%d-%H%M%S')}")
+    zoo_dir.rename(aside)
+    with ZooStore(zoo_dir) as zoo:
+        zoo.append_many(keep)
+    log.info("[tina] resume: the run's zoo had %d heads, %d from an unfinished cohort; continuing from the "
+             "checkpoint's %d (the longer zoo is kept in %s)", n, n - size, size, aside)
+
+
+def generate(fed: Federation, clients: list, rnd: int, opts: "TinaOptions") -> dict[int, Head]:
+    """One batched generation for these clients, whatever each one's prompts are; heads by node."""
+    with PhaseTimer() as t:
+        shots = [c.shots for c in clients] if opts.prompt != "text" else None
+        heads = fed.tina.generate([list(c.names) for c in clients], seed=opts.gen_seed, shots=shots,
+                                  use_names=opts.prompt != "images")
+    fed.server_record("tina", rnd, "generate", t, detail=f"{len(clients)} heads in one batch")
+    return {c.node_id: h for c, h in zip(clients, heads)}
+
+
+def _tina_rounds(fed: Federation, zoo, prog: Progress) -> None:
+    spec, opts = fed.spec, fed.options("tina", TinaOptions)
+    norm_scale = prog.tina_norm_scale
+    methods = ["tina", "tina_ft"] if opts.finetune else ["tina"]
+    fed.out.rounds.update({m: spec.rounds for m in methods})
+    pending = prog.tina_pending  # accepted heads since the last refresh
+    old = [fed.client_id(n) for n in fed.old]
+    for rnd, cohort in enumerate(np.array_split(np.asarray(old, dtype=np.int64), spec.rounds), start=1):
+        if rnd <= prog.tina_round:
+            continue  # finished before a resume
+        clients = fed.usable(fed.cohort_nodes(cohort), methods, rnd)
+        accepted = refused = 0
+        zoo_at_arrival = len(zoo)  # the zoo Tina was trained on when this cohort asked
+        if clients:
+            by_node = generate(fed, clients, rnd, opts)
+            fed.score(fed.send_heads("evaluate", by_node, "tina", rnd, fail=["tina"]), "tina", rnd)
+            if opts.finetune:
+                tune = fed.labelled("tina_ft", clients, rnd, ZERO_FT)
+                ok = fed.send_heads("finetune", {c.node_id: by_node[c.node_id] for c in tune}, "tina_ft", rnd,
+                                    fail=["tina_ft"],
+                                    **fed.finetune_config(upload=True))
+                fed.score(ok, "tina_ft", rnd)
+                entries, refused = check_uploads(fed, {n: r for n, r in ok.items() if "head" in r.content}, rnd,
+                                                  norm_scale, by_node)
+                if entries:
+                    with PhaseTimer() as t:
+                        zoo.append_many(entries)
+                    fed.server_record("tina", rnd, "zoo", t, detail=f"appended {len(entries)} heads")
+                accepted = len(entries)
+                pending += accepted
+                if opts.refresh_every > 0 and pending >= opts.refresh_every:
+                    prog.tina_checkpoint = refresh_tina(fed, zoo, rnd)
+                    pending = 0
+        accs, _, _ = fed.round_accs("tina", rnd)
+        fed.out.zoo_growth.append({"round": rnd, "zoo_size": zoo_at_arrival, "zoo_size_after": len(zoo),
+                                   "mean_acc": float(np.mean(accs)) if accs else None,
+                                   "std_acc": float(np.std(accs)) if accs else None,
+                                   "accepted": accepted, "refused": refused})
+        ft = f" (after ft {_mean_std(fed.round_accs('tina_ft', rnd)[0])})" if opts.finetune else ""
+        fed.progress("tina", rnd, spec.rounds, f"{fed.acc_line('tina', rnd)}{ft}, {accepted} heads accepted"
+                     f"{f', {refused} refused' if refused else ''}, zoo {len(zoo)}")
+        prog.tina_round, prog.tina_pending, prog.tina_zoo_size = rnd, pending, len(zoo)
+        fed.checkpoint(prog)
+    _new_clients(fed, methods, opts)
+
+
+def _new_clients(fed: Federation, methods: list[str], opts: "TinaOptions") -> None:
+    """After the last cohort: generation from each new client's description (the final Tina, no label needed);
+    with `finetune`, the generated head fine-tuned on its labels, not uploaded (the federation is over)."""
+    rnd = fed.spec.rounds
+    clients = fed.usable(fed.new, methods, rnd)
+    if not clients:
+        return
+    by_node = generate(fed, clients, rnd, opts)
+    fed.score(fed.send_heads("evaluate", by_node, "tina", rnd, fail=["tina"]), "tina", rnd)
+    if opts.finetune:
+        tune = {c.node_id: by_node[c.node_id] for c in fed.labelled("tina_ft", clients, rnd, ZERO_FT)}
+        ok = fed.send_heads("finetune", tune, "tina_ft", rnd, fail=["tina_ft"], **fed.finetune_config(upload=False))
+        fed.score(ok, "tina_ft", rnd)
+    fed.progress("tina", None, rnd, f"new clients: {fed.acc_line('tina', rnd, new=True)}")
+
+
+def _validate(opts: TinaOptions, cfg: dict) -> None:
+    from fedtina.validate import one_of
+
+    one_of("method.tina.prompt", opts.prompt, PROMPTS)
+    if opts.prompt != "text" and (cfg.get("encoder") or {}).get("image_prompts", "backbone") != "backbone":
+        raise FedtinaError(f"method.tina.prompt={opts.prompt} sends the class means of the clients' backbone features: "
+                           f"it needs encoder.image_prompts=backbone (clients do not run the CLIP image tower)")
+    from fedtina.config import from_dict
+    from fedtina.federation.partition import PartitionConfig, new_clients
+
+    clients, rounds = cfg.get("clients"), cfg.get("rounds")
+    if rounds is not None and clients is not None:
+        old = clients - new_clients(from_dict(PartitionConfig, cfg.get("partition")), clients)
+        if rounds > old:
+            raise FedtinaError(f"rounds={rounds} exceeds the {old} clients that train (clients={clients} minus the "
+                               f"new ones): tina serves them in `rounds` cohorts, so {rounds - old} cohorts would be "
+                               f"empty; need rounds <= {old}")
+
+
+register(Method("tina", run_tina, TinaOptions, results=("tina", "tina_ft"), check=_validate,
+                ranges={"refresh_every": "non_negative", "refresh_steps": "positive"},
+                order=10,
+                summary="the server generates the head from the client's description; new clients need no label"))
