@@ -3,9 +3,10 @@
 registered below by message type. Handlers are thin: the work lives in the library.
 
 A client knows only its partition id (`node_config["partition-id"]`). Its data (frozen features of its images, or the
-images themselves for fedavg_full) is loaded lazily from the run dir, whose paths arrive in every message's `config`
-ConfigRecord, and cached per actor process by client_ops. Every reply carries a `prof` ConfigRecord (wall, CPU, peak
-memory) next to its payload; FedAvg replies keep exactly one ArrayRecord and one MetricRecord.
+images themselves for the methods that train the body) is loaded lazily from the run dir, whose paths arrive in every
+message's `config` ConfigRecord, and cached per actor process by client_ops. Personal models live in the node's
+`Context.state`. Every reply carries a `prof` ConfigRecord (wall, CPU, peak memory) next to its payload; strategy
+replies keep exactly one ArrayRecord and one MetricRecord.
 
 Fault injection (tests), from the message config: client ids in `crash_clients` (work handlers raise),
 `poison_clients` (train.finetune uploads a bad head of kind `poison_kind`, see `_poison`; the client's own score is

@@ -9,10 +9,11 @@ in a second with one FedtinaError line that names the key, the value and what is
                                               before the backbone trains
 
 `cfg` is the resolved plain config (`OmegaConf.to_container(cfg, resolve=True)`). Types come from the dataclasses
-each section is built into (fedtina.config, PartitionConfig, each method's options, ...), so a new option is type-checked
-without an edit here; the ranges below and a few cross-key rules are all this module adds. Rules that live beside
-the code they protect are called, not repeated: the partition's (fedtina.federation.partition.check_config /
-check_classes); the protocol's fractions are checked by `make_split`, the first step of every build.
+each section is built into (fedtina.config, PartitionConfig, each method's options, ...), so a new option is
+type-checked without an edit here; the ranges below and a few cross-key rules are all this module adds. Rules that
+live beside the code they protect are called, not repeated: the partition's (fedtina.federation.partition.check_config
+/ check_classes), each method's own (`Method.check`, e.g. Tina's prompt and cohorts); the protocol's fractions are
+checked by `make_split`, the first step of every build.
 """
 
 from __future__ import annotations

@@ -92,8 +92,8 @@ def test_faults_failed_refused_and_unknown_class_do_not_stop_the_run(tiny, tmp_p
 
     cache, assets = tiny
     cached_zoo = len(ZooStore(assets.zoo_dir))
-    cfg = _compose(cache, "clients=5", "rounds=1", "method.names=[tina,selection,fedavg]", "method.tina.refresh_every=0",
-                   "partition.new_share=0", "checks.max_acc_drop=1.0", "faults.crash_clients=[1]",
+    cfg = _compose(cache, "clients=5", "rounds=1", "method.names=[tina,selection,fedavg]",
+                   "method.tina.refresh_every=0", "partition.new_share=0", "checks.max_acc_drop=1.0", "faults.crash_clients=[1]",
                    "faults.poison_clients=[2]", "faults.unknown_class_clients=[3]")
     out = tmp_path / "run"
     outcome = run(cfg, out, assets=assets)

@@ -67,7 +67,7 @@ class Client:
     names: tuple[str, ...] = ()
     class_ids: tuple[int, ...] = ()
     error: str = ""            # a description the server cannot serve (unknown class, empty, duplicates)
-    shots: list | None = None  # per class: [1, d] mean feature of its labelled images (None: none), method.prompt
+    shots: list | None = None  # per class: [1, d] mean feature of its labelled images (None: none), method.tina.prompt
 
 
 class MethodFailed(FedtinaError):

@@ -196,7 +196,8 @@ def format_table(summary: dict) -> str:
     lines = [" | ".join(name.ljust(w) for name, w in cols)]
     lines.append("-+-".join("-" * w for _, w in cols))
     pct = lambda v: None if v is None else 100 * v  # noqa: E731
-    both = lambda b: "-" if b["acc_mean"] is None else f"{100 * b['acc_mean']:.1f} ± {100 * b['acc_std']:.1f}"  # noqa: E731
+    both = lambda b: ("-" if b["acc_mean"] is None  # noqa: E731
+                      else f"{100 * b['acc_mean']:.1f} ± {100 * b['acc_std']:.1f}")
     for name, s in summary["methods"].items():
         old, new = s["old_clients"], s["new_clients"]
         row = [name, both(old), _fmt(pct(old["acc_worst10"]), ".1f"), both(new), _fmt(pct(new["acc_worst10"]), ".1f"),
@@ -253,17 +254,24 @@ def _plot_acc(path: Path, results: list[ClientResult], methods: list[str]) -> Pa
     return path
 
 
+def _style(i: int) -> dict:
+    """A colour and marker per method, distinct for up to 20 methods."""
+    from matplotlib import colormaps
+
+    return {"color": colormaps["tab20"](i % 20), "marker": "osD^v<>ph*"[i % 10], "ms": 4}
+
+
 def _plot_rounds(path: Path, summary: dict) -> Path:
     """Old clients' mean accuracy after every round, one line per method (one-round methods as points)."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    fig = Figure(figsize=(8, 5), layout="constrained")
     ax = fig.subplots()
-    for name, s in summary["methods"].items():
+    for i, (name, s) in enumerate(summary["methods"].items()):
         pts = s.get("curve") or []
         if pts:
-            ax.plot([p["round"] for p in pts], [p["acc_mean"] for p in pts], marker="o", ms=3, label=name)
-    ax.set_xlabel("round")
+            ax.plot([p["round"] for p in pts], [p["acc_mean"] for p in pts], label=name, **_style(i))
+    ax.set_xlabel("round (tina: the cohort that arrived in it)")
     ax.set_ylabel("mean accuracy, old clients")
     ax.set_title("accuracy after every round")
     ax.legend(fontsize=7, ncol=2)
@@ -276,19 +284,19 @@ def _plot_compute(path: Path, summary: dict) -> Path:
     clients hollow."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    fig = Figure(figsize=(8, 5), layout="constrained")
     ax = fig.subplots()
     for i, (name, s) in enumerate(summary["methods"].items()):
         x = s.get("client_wall_s")
         if x is None:
             continue
-        color = f"C{i % 10}"
-        for block, face in (("old_clients", color), ("new_clients", "none")):
+        style = _style(i)
+        for block, face, label in (("old_clients", style["color"], name), ("new_clients", "none", None)):
             y = s[block]["acc_mean"]
             if y is not None:
-                ax.scatter([x], [y], s=40, facecolors=face, edgecolors=color)
-        ax.annotate(name, (x, s["old_clients"]["acc_mean"] or s["new_clients"]["acc_mean"] or 0.0), fontsize=7,
-                    textcoords="offset points", xytext=(4, 2))
+                ax.scatter([x], [y], s=45, marker=style["marker"], facecolors=face, edgecolors=style["color"],
+                           label=label)
+    ax.legend(fontsize=7, ncol=2)
     ax.set_xscale("log")
     ax.set_xlabel("mean client wall time over the run (s, log)")
     ax.set_ylabel("mean accuracy (filled: old clients, hollow: new)")

@@ -57,7 +57,8 @@ class Recording:
         return {n: got.get(n) for n in self._sent.get((phase, server_round), {})} | got
 
     def aggregate_train(self, server_round, replies):
-        replies = list(replies)
+        # in client order: replies arrive in whatever order the actors finish, and a float sum depends on its order
+        replies = sorted(replies, key=lambda r: self.fed.client_id(r.metadata.src_node_id))
         self.fed.collect(self._by_node("train", server_round, replies), self.method, server_round, "train",
                          sent_down=self._sent.get(("train", server_round)), up_key=self.arrayrecord_key)
         with PhaseTimer() as t:
