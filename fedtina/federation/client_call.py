@@ -14,7 +14,6 @@ import numpy as np
 
 from fedtina.federation import client_ops
 from fedtina.federation.partition import ClientSpec, client_spec
-from fedtina.heads import Head
 
 
 @dataclass
@@ -50,10 +49,6 @@ class ClientCall:
 
     def arrays(self, key: str = "arrays") -> dict[str, np.ndarray]:
         return {k: v.numpy() for k, v in self.content[key].items()}
-
-    def head(self, key: str = "head") -> Head:
-        rec = self.content[key]
-        return Head(tuple(self.cfg["class_names"]), rec["weight"].numpy(), rec["bias"].numpy())
 
     def load_state(self, key: str) -> dict[str, np.ndarray] | None:
         """Arrays this node saved under `key` in an earlier message (None: none); the note says from which round."""

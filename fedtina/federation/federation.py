@@ -245,6 +245,20 @@ class Federation:
                 self.unserved(method, [c], rnd, why)
         return out
 
+    def serve_new(self, method: str, arrays: ArrayRecord, message_type: str, zero: str = "", **extra) -> None:
+        """After the last round: the new clients get the final `arrays` through `message_type` (an evaluate step
+        that applies the method's new-client procedure); their scores are the method's new-client results. With
+        `zero` (why), a new client without labels is `unserved` instead."""
+        rnd = self.spec.rounds
+        clients = self.usable(self.new, [method], rnd)
+        if zero:
+            clients = self.labelled(method, clients, rnd, zero)
+        ok = self.send(message_type, {c.node_id: {"arrays": arrays} for c in clients}, method, rnd, "evaluate",
+                       fail=[method], new=True, **extra)
+        self.score(ok, method, rnd)
+        if self.new:
+            self.progress(method, None, rnd, f"new clients: {self.acc_line(method, rnd, new=True)}")
+
     def server_record(self, method: str, rnd: int, phase: str, timer: PhaseTimer, *, cid: int = -1,
                       acc: float | None = None, status: str = "ok", detail: str = "") -> None:
         self.out.server_records.append(timer.record(method, rnd, cid, phase, acc=acc, status=status, detail=detail))
@@ -475,6 +489,7 @@ def run_all(grid: Grid, spec: RunSpec) -> Outcome:
             if name in prog.done:
                 continue
             t = time.perf_counter()
+            log.info("[%s] %s", name, method.summary or "starts")
             try:
                 method.run(fed, prog)
                 status = "ok"

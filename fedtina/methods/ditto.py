@@ -32,13 +32,7 @@ def run(fed: Federation, prog: Progress) -> None:
     result = start(fed, "ditto", FedAvg, arrays_record(full_model_state(fed)), train_type="train.ditto",
                    evaluate_type="evaluate.ditto", train_config={**opts.kwargs(), **extra},
                    evaluate_config={**opts.kwargs(), **extra})
-    rnd = fed.spec.rounds
-    clients = fed.labelled("ditto", fed.usable(fed.new, ["ditto"], rnd), rnd, ZERO)
-    ok = fed.send("evaluate.ditto", {c.node_id: {"arrays": result.arrays} for c in clients}, "ditto", rnd,
-                  "evaluate", fail=["ditto"], new=True, **opts.kwargs(), **extra)
-    fed.score(ok, "ditto", rnd)
-    if clients or fed.new:
-        fed.progress("ditto", None, rnd, f"new clients: {fed.acc_line('ditto', rnd, new=True)}")
+    fed.serve_new("ditto", result.arrays, "evaluate.ditto", zero=ZERO, **opts.kwargs(), **extra)
 
 
 def _restricted(call: ClientCall, state: dict) -> dict:

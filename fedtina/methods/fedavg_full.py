@@ -4,8 +4,6 @@ get the final global model, scored k-way over their classes."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from flwr.serverapp.strategy import FedAvg
 
 from fedtina.errors import FedtinaError
@@ -16,11 +14,6 @@ from fedtina.federation.runtime import arrays_record
 from fedtina.federation.strategy import start
 from fedtina.methods.fedavg import global_head
 from fedtina.methods.registry import Method, register
-
-
-@dataclass
-class FullOptions(body.LocalTraining):
-    pass
 
 
 def full_model_state(fed: Federation) -> dict:
@@ -35,28 +28,16 @@ def full_model_state(fed: Federation) -> dict:
     return state
 
 
-def serve_new(fed: Federation, name: str, arrays, message_type: str, **extra) -> None:
-    """New clients get the final global arrays through `message_type` (an evaluate step); their scores are the
-    method's new-client results."""
-    rnd = fed.spec.rounds
-    clients = fed.usable(fed.new, [name], rnd)
-    ok = fed.send(message_type, {c.node_id: {"arrays": arrays} for c in clients}, name, rnd, "evaluate",
-                  fail=[name], new=True, **extra)
-    fed.score(ok, name, rnd)
-    if clients:
-        fed.progress(name, None, rnd, f"new clients: {fed.acc_line(name, rnd, new=True)}")
-
-
 def run_image_fedavg(fed: Federation, name: str, base: type, opts, **strategy_kwargs) -> None:
     """Flower strategy `base` over the full model for `rounds` rounds on the old clients, then the new clients."""
     fed.out.rounds[name] = fed.spec.rounds
     result = start(fed, name, base, arrays_record(full_model_state(fed)), train_type=f"train.{name}",
                    evaluate_type=f"evaluate.{name}", train_config=body.LocalTraining.kwargs(opts), **strategy_kwargs)
-    serve_new(fed, name, result.arrays, f"evaluate.{name}")
+    fed.serve_new(name, result.arrays, f"evaluate.{name}")
 
 
 def run(fed: Federation, prog: Progress) -> None:
-    run_image_fedavg(fed, "fedavg_full", FedAvg, fed.options("fedavg_full", FullOptions))
+    run_image_fedavg(fed, "fedavg_full", FedAvg, fed.options("fedavg_full", body.LocalTraining))
 
 
 def client_train(call: ClientCall):
@@ -76,7 +57,7 @@ def client_evaluate(call: ClientCall):
                   len(imgs.test_y))
 
 
-register(Method("fedavg_full", run, FullOptions, ranges=body.TRAINING_RANGES, needs_images=True,
+register(Method("fedavg_full", run, body.LocalTraining, ranges=body.TRAINING_RANGES, needs_images=True,
                 client_steps={"train.fedavg_full": ("train", client_train),
                               "evaluate.fedavg_full": ("evaluate", client_evaluate)},
                 order=50, summary="Flower's FedAvg of the whole ResNet-20 on images"))

@@ -12,7 +12,7 @@ from fedtina.methods.registry import Method, register
 
 
 def run(fed: Federation, prog: Progress) -> None:
-    personal.run_body_method(fed, "fedbabu", fed.options("fedbabu", personal.PersonalOptions))
+    personal.run_body_method(fed, "fedbabu", fed.options("fedbabu", body.LocalTraining))
 
 
 def client_train(call: ClientCall):
@@ -24,7 +24,7 @@ def client_train(call: ClientCall):
     return update(body.split(state)[0], len(imgs.train_y))
 
 
-register(Method("fedbabu", run, personal.PersonalOptions, ranges=body.TRAINING_RANGES, needs_images=True,
+register(Method("fedbabu", run, body.LocalTraining, ranges=body.TRAINING_RANGES, needs_images=True,
                 zero_labels=personal.ZERO,
                 client_steps={"train.fedbabu": ("train", client_train),
                               "evaluate.fedbabu": ("evaluate", personal.evaluate_step(None, finetune=True))},

@@ -11,7 +11,7 @@ from fedtina.methods.registry import Method, register
 
 
 def run(fed: Federation, prog: Progress) -> None:
-    personal.run_body_method(fed, "fedper", fed.options("fedper", personal.PersonalOptions))
+    personal.run_body_method(fed, "fedper", fed.options("fedper", body.LocalTraining))
 
 
 def client_train(call: ClientCall):
@@ -25,7 +25,7 @@ def client_train(call: ClientCall):
     return update(new_body, len(imgs.train_y))
 
 
-register(Method("fedper", run, personal.PersonalOptions, ranges=body.TRAINING_RANGES, needs_images=True,
+register(Method("fedper", run, body.LocalTraining, ranges=body.TRAINING_RANGES, needs_images=True,
                 zero_labels=personal.ZERO,
                 client_steps={"train.fedper": ("train", client_train),
                               "evaluate.fedper": ("evaluate", personal.evaluate_step("fedper", finetune=False))},

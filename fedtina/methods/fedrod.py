@@ -6,8 +6,6 @@ without labels are served by the generic head alone."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 from flwr.serverapp.strategy import FedAvg
 
@@ -17,22 +15,17 @@ from fedtina.federation.federation import Federation, Progress
 from fedtina.federation.runtime import arrays_record
 from fedtina.federation.strategy import start
 from fedtina.methods import personal
-from fedtina.methods.fedavg_full import full_model_state, serve_new
+from fedtina.methods.fedavg_full import full_model_state
 from fedtina.methods.registry import Method, register
 
 
-@dataclass
-class FedRoDOptions(body.LocalTraining):
-    pass
-
-
 def run(fed: Federation, prog: Progress) -> None:
-    opts = fed.options("fedrod", FedRoDOptions)
+    opts = fed.options("fedrod", body.LocalTraining)
     fed.out.rounds["fedrod"] = fed.spec.rounds
     ft = personal.finetune_config(fed)
     result = start(fed, "fedrod", FedAvg, arrays_record(full_model_state(fed)), train_type="train.fedrod",
                    evaluate_type="evaluate.fedrod", train_config=opts.kwargs(), evaluate_config=ft)
-    serve_new(fed, "fedrod", result.arrays, "evaluate.fedrod", **ft)
+    fed.serve_new("fedrod", result.arrays, "evaluate.fedrod", **ft)
 
 
 def client_train(call: ClientCall):
@@ -53,7 +46,7 @@ def client_evaluate(call: ClientCall):
     return personal.score(head, data)
 
 
-register(Method("fedrod", run, FedRoDOptions, ranges=body.TRAINING_RANGES, needs_images=True,
+register(Method("fedrod", run, body.LocalTraining, ranges=body.TRAINING_RANGES, needs_images=True,
                 client_steps={"train.fedrod": ("train", client_train),
                               "evaluate.fedrod": ("evaluate", client_evaluate)},
                 order=110, summary="shared body + balanced-softmax generic head, personal offset per client"))

@@ -7,8 +7,6 @@ reported `unserved`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from fedtina.config import HeadTrainConfig
@@ -23,11 +21,6 @@ from fedtina.methods.fedavg_full import full_model_state
 ZERO = "fits a head on the client's labels over the shared body; this client has none"
 
 
-@dataclass
-class PersonalOptions(body.LocalTraining):
-    pass
-
-
 def run_body_method(fed: Federation, name: str, opts: body.LocalTraining, **train_config) -> None:
     """`rounds` of FedAvg of the body on the old clients, then the new clients (head fitted on their labels)."""
     fed.out.rounds[name] = fed.spec.rounds
@@ -35,13 +28,7 @@ def run_body_method(fed: Federation, name: str, opts: body.LocalTraining, **trai
     result = start(fed, name, BodyOnly, arrays_record(full_model_state(fed)), train_type=f"train.{name}",
                    evaluate_type=f"evaluate.{name}", train_config={**opts.kwargs(), **ft, **train_config},
                    evaluate_config=ft)
-    rnd = fed.spec.rounds
-    clients = fed.labelled(name, fed.usable(fed.new, [name], rnd), rnd, ZERO)
-    ok = fed.send(f"evaluate.{name}", {c.node_id: {"arrays": result.arrays} for c in clients}, name, rnd,
-                  "evaluate", fail=[name], new=True, **ft)
-    fed.score(ok, name, rnd)
-    if clients or fed.new:
-        fed.progress(name, None, rnd, f"new clients: {fed.acc_line(name, rnd, new=True)}")
+    fed.serve_new(name, result.arrays, f"evaluate.{name}", zero=ZERO, **ft)
 
 
 def finetune_config(fed: Federation) -> dict:

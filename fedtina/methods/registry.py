@@ -36,7 +36,7 @@ class Method:
     needs_images: bool = False                        # its clients train on raw images (the driver writes them)
     zero_labels: str = ""                             # why it cannot serve a new client without labels ("": it can)
     order: int = 1000                                 # where it plays and is reported (lower: earlier)
-    summary: str = ""                                 # one line for the README's method table
+    summary: str = ""                                 # what it is, in a line (logged when it starts)
 
     @property
     def rows(self) -> tuple[str, ...]:
@@ -57,12 +57,6 @@ def register(method: Method) -> Method:
     for name in sorted(REGISTRY, key=lambda n: (REGISTRY[n].order, n)):   # keep REGISTRY in play order
         REGISTRY[name] = REGISTRY.pop(name)
     return method
-
-
-def get(name: str) -> Method:
-    if name not in REGISTRY:
-        raise FedtinaError(f"unknown method {name!r}; valid: {list(REGISTRY)}")
-    return REGISTRY[name]
 
 
 def plan(names: list[str]) -> list[Method]:
