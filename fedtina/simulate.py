@@ -54,17 +54,23 @@ def prepare(cfg: dict[str, Any], out_dir: Path, assets=None) -> RunSpec:
     core = from_dict(CoreConfig, {k: cfg[k] for k in CORE_KEYS if k in cfg})
     method = dict(cfg["method"])
     names = list(method.pop("names"))
+    part_cfg, n_clients = from_dict(PartitionConfig, cfg["partition"]), int(cfg["clients"])
     if assets is None:
         from fedtina.assets import build_assets
         from fedtina.data import load_dataset
         from fedtina.protocol import make_split
 
-        # the dataset and split are cheap (cached) and the backbone is not: a too-small dataset fails here
+        # the dataset, split and partition are cheap (cached) and the backbone is not: a too-small dataset, or a
+        # partitioner that cannot deal it, fails here
         dataset = load_dataset(core.dataset, core.cache_path)
-        validate_partition(cfg, dataset, make_split(dataset, core.protocol))
+        split = make_split(dataset, core.protocol)
+        validate_partition(cfg, dataset, split)
+        partition = make_partition(dataset, split, n_clients, part_cfg)
         t0 = time.perf_counter()
         assets = build_assets(core, log=log.info)
         log.info("[assets] ready in %.1f s", time.perf_counter() - t0)
+    else:
+        partition = make_partition(assets.dataset, assets.split, n_clients, part_cfg)
 
     features = out_dir / "features.npy"
     _atomic_save_npy(features, np.ascontiguousarray(assets.bank.features, dtype=np.float32))
@@ -74,8 +80,6 @@ def prepare(cfg: dict[str, Any], out_dir: Path, assets=None) -> RunSpec:
     if any(REGISTRY[n].needs_images for n in names):
         images = out_dir / "images.npy"
         _atomic_save_npy(images, np.ascontiguousarray(assets.dataset.images))
-    partition = make_partition(assets.dataset, assets.split, int(cfg["clients"]),
-                               from_dict(PartitionConfig, cfg["partition"]))
     partition_path = out_dir / "partition.json"
     save_partition(partition_path, partition)
     plot_partition(out_dir / "partition.png", partition)

@@ -171,6 +171,53 @@ def test_label_budgets_cap_each_clients_labelled_images_per_class(tmp_path):
         make_partition(ds, split, 10, cfg(labels_per_class=[-1]))
 
 
+@pytest.mark.parametrize("scheme", ["dirichlet", "inner_dirichlet", "pathological"])
+def test_flower_datasets_schemes_deal_the_seen_classes(scheme):
+    """The seen classes' zoo images come from the Flower Datasets partitioner (client i's are a subset of the
+    partitioner's partition i, its largest classes, disjoint across clients); unseen classes, the test skew and the
+    server's hold-out are fedtina's as in the default scheme."""
+    from datasets import Dataset
+    from flwr_datasets.partitioner import PathologicalPartitioner
+
+    ds, split, _, _ = make_world()
+    c = cfg(scheme=scheme, unseen_share=0.34, k_min=5, k_max=5)
+    part = make_partition(ds, split, 6, c)
+    seen_owner: dict[int, int] = {}
+    for cl in part.clients:
+        assert set(np.unique(cl.train_labels).tolist()) == set(cl.class_ids) and cl.k <= c.k_max
+        assert set(np.unique(cl.test_labels).tolist()) == set(cl.class_ids)
+        assert sum(k >= 9 for k in cl.class_ids) == (c.unseen_per_client if cl.has_unseen else 0)
+        for i in cl.train_idx[cl.train_labels < 9]:
+            assert seen_owner.setdefault(int(i), cl.client_id) == cl.client_id   # each image dealt once
+    assert sum(cl.has_unseen for cl in part.clients) == 2
+    assert not set(part.server_val_idx.tolist()) & set(np.concatenate([cl.test_idx for cl in part.clients]).tolist())
+    if scheme == "pathological":   # replay the partitioner itself: the same classes and images, every class kept
+        seen_zoo = split.zoo_idx[ds.labels[split.zoo_idx] < 9]
+        ref = PathologicalPartitioner(num_partitions=6, partition_by="label", num_classes_per_partition=5, seed=0)
+        ref.dataset = Dataset.from_dict({"label": ds.labels[seen_zoo], "row": np.arange(len(seen_zoo))})
+        for cl in part.clients:
+            want = seen_zoo[ref.load_partition(cl.client_id)["row"]]
+            mine = cl.train_idx[cl.train_labels < 9]
+            if cl.has_unseen:   # it keeps its 3 largest seen classes, room for 2 unseen ones
+                assert set(mine.tolist()) < set(want.tolist()) and len(np.unique(ds.labels[mine])) == 3
+            else:
+                np.testing.assert_array_equal(np.sort(want), mine)
+    again = make_partition(ds, split, 6, c)
+    assert all(np.array_equal(a.train_idx, b.train_idx) and np.array_equal(a.test_idx, b.test_idx)
+               for a, b in zip(part.clients, again.clients))
+
+
+def test_flower_datasets_scheme_that_cannot_deal_the_data_says_why():
+    ds, split, _, _ = make_world()
+    with pytest.raises(FedtinaError, match=r"partition.scheme=pathological cannot deal 72 images of 9 seen classes "
+                                           r"to 60 clients: .*"):
+        make_partition(ds, split, 60, cfg(scheme="pathological", unseen_share=0.0, k_min=5, k_max=5))
+    with pytest.raises(FedtinaError, match="72 seen-class training images cannot be dealt to 100 clients"):
+        make_partition(ds, split, 100, cfg(scheme="dirichlet", unseen_share=0.0))
+    with pytest.raises(FedtinaError, match=r"partition.scheme='shards'; valid: \['fedtina', 'dirichlet'"):
+        make_partition(ds, split, 6, cfg(scheme="shards"))
+
+
 def test_partition_with_the_real_protocol_split():
     protocol = pytest.importorskip("fedtina.protocol")
     from fedtina.config import ProtocolConfig

@@ -204,6 +204,7 @@ def test_a_missing_mandatory_value_is_named(base):
     (("partition.k_min=8", "partition.k_max=6"), r"^partition.k_min=8, partition.k_max=6: need 1 <= k_min <= k_max"),
     (("partition.unseen_per_client=6",), r"^partition.unseen_per_client=6 exceeds partition.k_min=5"),
     (("partition.description=poem",), r"^partition.description='poem'"),
+    (("partition.scheme=shards",), r"^partition.scheme='shards'; valid: \['fedtina', 'dirichlet'"),
     (("zoo.k_min=12", "zoo.k_max=11"), r"^zoo.k_min=12 > zoo.k_max=11"),
     (("zoo.k_min=21", "zoo.k_max=21"), r"^zoo.k_max=21 exceeds tina.max_classes=20"),
     (("tina.d_model=130",), r"^tina.d_model=130 is not divisible by tina.num_heads=4"),
@@ -309,6 +310,13 @@ def test_prepare_checks_the_partition_before_the_backbone(monkeypatch, tmp_path)
     validate_simulate_config(cfg)
     with pytest.raises(FedtinaError, match=r"^partition.unseen_per_client=17 exceeds the number of unseen classes "
                                            r"\(16\) \(dataset 'shapes'"):
+        simulate.prepare(cfg, tmp_path / "run")
+    # a Flower Datasets partitioner that cannot deal the data fails there too (4 zoo-part images per class or fewer)
+    cfg = _compose("dataset.images_per_class=4", f"cache_dir={tmp_path}", "clients=40", "rounds=1",
+                   "partition.scheme=pathological", "partition.unseen_share=0")
+    validate_simulate_config(cfg)
+    with pytest.raises(FedtinaError, match=r"^partition.scheme=pathological cannot deal \d+ images of \d+ seen "
+                                           r"classes to 40 clients: "):
         simulate.prepare(cfg, tmp_path / "run")
 
 

@@ -1,7 +1,8 @@
 """Non-IID client partitions for the simulated federation, built once by the driver and read by every ClientApp.
 
 Each client holds k classes (k uniform in [k_min, k_max]); a share of the clients also holds classes the generic model
-and the zoo never saw (unseen classes). Clients hold only zoo-part images (to train on) and test-part images (to score
+and the zoo never saw (unseen classes). With `scheme` other than `fedtina`, a Flower Datasets partitioner deals the
+seen classes' images instead (`partitioners.py`); everything else below stays as it is. Clients hold only zoo-part images (to train on) and test-part images (to score
 on) -- never backbone-part images, which the generic model was trained on. Each class's images are split among the
 clients that hold it with Dirichlet(alpha) proportions (quantity skew), so clients differ both in *which* classes they
 have and in *how many* images of each. A `new_share` of the clients, drawn at random, never trains: they arrive
@@ -23,6 +24,7 @@ import numpy as np
 
 from fedtina.data.base import ImageDataset
 from fedtina.errors import CorruptFileError, FedtinaError
+from fedtina.federation.partitioners import SCHEMES, deal_seen
 from fedtina.io import atomic_write
 
 if TYPE_CHECKING:
@@ -38,9 +40,11 @@ def _empty_ids() -> np.ndarray:
 
 @dataclass
 class PartitionConfig:
-    k_min: int = 5
-    k_max: int = 10
-    alpha: float = 0.5                  # Dirichlet quantity skew of a class's images over the clients holding it
+    scheme: str = "fedtina"             # who deals the seen classes: fedtina | dirichlet | inner_dirichlet | pathological
+    k_min: int = 5                      # fedtina: k uniform in [k_min, k_max]; pathological: k_max each; dirichlet and
+    k_max: int = 10                     # inner_dirichlet: at most k_max (a client's largest classes)
+    alpha: float = 0.5                  # Dirichlet concentration: a class's images over its holders (fedtina), a
+                                        # client's classes (dirichlet, inner_dirichlet)
     unseen_share: float = 0.2           # share of clients that hold unseen classes
     unseen_per_client: int = 2
     test_fraction_server: float = 0.2   # of each class's test-part images, kept by the server for its checks
@@ -117,6 +121,8 @@ def check_config(cfg: PartitionConfig, n_clients: int) -> None:
     setting raises a FedtinaError that names the value and the limit."""
     if n_clients < 1:
         raise FedtinaError(f"n_clients={n_clients}: need at least one client")
+    if cfg.scheme not in SCHEMES:
+        raise FedtinaError(f"partition.scheme={cfg.scheme!r}; valid: {list(SCHEMES)}")
     if cfg.alpha <= 0:
         raise FedtinaError(f"partition.alpha={cfg.alpha}: the Dirichlet concentration must be > 0")
     if not 1 <= cfg.k_min <= cfg.k_max:
@@ -182,14 +188,32 @@ def _least_used(pool: np.ndarray, counts: dict[int, int], m: int, rng: np.random
     return chosen
 
 
+def _unseen_holders(n_clients: int, n_unseen_clients: int, rng: np.random.Generator) -> np.ndarray:
+    with_unseen = np.zeros(n_clients, dtype=bool)
+    with_unseen[rng.choice(n_clients, size=n_unseen_clients, replace=False)] = True
+    return with_unseen
+
+
+def _assign_dealt(cfg: PartitionConfig, n_clients: int, seen_images: np.ndarray, seen_labels: np.ndarray,
+                  unseen: np.ndarray, n_unseen_clients: int, rng: np.random.Generator
+                  ) -> tuple[list[tuple[list[int], bool]], list[dict[int, np.ndarray]]]:
+    """`_assign_classes` for a Flower Datasets scheme: the partitioner deals the seen classes' images (a client
+    holding unseen classes keeps room for them under k_max), then unseen classes are dealt least-used-first."""
+    with_unseen = _unseen_holders(n_clients, n_unseen_clients, rng)
+    n_unseen = np.where(with_unseen, cfg.unseen_per_client, 0)
+    dealt = deal_seen(cfg.scheme, seen_images, seen_labels, cfg.k_max - n_unseen, cfg.alpha, cfg.k_max, cfg.seed)
+    counts = {int(c): 0 for c in unseen}
+    return [(sorted([*dealt[cid], *_least_used(unseen, counts, int(n_unseen[cid]), rng)]), bool(with_unseen[cid]))
+            for cid in range(n_clients)], dealt
+
+
 def _assign_classes(cfg: PartitionConfig, n_clients: int, seen: np.ndarray, unseen: np.ndarray,
                     n_unseen_clients: int, rng: np.random.Generator) -> list[tuple[list[int], bool]]:
     """Per client: (sorted class ids, has_unseen). k is uniform in [k_min, k_max]; which clients hold unseen classes
     is drawn at random; classes are dealt least-used-first so every class ends up with about the same number of
     holders."""
     ks = rng.integers(cfg.k_min, cfg.k_max + 1, size=n_clients)
-    with_unseen = np.zeros(n_clients, dtype=bool)
-    with_unseen[rng.choice(n_clients, size=n_unseen_clients, replace=False)] = True
+    with_unseen = _unseen_holders(n_clients, n_unseen_clients, rng)
     counts = {int(c): 0 for c in np.concatenate([seen, unseen])}
     out = []
     for cid in range(n_clients):
@@ -242,10 +266,14 @@ def make_partition(ds: ImageDataset, split: "ProtocolSplit", n_clients: int, cfg
     check_classes(cfg, n_clients, len(seen), len(unseen))
     n_unseen_clients = unseen_clients(cfg, n_clients)
     rng = np.random.default_rng(cfg.seed)
-    assignment = _assign_classes(cfg, n_clients, seen, unseen, n_unseen_clients, rng)
-
     labels = np.asarray(ds.labels, dtype=np.int64)
     zoo_idx, test_idx = np.asarray(split.zoo_idx, dtype=np.int64), np.asarray(split.test_idx, dtype=np.int64)
+    dealt: list[dict[int, np.ndarray]] = []   # per client, the seen classes a Flower Datasets partitioner dealt it
+    if cfg.scheme == "fedtina":
+        assignment = _assign_classes(cfg, n_clients, seen, unseen, n_unseen_clients, rng)
+    else:
+        seen_zoo = zoo_idx[np.isin(labels[zoo_idx], seen)]
+        assignment, dealt = _assign_dealt(cfg, n_clients, seen_zoo, labels[seen_zoo], unseen, n_unseen_clients, rng)
     holders: dict[int, list[int]] = {}
     for cid, (classes, _) in enumerate(assignment):
         for c in classes:
@@ -266,9 +294,14 @@ def make_partition(ds: ImageDataset, split: "ProtocolSplit", n_clients: int, cfg
         if len(zoo_c) == 0:
             raise FedtinaError(f"class {c} ({ds.class_names[c]!r}) has no zoo-part image in the split; "
                                f"the {len(holders[c])} client(s) holding it would have nothing to train on")
-        # one Dirichlet draw per class for both parts: a client's local train and test data follow the same skew
-        shares = rng.dirichlet(np.full(len(holders[c]), cfg.alpha))
-        for cid, part in zip(holders[c], _divide(zoo_c, shares, rng)):
+        # a client's local test data follow the same skew as its train data: the dealt shares, or one Dirichlet draw
+        if dealt and c in dealt[holders[c][0]]:
+            parts = [dealt[cid][c] for cid in holders[c]]
+            shares = np.array([len(p) for p in parts], dtype=np.float64) / sum(len(p) for p in parts)
+        else:
+            shares = rng.dirichlet(np.full(len(holders[c]), cfg.alpha))
+            parts = _divide(zoo_c, shares, rng)
+        for cid, part in zip(holders[c], parts):
             train_parts[cid].append(part)
         for cid, part in zip(holders[c], _divide(test_c[n_server:], shares, rng)):
             test_parts[cid].append(part)
