@@ -246,3 +246,20 @@ def test_clients_with_label_budgets_and_image_prompts(tiny, tmp_path):
     table = format_by_labels(outcome.summary, "old_clients")
     assert "labels   0" in table and "unserved" in table.splitlines()[[ln.split()[0] for ln in
                                                                        table.splitlines()].index("local_ft")]
+
+
+def test_the_launcher_finds_the_apps_as_flwr_run_does():
+    """launch.APPS names the apps exactly as pyproject.toml's [tool.flwr.app.components] (what `flwr run` loads),
+    and each names a Flower app object."""
+    import tomllib
+
+    from flwr.client import ClientApp
+    from flwr.server import ServerApp
+
+    from fedtina.federation import launch
+
+    components = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["flwr"]["app"][
+        "components"]
+    assert launch.APPS == components
+    assert isinstance(launch._load_app(launch.APPS["serverapp"]), ServerApp)
+    assert isinstance(launch._load_app(launch.APPS["clientapp"]), ClientApp)
