@@ -28,6 +28,7 @@ from fedtina.data.base import ImageDataset
 from fedtina.device import pick_device
 from fedtina.errors import CorruptFileError, FedtinaError, UnknownClassError
 from fedtina.io import atomic_write, cache_lock
+from fedtina.progress import Meter
 
 if TYPE_CHECKING:
     from fedtina.protocol import ProtocolSplit
@@ -252,6 +253,7 @@ def train_generic(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs * steps_per_epoch))
     log(f"backbone: training {cfg.arch} (width {cfg.width}) on {n} images of {len(split.seen)} seen classes, "
         f"{cfg.epochs} epochs x {steps_per_epoch} steps, device {device}, {amp or torch.float32}")
+    meter = Meter(cfg.epochs, "backbone", unit="epochs", lines=False)   # the epoch lines below say it off a terminal
     for epoch in range(cfg.epochs):
         model.train()
         t0, loss_sum, correct = time.perf_counter(), torch.zeros((), device=device), torch.zeros((), device=device)
@@ -271,6 +273,8 @@ def train_generic(
         seen_n = steps_per_epoch * bs
         log(f"backbone epoch {epoch + 1}/{cfg.epochs}: loss {loss_sum.item() / seen_n:.3f} "
             f"train acc {correct.item() / seen_n:.3f} ({time.perf_counter() - t0:.1f}s)")
+        meter.update()
+    meter.close()
     return model.to(memory_format=torch.contiguous_format).eval()
 
 

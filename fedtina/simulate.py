@@ -101,6 +101,7 @@ def prepare(cfg: dict[str, Any], out_dir: Path, assets=None) -> RunSpec:
                    images_path=str(images.resolve()) if images else None,
                    options={k: dict(v) for k, v in method.items()},
                    fraction_train=float(cfg.get("fraction_train", 1.0)),
+                   loggers=[str(x) for x in cfg.get("loggers") or []],
                    head_ft=from_dict(HeadTrainConfig, cfg["head_ft"]),
                    checks=dict(cfg["checks"]), faults=from_dict(Faults, cfg.get("faults")),
                    timeout_s=float(cfg["timeout_s"]), node_wait_s=float(cfg["node_wait_s"]),

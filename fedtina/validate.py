@@ -19,14 +19,15 @@ checked by `make_split`, the first step of every build.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
+import socket
 import types
 import typing
 from typing import Any, Callable, Union
 
-from fedtina.config import (BackboneConfig, CoreConfig, DatasetConfig, HeadTrainConfig, TinaConfig, ZooConfig,
-                            from_dict)
+from fedtina.config import BackboneConfig, CoreConfig, DatasetConfig, HeadTrainConfig, TinaConfig, ZooConfig, from_dict
 from fedtina.errors import FedtinaError
 from fedtina.federation.checks import HeadCheckConfig
 from fedtina.federation.partition import PartitionConfig, check_classes, check_config
@@ -160,9 +161,9 @@ def _fields(cls: type) -> dict[str, dataclasses.Field]:
 def validate_core_config(cfg: dict[str, Any]) -> None:
     """The core pipeline's sections (those present), then the rules across keys that would otherwise fail only
     after the backbone or the zoo was built."""
+    from fedtina.assets import IMAGE_PROMPTS
     from fedtina.backbone import BACKBONES
     from fedtina.data import DATASETS
-    from fedtina.assets import IMAGE_PROMPTS
     from fedtina.text import ENCODERS
     from fedtina.tina.diffusion import PREDICTIONS, NoiseSchedule
     from fedtina.tina.train import check_objective
@@ -233,11 +234,26 @@ def validate_simulate_config(cfg: dict[str, Any]) -> None:
     part = from_dict(PartitionConfig, cfg.get("partition"))
     check_config(part, int(clients) if clients is not None else 1)
     _check_methods(cfg)
+    _check_loggers(cfg.get("loggers"))
     max_classes = from_dict(TinaConfig, cfg.get("tina")).max_classes
     if part.k_max > max_classes:
         raise FedtinaError(f"partition.k_max={part.k_max} exceeds tina.max_classes={max_classes} (the largest label "
                            "set Tina generates)")
     _check_resources(cfg.get("resources") or {})
+
+
+def _check_loggers(loggers: Any) -> None:
+    """`loggers`: a list of fedtina.federation.loggers.LOGGERS; wandb only where the package is installed."""
+    from fedtina.federation.loggers import LOGGERS
+
+    if loggers is None:
+        return
+    if not isinstance(loggers, list):
+        raise FedtinaError(f"loggers={_show(loggers)}: need a list, e.g. [tensorboard]")
+    for name in loggers:
+        one_of("loggers", name, LOGGERS)
+    if "wandb" in loggers and importlib.util.find_spec("wandb") is None:
+        raise FedtinaError("loggers: wandb is not installed (pip install wandb), or drop it from loggers")
 
 
 def _check_methods(cfg: dict[str, Any]) -> None:
@@ -273,6 +289,23 @@ def _check_methods(cfg: dict[str, Any]) -> None:
             m.check(from_dict(m.options, section.get(name)) if m.options else None, cfg)
 
 
+def _check_ray_address(address: str, timeout_s: float = 3.0) -> None:
+    """A `host:port` or `ray://host:port` cluster address must answer a TCP connect within `timeout_s`: ray.init
+    would otherwise retry for a minute or more. `auto` (find the cluster started on this machine) is left to Ray,
+    which fails fast when there is none."""
+    if address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise FedtinaError(f"resources.ray_address={address!r}: need auto, host:port or ray://host:port")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise FedtinaError(f"resources.ray_address={address!r}: nobody answers at {host}:{port} ({e.strerror or e}); "
+                           f"start the cluster there (ray start --head) or set resources.ray_address=null") from None
+
+
 def _check_resources(res: dict[str, Any]) -> None:
     """Per-actor resources a local Ray can meet: more than it has leaves Flower's actor pool empty, and the run
     would wait out its timeouts. A joined cluster (ray_address) is not checked: its size is not known here."""
@@ -280,6 +313,7 @@ def _check_resources(res: dict[str, Any]) -> None:
         if key in res:
             check_value(f"resources.{key}", res[key], tp, rng)
     if res.get("ray_address"):
+        _check_ray_address(str(res["ray_address"]))
         return
     num_cpus, num_gpus = res.get("num_cpus", 1), res.get("num_gpus") or 0
     have_cpus = res.get("init_num_cpus") or local_cpus()

@@ -35,7 +35,7 @@ def test_compare_every_method_on_the_same_clients(tiny, tmp_path):
     cache, assets = tiny
     cached_zoo = len(ZooStore(assets.zoo_dir))
     cfg = _compose(cache, "clients=4", "rounds=2", "method=compare", "method.tina.refresh_every=2",
-                   "method.tina.refresh_steps=5", "checks.max_acc_drop=1.0")
+                   "method.tina.refresh_steps=5", "checks.max_acc_drop=1.0", "loggers=[tensorboard]")
     out = tmp_path / "run"
     outcome = run(cfg, out)  # assets from the cache, as `python -m fedtina.simulate` does
 
@@ -83,6 +83,16 @@ def test_compare_every_method_on_the_same_clients(tiny, tmp_path):
     assert not (out / "images.npy").exists()  # only for fedavg_full
     assert outcome.summary["methods"].keys() == methods.keys()
     assert get_run_spec() is None
+
+    # loggers=[tensorboard]: every method's rounds as scalars, the old clients' means equal to the report's curve
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(out / "tensorboard"))
+    tb.Reload()
+    assert {f"{m}/old_acc_mean" for m in ("tina", "selection", "local_ft", "fedavg", "fedavg_ft")} | {
+        "tina/new_acc_mean", "fedavg/new_acc_mean"} <= set(tb.Tags()["scalars"])
+    assert [(e.step, round(e.value, 6)) for e in tb.Scalars("fedavg/old_acc_mean")] == [
+        (p["round"], round(p["acc_mean"], 6)) for p in methods["fedavg"]["curve"]]
 
 
 @pytest.mark.slow

@@ -204,6 +204,8 @@ def test_a_missing_mandatory_value_is_named(base):
     (("partition.k_min=8", "partition.k_max=6"), r"^partition.k_min=8, partition.k_max=6: need 1 <= k_min <= k_max"),
     (("partition.unseen_per_client=6",), r"^partition.unseen_per_client=6 exceeds partition.k_min=5"),
     (("partition.description=poem",), r"^partition.description='poem'"),
+    (("loggers=[mlflow]",), r"^loggers='mlflow' is invalid; valid: \['tensorboard', 'wandb'\]"),
+    (("loggers=tensorboard",), r"^loggers='tensorboard': need a list, e.g. \[tensorboard\]"),
     (("partition.scheme=shards",), r"^partition.scheme='shards'; valid: \['fedtina', 'dirichlet'"),
     (("zoo.k_min=12", "zoo.k_max=11"), r"^zoo.k_min=12 > zoo.k_max=11"),
     (("zoo.k_min=21", "zoo.k_max=21"), r"^zoo.k_max=21 exceeds tina.max_classes=20"),
@@ -234,6 +236,27 @@ def test_resources_a_local_ray_cannot_meet():
     validate_simulate_config(_compose("resources.num_cpus=100", "resources.ray_address=auto"))  # a cluster's size
     with pytest.raises(FedtinaError, match=r"^resources.num_gpus=0.25 per client exceeds the 0 CUDA device"):
         validate_simulate_config(_compose("resources=gpu"))
+
+
+def test_a_ray_address_nobody_answers_at_fails_in_seconds():
+    import socket
+    import time
+
+    with socket.socket() as s:   # a port nobody listens on: bound, never listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        t0 = time.monotonic()
+        for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+            with pytest.raises(FedtinaError, match=rf"^resources.ray_address='{address}': nobody answers at "
+                                                   rf"127.0.0.1:{port} \(.*\); start the cluster there"):
+                validate_simulate_config(_compose(f"resources.ray_address='{address}'"))
+        assert time.monotonic() - t0 < 10   # refused at once, not after Ray's minute of retries
+    with pytest.raises(FedtinaError, match=r"^resources.ray_address='cluster': need auto, host:port or ray://"):
+        validate_simulate_config(_compose("resources.ray_address=cluster"))
+    with socket.socket() as s:   # someone answers: accepted
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        validate_simulate_config(_compose(f"resources.ray_address='127.0.0.1:{s.getsockname()[1]}'"))
 
 
 def test_resources_gpus_on_a_gpu_machine(monkeypatch):

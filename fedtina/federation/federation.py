@@ -29,6 +29,7 @@ from flwr.serverapp import Grid
 from fedtina.errors import FedtinaError
 from fedtina.federation.checks import server_val_data
 from fedtina.federation.grid import GuardedGrid, Interrupted
+from fedtina.federation.loggers import RunLoggers
 from fedtina.federation.partition import load_partition
 from fedtina.federation.profiling import PhaseRecord, PhaseTimer, from_config
 from fedtina.federation.report import ClientResult
@@ -129,6 +130,8 @@ class Federation:
         self.tina = self.assets.tina
         self._val_cache: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
         self._selection: dict[tuple[str, ...], Head] = {}
+        self.loggers = RunLoggers(spec.loggers, spec.out_dir, {"methods": spec.methods, "n_clients": spec.n_clients,
+                                                              "rounds": spec.rounds, "options": spec.options})
 
     # ---------------------------------------------------------------- nodes and messages
     def wait_for_nodes(self) -> list[int]:
@@ -393,7 +396,15 @@ class Federation:
                 sum(r.status == "failed" for r in rs), sum(r.status == "error" for r in rs))
 
     def acc_line(self, method: str, rnd: int, new: bool = False) -> str:
+        """The line that reports a finished round (old clients) or the new clients' serving; its numbers also go to
+        the run's loggers (TensorBoard, W&B) at step `rnd`."""
         accs, failed, errors = self.round_accs(method, rnd, new)
+        if accs or failed:
+            g = f"{method}/{'new' if new else 'old'}"
+            v = np.sort(np.asarray(accs, dtype=float))
+            self.loggers.scalars(rnd, {f"{g}_clients": len(accs), f"{g}_failed": failed, **({
+                f"{g}_acc_mean": float(v.mean()), f"{g}_acc_worst10": float(v[: max(1, len(v) // 10)].mean())}
+                if len(v) else {})})
         extra = (f", {failed} failed" if failed else "") + (f", {errors} refused (bad description)" if errors else "")
         return f"{len(accs)} clients, acc {_mean_std(accs)}{extra}"
 
@@ -511,6 +522,7 @@ def run_all(grid: Grid, spec: RunSpec) -> Outcome:
         for name in spec.methods:
             fed.out.method_status.setdefault(name, "interrupted" if fed.out.interrupted else "not run")
         _report(fed, prog.timings)
+        fed.loggers.close()
     log.info("[federation] %s in %.1f s (%s)", "stopped" if fed.out.interrupted else "done",
              time.perf_counter() - t0, ", ".join(f"{k} {v:.1f} s" for k, v in prog.timings.items()))
     return fed.out

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from fedtina.errors import FedtinaError
+from fedtina.progress import Meter
 
 
 class Interrupted(FedtinaError):
@@ -69,6 +70,10 @@ class Delivery:
         return ""
 
 
+FULL_PULL_S = 2.0
+PROGRESS_MIN = 1000   # batches this large get a progress bar / progress lines
+
+
 class GuardedGrid:
     """Wraps a Flower Grid (everything else is delegated). `exchange` returns a Delivery per node; the Flower
     strategies' `send_and_receive` goes through it too, and `last` keeps the Deliveries of the latest call.
@@ -102,9 +107,24 @@ class GuardedGrid:
         holds = dict.fromkeys(ids, True)    # still queued or running on an actor
         started: dict[str, float] = {}
         out: dict[str, Delivery] = {}
-        pushed_at = last_event = time.monotonic()
+        pushed_at = last_event = last_full = time.monotonic()
+        # Asking the state for replies costs per asked id, so each poll asks only the front of the queue (where
+        # replies can be: the engine works through it in order) and all of it every `FULL_PULL_S`; the poll interval
+        # grows with the batch, so a 10,000-message batch does not spend the driver's time polling.
+        window = max(64, 8 * (self.concurrency() or len(ids)))
+        poll_s = max(self.poll_s, 2e-6 * len(ids))
+        meter = None
+        if len(ids) >= PROGRESS_MIN:
+            m = msgs[0].metadata
+            meter = Meter(len(ids), f"[{m.group_id}] {m.message_type}", unit="replies")
         while True:
-            for rep in self._grid.pull_messages([*self._stale, *(i for i in ids if holds[i])]):
+            n_out = len(out)
+            pending = [*self._stale, *(i for i in ids if holds[i])]
+            if time.monotonic() - last_full >= FULL_PULL_S:
+                ask, last_full = pending, time.monotonic()
+            else:
+                ask = pending[:window]
+            for rep in self._grid.pull_messages(ask) if ask else ():
                 mid = rep.metadata.reply_to_message_id
                 if mid in holds:
                     holds[mid] = False
@@ -123,6 +143,8 @@ class GuardedGrid:
                 if mid not in out and now - t0 > timeout:
                     out[mid] = Delivery("timed_out", None, timeout)
                     last_event = now   # the queue behind it now waits for timed-out work: give it `timeout`
+            if meter is not None:
+                meter.update(len(out) - n_out)
             waiting = [i for i in ids if i not in out]
             if not waiting:
                 break
@@ -130,9 +152,13 @@ class GuardedGrid:
                 for mid in waiting:
                     out[mid] = Delivery("not_started", None, now - pushed_at)
                 break
-            if self.stop.wait(self.poll_s):
+            if self.stop.wait(poll_s):
                 self._stale += [i for i in ids if holds[i]]
+                if meter is not None:
+                    meter.close()
                 self.stop.check()
+        if meter is not None:
+            meter.close()
         self._stale += [i for i in ids if holds[i]]   # they keep their actors busy: later work queues behind them
         self.last = {node_of[i]: d for i, d in out.items()}
         return self.last

@@ -114,8 +114,13 @@ def _init_ray(backend: dict[str, Any]) -> None:
     if os.environ.get("PYTHONPATH"):
         pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
     os.environ["PYTHONPATH"] = pythonpath
-    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, include_dashboard=False,
-             **backend["init_args"])
+    try:
+        ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, include_dashboard=False,
+                 **backend["init_args"])
+    except (ConnectionError, RuntimeError, ValueError) as e:   # e.g. address=auto with no cluster on this machine
+        where = backend["init_args"].get("address")
+        raise FedtinaError(f"Ray did not start{f' (resources.ray_address={where!r})' if where else ''}: "
+                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 def pool_size(backend: dict[str, Any]) -> int:
@@ -202,6 +207,10 @@ def run(spec: RunSpec, backend: dict[str, Any], verbose: bool = False) -> Any:
             try:
                 _init_ray(backend)
                 spec.concurrency = pool_size(backend)
+                nodes = [n for n in ray.nodes() if n.get("Alive")]
+                log.info("[ray] %d ClientApp actor(s) on %d Ray node(s), %s", spec.concurrency, len(nodes),
+                         "joined " + str(backend["init_args"]["address"]) if "address" in backend["init_args"]
+                         else "started here")
                 engine_done = threading.Event()
                 threading.Thread(target=_hurry, args=(spec, engine_done), daemon=True).start()
                 with _stop_on_signals(spec.stop):

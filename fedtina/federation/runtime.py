@@ -56,6 +56,7 @@ class RunSpec:
     images_path: str | None = None  # only for the methods that train on images
     options: dict[str, dict[str, Any]] = field(default_factory=dict)   # per method: its options (configs/method)
     fraction_train: float = 1.0     # share of the old clients sampled per round by the multi-round methods
+    loggers: list[str] = field(default_factory=list)   # per-round metrics: tensorboard, wandb (federation/loggers.py)
     head_ft: HeadTrainConfig = field(default_factory=lambda: HeadTrainConfig(steps=30))
     checks: dict[str, Any] = field(default_factory=dict)   # HeadCheckConfig fields
     faults: Faults = field(default_factory=Faults)

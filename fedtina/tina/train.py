@@ -35,6 +35,7 @@ from fedtina.data.descriptions import as_text_prompt
 from fedtina.device import pick_device
 from fedtina.errors import CorruptFileError, FedtinaError
 from fedtina.io import atomic_write
+from fedtina.progress import Meter
 from fedtina.tina.diffusion import PREDICTIONS, NoiseSchedule, training_loss
 from fedtina.tina.generator import TinaGenerator
 from fedtina.tina.layout import WEIGHT_KEY, GlobalSegment, ParamLayout
@@ -277,15 +278,18 @@ class TinaTrainer:
             t0, t_last, acc, n = time.perf_counter(), time.perf_counter(), 0.0, 0
             every = max(1, cfg.log_every)
             end = self.step + steps
+            meter = Meter(steps, "tina", unit="steps", lines=False)   # its log lines below say it off a terminal
             while self.step < end:
                 acc += self.train_step()
                 n += 1
+                meter.update()
                 if self.step % every == 0 or self.step == end:
                     now = time.perf_counter()
                     self.history.append((self.step, acc / n))
                     self.log(f"tina step {self.step}/{end} loss {acc / n:.4f} lr {self.lr_at(self.step - 1):.2e} "
                              f"{n / (now - t_last):.1f} steps/s")
                     t_last, acc, n = now, 0.0, 0
+            meter.close()
             self.log(f"tina: trained {steps} steps in {time.perf_counter() - t0:.1f}s")
         finally:
             torch.set_num_threads(threads_before)
