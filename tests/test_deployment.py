@@ -1,0 +1,85 @@
+"""Flower's deployment runtime on loopback: a SuperLink and 3 SuperNodes as real processes, `flwr run` against them;
+the per-client results equal the simulation's on the same clients and seeds. Every process is stopped, also when
+the run fails."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+from simkit import compose, summary
+
+from fedtina.errors import FedtinaError
+from fedtina.federation.deployment import Deployment, fresh_replay
+
+METHODS = "method.names=[tina,selection,fedavg]"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:   # a zombie is gone for our purpose
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+def _accs(doc: dict) -> dict[tuple[str, int, int], float]:
+    return {(r["method"], r["client_id"], r["round"]): round(r["acc"], 6) for r in doc["clients"]
+            if r["status"] == "ok"}
+
+
+@pytest.fixture
+def prepared(tiny, tmp_path):
+    """A 3-client, 1-round run dir prepared by fedtina.simulate, and the simulation's own results on it."""
+    from fedtina.simulate import _plain, prepare, run
+
+    cache, assets = tiny
+    cfg = compose(cache, "clients=3", "rounds=1", METHODS, "partition.new_share=0")
+    prepare(_plain(cfg), tmp_path / "prepared", assets)
+    run(cfg, tmp_path / "simulated")
+    return tmp_path / "prepared", summary(tmp_path / "simulated")
+
+
+@pytest.mark.slow
+def test_deployment_runtime_gives_the_simulations_results(prepared, tmp_path):
+    from fedtina.deploy import replay
+
+    prepared_dir, simulated = prepared
+    zoo_before = sorted(p.name for p in (prepared_dir / "zoo").iterdir())
+    doc = replay(prepared_dir, tmp_path / "replay", timeout_s=600)
+    assert _accs(doc) == _accs(simulated) and len(_accs(doc)) == 3 * 4   # tina, tina_ft, selection, fedavg
+    assert sorted(p.name for p in (prepared_dir / "zoo").iterdir()) == zoo_before   # replays start from it
+    logs = {p.name for p in (tmp_path / "replay" / "deployment").iterdir()}
+    assert {"superlink.log", "supernode_0.log", "supernode_2.log", "flwr_run.log"} <= logs
+    # again with TLS, from the same prepared state: the same results
+    doc = replay(prepared_dir, tmp_path / "replay_tls", tls=True, timeout_s=600)
+    assert _accs(doc) == _accs(simulated)
+
+
+@pytest.mark.slow
+def test_every_process_is_stopped_when_the_run_fails(prepared, tmp_path):
+    prepared_dir, _ = prepared
+    spec = fresh_replay(prepared_dir, tmp_path / "replay")
+    (tmp_path / "replay" / "run_spec.json").write_text("{not json")   # the ServerApp will fail on it
+    with Deployment(tmp_path / "replay" / "deployment", spec.n_clients) as d:
+        pids = [p.pid for p in d.procs]
+        res = d.run(tmp_path, tmp_path / "replay", timeout_s=300)   # not a Flower app: flwr run fails
+        assert res.returncode != 0
+        assert all(_alive(pid) for pid in pids)
+    assert len(pids) == 4 and not any(_alive(pid) for pid in pids)
+
+
+def test_a_superlink_that_refuses_is_named_at_once(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]   # bound, not listening: connections are refused
+        with pytest.raises(FedtinaError, match=rf"superlink='127.0.0.1:{port}': nobody answers at 127.0.0.1:{port}"):
+            with Deployment(tmp_path, 1, superlink=f"127.0.0.1:{port}"):
+                pass
+    with pytest.raises(FedtinaError, match="supernodes=0: need at least one SuperNode"):
+        Deployment(tmp_path, 0)
+    with pytest.raises(FedtinaError, match="replay dir .* exists already"):
+        (tmp_path / "x").mkdir()
+        fresh_replay(tmp_path, tmp_path / "x")
