@@ -30,20 +30,24 @@ def _accs(doc: dict) -> dict[tuple[str, int, int], float]:
             if r["status"] == "ok"}
 
 
-@pytest.fixture
-def prepared(tiny, tmp_path):
-    """A 3-client, 1-round run dir prepared by fedtina.simulate, and the simulation's own results on it."""
+def _prepare(cache, assets, out, methods: str):
+    """A 3-client, 1-round run dir prepared by fedtina.simulate, and the simulation's own results on the same config."""
     from fedtina.simulate import _plain, prepare, run
 
+    cfg = compose(cache, "clients=3", "rounds=1", methods, "partition.new_share=0")
+    prepare(_plain(cfg), out / "prepared", assets)
+    run(cfg, out / "simulated")
+    return out / "prepared", summary(out / "simulated")
+
+
+@pytest.fixture(scope="module")
+def prepared(tiny, tmp_path_factory):
     cache, assets = tiny
-    cfg = compose(cache, "clients=3", "rounds=1", METHODS, "partition.new_share=0")
-    prepare(_plain(cfg), tmp_path / "prepared", assets)
-    run(cfg, tmp_path / "simulated")
-    return tmp_path / "prepared", summary(tmp_path / "simulated")
+    return _prepare(cache, assets, tmp_path_factory.mktemp("deploy"), METHODS)
 
 
 @pytest.mark.slow
-def test_deployment_runtime_gives_the_simulations_results(prepared, tmp_path):
+def test_deployment_runtime_gives_the_simulations_results(tiny, prepared, tmp_path):
     from fedtina.deploy import replay
 
     prepared_dir, simulated = prepared
@@ -53,9 +57,12 @@ def test_deployment_runtime_gives_the_simulations_results(prepared, tmp_path):
     assert sorted(p.name for p in (prepared_dir / "zoo").iterdir()) == zoo_before   # replays start from it
     logs = {p.name for p in (tmp_path / "replay" / "deployment").iterdir()}
     assert {"superlink.log", "supernode_0.log", "supernode_2.log", "flwr_run.log"} <= logs
-    # again with TLS, from the same prepared state: the same results
-    doc = replay(prepared_dir, tmp_path / "replay_tls", tls=True, timeout_s=600)
-    assert _accs(doc) == _accs(simulated)
+    # with TLS (a selection-only run, to keep CI short): the results of its simulation
+    cache, assets = tiny
+    small, simulated = _prepare(cache, assets, tmp_path, "method.names=[selection]")
+    doc = replay(small, tmp_path / "replay_tls", tls=True, timeout_s=600)
+    assert _accs(doc) == _accs(simulated) and len(_accs(doc)) == 3
+    assert (tmp_path / "replay_tls" / "deployment" / "certs" / "ca.pem").exists()
 
 
 @pytest.mark.slow
