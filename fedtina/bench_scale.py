@@ -88,7 +88,7 @@ def _heads_per_s(run_dir: Path) -> float | None:
     heads = wall = 0.0
     with open(run_dir / "server_phases.csv") as f:
         for row in csv.DictReader(f):
-            if row["method"] == "tina" and row["phase"] == "generate" and "heads in one batch" in row["detail"]:
+            if row["method"] == "tina" and row["phase"] == "generate" and " heads in " in row["detail"]:
                 heads += float(row["detail"].split()[0])
                 wall += float(row["wall_s"])
     return heads / wall if wall > 0 else None

@@ -13,21 +13,22 @@ log = logging.getLogger("fedtina")
 
 class Meter:
     """Counts `total` units of work. `update(n)` as they finish; `close()` (or the `with` block's end) at the end.
-    With `lines=False` nothing is logged off a terminal (for stages that log their own lines already)."""
+    With `lines=False` nothing is logged off a terminal (for stages that log their own lines already); with
+    `enabled=False` nothing is shown at all (work too small to watch)."""
 
     def __init__(self, total: int, desc: str, *, unit: str = "it", lines: bool = True, every_s: float = 15.0,
-                 emit: Callable[[str], None] | None = None, tty: bool | None = None) -> None:
+                 emit: Callable[[str], None] | None = None, tty: bool | None = None, enabled: bool = True) -> None:
         self.total, self.desc, self.unit, self.every_s = int(total), desc, unit, every_s
         self.done, self.t0 = 0, time.monotonic()
         self._last = self.t0
         self._emit = emit or log.info
-        tty = sys.stderr.isatty() if tty is None else tty
+        tty = enabled and (sys.stderr.isatty() if tty is None else tty)
         self._bar = None
         if tty:
             from tqdm import tqdm
 
             self._bar = tqdm(total=self.total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
-        self._lines = lines and not tty
+        self._lines = enabled and lines and not tty
 
     def update(self, n: int = 1) -> None:
         if n <= 0:

@@ -29,8 +29,8 @@ def _run_dir(tmp_path, n_messages: int):
     (d / "phases.csv").write_text(header + "".join(f"tina,1,{i},evaluate,0.1,0.1,1,0,0,1,ok,\n"
                                                    for i in range(n_messages)))
     (d / "server_phases.csv").write_text(header + "describe,0,-1,describe,2.0,0,0,0,0,,ok,\n"
-                                         "tina,1,-1,generate,0.5,0,0,0,0,,ok,40 heads in one batch\n"
-                                         "tina,2,-1,generate,1.5,0,0,0,0,,ok,60 heads in one batch\n")
+                                         "tina,1,-1,generate,0.5,0,0,0,0,,ok,40 heads in 1 batch(es)\n"
+                                         "tina,2,-1,generate,1.5,0,0,0,0,,ok,60 heads in 1 batch(es)\n")
     return d
 
 

@@ -218,6 +218,20 @@ def test_flower_datasets_scheme_that_cannot_deal_the_data_says_why():
         make_partition(ds, split, 6, cfg(scheme="shards"))
 
 
+def test_partition_plot_stays_small_with_many_clients(tmp_path):
+    """A column per client up to max_shown; above it an evenly spaced sample, so the figure's width is bounded."""
+    import matplotlib.image
+
+    from fedtina.federation.report import plot_partition
+
+    ds, split, _, _ = make_world()
+    widths = {}
+    for n in (20, 300):
+        part = make_partition(ds, split, n, cfg())
+        widths[n] = matplotlib.image.imread(plot_partition(tmp_path / f"p{n}.png", part, max_shown=40)).shape[1]
+    assert widths[300] <= (0.12 * 40 + 3) * 110 + 1 and widths[20] < widths[300]
+
+
 def test_partition_with_the_real_protocol_split():
     protocol = pytest.importorskip("fedtina.protocol")
     from fedtina.config import ProtocolConfig

@@ -32,7 +32,7 @@ from fedtina.federation.grid import GuardedGrid, Interrupted
 from fedtina.federation.loggers import RunLoggers
 from fedtina.federation.partition import load_partition
 from fedtina.federation.profiling import PhaseRecord, PhaseTimer, from_config
-from fedtina.federation.report import ClientResult
+from fedtina.federation.report import ClientResult, worst_decile_mean
 from fedtina.federation.rundir import RunDir, resume_command
 from fedtina.federation.runtime import RunSpec, head_record
 from fedtina.heads import Head, generic_rows, selection_head
@@ -401,10 +401,10 @@ class Federation:
         accs, failed, errors = self.round_accs(method, rnd, new)
         if accs or failed:
             g = f"{method}/{'new' if new else 'old'}"
-            v = np.sort(np.asarray(accs, dtype=float))
-            self.loggers.scalars(rnd, {f"{g}_clients": len(accs), f"{g}_failed": failed, **({
-                f"{g}_acc_mean": float(v.mean()), f"{g}_acc_worst10": float(v[: max(1, len(v) // 10)].mean())}
-                if len(v) else {})})
+            values = {f"{g}_clients": len(accs), f"{g}_failed": failed}
+            if accs:
+                values |= {f"{g}_acc_mean": float(np.mean(accs)), f"{g}_acc_worst10": worst_decile_mean(accs)}
+            self.loggers.scalars(rnd, values)
         extra = (f", {failed} failed" if failed else "") + (f", {errors} refused (bad description)" if errors else "")
         return f"{len(accs)} clients, acc {_mean_std(accs)}{extra}"
 

@@ -113,51 +113,48 @@ class GuardedGrid:
         # grows with the batch, so a 10,000-message batch does not spend the driver's time polling.
         window = max(64, 8 * (self.concurrency() or len(ids)))
         poll_s = max(self.poll_s, 2e-6 * len(ids))
-        meter = None
-        if len(ids) >= PROGRESS_MIN:
-            m = msgs[0].metadata
-            meter = Meter(len(ids), f"[{m.group_id}] {m.message_type}", unit="replies")
-        while True:
-            n_out = len(out)
-            pending = [*self._stale, *(i for i in ids if holds[i])]
-            if time.monotonic() - last_full >= FULL_PULL_S:
-                ask, last_full = pending, time.monotonic()
-            else:
-                ask = pending[:window]
-            for rep in self._grid.pull_messages(ask) if ask else ():
-                mid = rep.metadata.reply_to_message_id
-                if mid in holds:
-                    holds[mid] = False
-                    if mid not in out:      # else the late reply of a timed-out message: its actor is free now
-                        out[mid] = Delivery("ok", rep, time.monotonic() - started.get(mid, pushed_at))
-                elif mid in self._stale:
-                    self._stale.remove(mid)
-                last_event = time.monotonic()
-            now = time.monotonic()
-            queue = [*self._stale, *(i for i in ids if holds[i])]
-            p = self.concurrency() or len(queue)
-            for mid in queue[:p]:
-                if mid in holds and mid not in started:
-                    started[mid] = last_event = now
-            for mid, t0 in started.items():
-                if mid not in out and now - t0 > timeout:
-                    out[mid] = Delivery("timed_out", None, timeout)
-                    last_event = now   # the queue behind it now waits for timed-out work: give it `timeout`
-            if meter is not None:
+        m = msgs[0].metadata if msgs else None
+        meter = Meter(len(ids), f"[{m.group_id}] {m.message_type}" if m else "", unit="replies",
+                      enabled=len(ids) >= PROGRESS_MIN)
+        try:
+            while True:
+                n_out = len(out)
+                pending = [*self._stale, *(i for i in ids if holds[i])]
+                if time.monotonic() - last_full >= FULL_PULL_S:
+                    ask, last_full = pending, time.monotonic()
+                else:
+                    ask = pending[:window]
+                for rep in self._grid.pull_messages(ask) if ask else ():
+                    mid = rep.metadata.reply_to_message_id
+                    if mid in holds:
+                        holds[mid] = False
+                        if mid not in out:      # else the late reply of a timed-out message: its actor is free now
+                            out[mid] = Delivery("ok", rep, time.monotonic() - started.get(mid, pushed_at))
+                    elif mid in self._stale:
+                        self._stale.remove(mid)
+                    last_event = time.monotonic()
+                now = time.monotonic()
+                queue = [*self._stale, *(i for i in ids if holds[i])]
+                p = self.concurrency() or len(queue)
+                for mid in queue[:p]:
+                    if mid in holds and mid not in started:
+                        started[mid] = last_event = now
+                for mid, t0 in started.items():
+                    if mid not in out and now - t0 > timeout:
+                        out[mid] = Delivery("timed_out", None, timeout)
+                        last_event = now   # the queue behind it now waits for timed-out work: give it `timeout`
                 meter.update(len(out) - n_out)
-            waiting = [i for i in ids if i not in out]
-            if not waiting:
-                break
-            if not any(i in started for i in waiting) and now - last_event > timeout:
-                for mid in waiting:
-                    out[mid] = Delivery("not_started", None, now - pushed_at)
-                break
-            if self.stop.wait(poll_s):
-                self._stale += [i for i in ids if holds[i]]
-                if meter is not None:
-                    meter.close()
-                self.stop.check()
-        if meter is not None:
+                waiting = [i for i in ids if i not in out]
+                if not waiting:
+                    break
+                if not any(i in started for i in waiting) and now - last_event > timeout:
+                    for mid in waiting:
+                        out[mid] = Delivery("not_started", None, now - pushed_at)
+                    break
+                if self.stop.wait(poll_s):
+                    self._stale += [i for i in ids if holds[i]]
+                    self.stop.check()
+        finally:
             meter.close()
         self._stale += [i for i in ids if holds[i]]   # they keep their actors busy: later work queues behind them
         self.last = {node_of[i]: d for i, d in out.items()}

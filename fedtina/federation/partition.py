@@ -1,12 +1,13 @@
 """Non-IID client partitions for the simulated federation, built once by the driver and read by every ClientApp.
 
 Each client holds k classes (k uniform in [k_min, k_max]); a share of the clients also holds classes the generic model
-and the zoo never saw (unseen classes). With `scheme` other than `fedtina`, a Flower Datasets partitioner deals the
-seen classes' images instead (`partitioners.py`); everything else below stays as it is. Clients hold only zoo-part images (to train on) and test-part images (to score
+and the zoo never saw (unseen classes). Clients hold only zoo-part images (to train on) and test-part images (to score
 on) -- never backbone-part images, which the generic model was trained on. Each class's images are split among the
 clients that hold it with Dirichlet(alpha) proportions (quantity skew), so clients differ both in *which* classes they
-have and in *how many* images of each. A `new_share` of the clients, drawn at random, never trains: they arrive
-after the last round (with their own label budgets, `new_labels_per_class`).
+have and in *how many* images of each. With `scheme` other than `fedtina`, a Flower Datasets partitioner deals the
+seen classes' images instead (`partitioners.py`); everything else stays as it is. A `new_share` of the clients,
+drawn at random, never trains: they arrive after the last round (with their own label budgets,
+`new_labels_per_class`).
 
 The partition is a small JSON file (`save_partition` / `load_partition`): class ids, names, image indices and their
 dataset labels per client, plus the server's held-out test images.
@@ -40,7 +41,8 @@ def _empty_ids() -> np.ndarray:
 
 @dataclass
 class PartitionConfig:
-    scheme: str = "fedtina"             # who deals the seen classes: fedtina | dirichlet | inner_dirichlet | pathological
+    scheme: str = "fedtina"             # who deals the seen classes: fedtina | dirichlet | inner_dirichlet |
+                                        # pathological (flwr-datasets, partitioners.py)
     k_min: int = 5                      # fedtina: k uniform in [k_min, k_max]; pathological: k_max each; dirichlet and
     k_max: int = 10                     # inner_dirichlet: at most k_max (a client's largest classes)
     alpha: float = 0.5                  # Dirichlet concentration: a class's images over its holders (fedtina), a

@@ -355,12 +355,15 @@ def _plot_zoo(path: Path, zoo_growth: list[dict]) -> Path:
     return path
 
 
-def plot_partition(path: Path, partition) -> Path:
+def plot_partition(path: Path, partition, max_shown: int = 200) -> Path:
     """The clients' data: labelled training images per class (a client per column, classes by id; new clients
-    right of the line) and each client's training and test sizes."""
+    right of the line) and each client's training and test sizes. Above `max_shown` clients, that many evenly spaced
+    ones are drawn (the title says so): a column per client of 100,000 would be a 12,000-inch figure."""
     from matplotlib.figure import Figure
 
-    clients = sorted(partition.clients, key=lambda c: (c.is_new, c.client_id))
+    every = sorted(partition.clients, key=lambda c: (c.is_new, c.client_id))
+    clients = [every[i] for i in np.unique(np.linspace(0, len(every) - 1, min(max_shown, len(every))).astype(int))]
+    shown = f" ({len(clients)} shown, evenly spaced)" if len(clients) < len(every) else ""
     n_classes = 1 + max((max(c.class_ids) for c in clients if c.class_ids), default=0)
     counts = np.zeros((n_classes, len(clients)))
     for j, c in enumerate(clients):
@@ -370,8 +373,8 @@ def plot_partition(path: Path, partition) -> Path:
     im = ax1.imshow(np.where(counts > 0, counts, np.nan), aspect="auto", interpolation="nearest", cmap="viridis")
     fig.colorbar(im, ax=ax1, label="labelled training images")
     ax1.set_ylabel("class id")
-    ax1.set_title(f"partition: {len(clients)} clients, {sum(c.is_new for c in clients)} new (right of the line), "
-                  f"{np.mean([c.k for c in clients]):.1f} classes each")
+    ax1.set_title(f"partition: {len(every)} clients{shown}, {sum(c.is_new for c in every)} new (right of the "
+                  f"line), {np.mean([c.k for c in every]):.1f} classes each")
     x = np.arange(len(clients))
     ax2.bar(x, [len(c.train_idx) for c in clients], label="train (labelled)")
     ax2.bar(x, [len(c.test_idx) for c in clients], bottom=[len(c.train_idx) for c in clients], label="test")

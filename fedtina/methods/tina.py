@@ -20,10 +20,12 @@ from flwr.app import Message
 from fedtina.errors import FedtinaError
 from fedtina.federation.checks import HeadCheckConfig, check_head
 from fedtina.federation.federation import Federation, Progress, _mean_std
+from fedtina.federation.grid import PROGRESS_MIN
 from fedtina.federation.profiling import PhaseTimer
 from fedtina.federation.runtime import record_head
 from fedtina.heads import Head
 from fedtina.methods.registry import Method, register
+from fedtina.progress import Meter
 
 log = logging.getLogger("fedtina.federation")
 PROMPTS = ("text", "images", "both")
@@ -155,13 +157,24 @@ def trim_run_zoo(zoo_dir: Path, size: int) -> None:
              "checkpoint's %d (the longer zoo is kept in %s)", n, n - size, size, aside)
 
 
+GENERATE_BATCH = 2048   # heads per sampler call: bounds the sampler's memory, and a stop request waits for one batch
+
+
 def generate(fed: Federation, clients: list, rnd: int, opts: "TinaOptions") -> dict[int, Head]:
-    """One batched generation for these clients, whatever each one's prompts are; heads by node."""
-    with PhaseTimer() as t:
-        shots = [c.shots for c in clients] if opts.prompt != "text" else None
-        heads = fed.tina.generate([list(c.names) for c in clients], seed=opts.gen_seed, shots=shots,
-                                  use_names=opts.prompt != "images")
-    fed.server_record("tina", rnd, "generate", t, detail=f"{len(clients)} heads in one batch")
+    """Batched generation for these clients, whatever each one's prompts are; heads by node. A head does not depend
+    on the batch it was generated in (its noise is keyed by its label set)."""
+    heads: list[Head] = []
+    with PhaseTimer() as t, Meter(len(clients), f"[tina:{rnd}] generate", unit="heads",
+                                  enabled=len(clients) >= PROGRESS_MIN) as meter:
+        for i in range(0, len(clients), GENERATE_BATCH):
+            fed.spec.stop.check()
+            batch = clients[i : i + GENERATE_BATCH]
+            shots = [c.shots for c in batch] if opts.prompt != "text" else None
+            heads += fed.tina.generate([list(c.names) for c in batch], seed=opts.gen_seed, shots=shots,
+                                       use_names=opts.prompt != "images")
+            meter.update(len(batch))
+    n_batches = -(-len(clients) // GENERATE_BATCH)
+    fed.server_record("tina", rnd, "generate", t, detail=f"{len(clients)} heads in {n_batches} batch(es)")
     return {c.node_id: h for c, h in zip(clients, heads)}
 
 
