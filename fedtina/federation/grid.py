@@ -113,9 +113,9 @@ class GuardedGrid:
         # grows with the batch, so a 10,000-message batch does not spend the driver's time polling.
         window = max(64, 8 * (self.concurrency() or len(ids)))
         poll_s = max(self.poll_s, 2e-6 * len(ids))
-        m = msgs[0].metadata if msgs else None
-        meter = Meter(len(ids), f"[{m.group_id}] {m.message_type}" if m else "", unit="replies",
-                      enabled=len(ids) >= PROGRESS_MIN)
+        big = len(ids) >= PROGRESS_MIN
+        desc = f"[{msgs[0].metadata.group_id}] {msgs[0].metadata.message_type}" if big else ""
+        meter = Meter(len(ids), desc, unit="replies", enabled=big)
         try:
             while True:
                 n_out = len(out)
