@@ -169,6 +169,6 @@ for _type, (_phase, _step) in methods.client_steps().items():
     _category, _action = _type.split(".", 1)
     _fn = _handler(_type, _phase, _step)
     # a module attribute, so the ClientApp (pickled with every message) refers to it by name instead of pickling
-    # the closure by value: 2 ms less per message
+    # the closure by value
     globals()[_fn.__name__] = _fn
     getattr(app, _category)(_action)(_fn)

@@ -17,7 +17,6 @@ import csv
 import json
 import logging
 import math
-import os
 import subprocess
 import sys
 import threading
@@ -119,7 +118,7 @@ def run_one(n: int, cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     log.info("[scale] %s", " ".join(args[1:]))
     t0 = time.perf_counter()
     with open(out_dir / f"clients_{n}.log", "w") as logf:
-        proc = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT, env={**os.environ})
+        proc = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT)
         sampler = MemorySampler(proc.pid, float(cfg.sample_s))
         try:
             rc = proc.wait(timeout=float(cfg.timeout_s))

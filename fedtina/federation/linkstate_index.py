@@ -3,8 +3,8 @@
 The engine's message extractor (`flwr/server/superlink/fleet/vce/vce_api.py: add_messages_to_queue`) asks the state
 for every node's next message every 0.1 s, and `InMemoryLinkState.get_message_ins` answers each ask by scanning
 *every* stored message (and re-checking each one's expiry): one sweep costs nodes x stored messages. With the whole
-batch of a round pushed at once that is quadratic in the number of clients -- measured here, 10,000 clients spent
-minutes per sweep and most messages timed out queued. `install()` keeps, per destination node, the ids of its stored
+batch of a round pushed at once that is quadratic in the number of clients (a sweep over 1,000 queued messages makes
+about 500,000 checks): at 10,000 clients most messages timed out queued. `install()` keeps, per destination node, the ids of its stored
 messages, and `get_message_ins` scans only those: same result (undelivered, unexpired, insertion order, marked
 delivered), one sweep linear in the number of nodes.
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections import defaultdict
 
 _ORIGINAL: dict[str, object] = {}
-_NOW: list = []   # flwr's clock, bound by install() (flwr is imported lazily)
 
 
 def _store_message_ins(self, message):
@@ -51,7 +50,7 @@ def _get_message_ins(self, node_id: int, limit: int | None, *, run_id: int | Non
             self._fedtina_by_node[node_id] = keep
         else:
             del self._fedtina_by_node[node_id]
-    delivered_at = _NOW[0]().isoformat()
+    delivered_at = _ORIGINAL["now"]().isoformat()
     for msg in found:
         msg.metadata.delivered_at = delivered_at
     return found
@@ -64,7 +63,7 @@ def install() -> None:
 
     if _ORIGINAL:
         return
-    _NOW.append(now)
+    _ORIGINAL["now"] = now   # flwr's clock (flwr is imported lazily)
     _ORIGINAL["store_message_ins"] = InMemoryLinkState.store_message_ins
     _ORIGINAL["get_message_ins"] = InMemoryLinkState.get_message_ins
     _ORIGINAL["__init__"] = InMemoryLinkState.__init__
