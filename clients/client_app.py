@@ -9,8 +9,8 @@ message's `config` ConfigRecord, and cached per actor process by client_ops. Per
 replies keep exactly one ArrayRecord and one MetricRecord.
 
 Fault injection (tests), from the message config: client ids in `crash_clients` (work handlers raise),
-`poison_clients` (train.finetune uploads a bad head of kind `poison_kind`, see `_poison`; the client's own score is
-that of its honest head), `unknown_class_clients` (describe adds a class the dataset lacks) and `slow_clients` (work
+`poison_clients` (its training replies are poisoned, `poison_kind` from fedtina/federation/attacks.py, by
+`attack_mod`; the client's own score is that of its honest model), `unknown_class_clients` (describe adds a class the dataset lacks) and `slow_clients` (work
 handlers sleep `slow_s`, to hit the timeout).
 """
 
@@ -19,20 +19,21 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedtina import methods
 from fedtina.config import HeadTrainConfig
 from fedtina.federation import client_ops
+from fedtina.federation.attacks import mislabel
+from fedtina.federation.mods import attack_mod, fedavg_clip_mod, upload_privacy_mod
 from fedtina.federation.partition import client_spec
 from fedtina.federation.profiling import PhaseTimer, to_config
 from fedtina.federation.client_call import ClientCall
 from fedtina.federation.runtime import arrays_record, head_record, record_head
-from fedtina.heads import Head
 
-app = ClientApp()
+# outermost first: an attacker replaces what it sends after any clipping (fedtina/federation/mods.py)
+app = ClientApp(mods=[attack_mod, upload_privacy_mod, fedavg_clip_mod])
 
 UNKNOWN_CLASS = "no such class"
 
@@ -102,55 +103,13 @@ def finetune(msg: Message, ctx: Context) -> Message:
         res = client_ops.evaluate_head(tuned, data)
     records: dict = {"metrics": _metrics(res["acc"], res["num-examples"])}
     if bool(cfg.get("upload", False)) and len(data.train_y):   # without labels it has nothing to teach the zoo
-        if cid in list(cfg.get("poison_clients", [])):
-            kind = str(cfg.get("poison_kind", "nan"))
-            if kind == "mislabeled":  # a second fine-tune, outside the timer: the fault's cost is not the client's
-                tuned = client_ops.finetune_local(received, _mislabel(data, float(cfg["mislabel_share"]), cid), ft)
-            else:
-                tuned = _poison(tuned, kind, cid)
+        if cid in list(cfg.get("poison_clients", [])) and str(cfg.get("poison_kind")) == "mislabeled":
+            # a second fine-tune, outside the timer: the fault's cost is not the client's (the other attacks are
+            # played by attack_mod on the reply)
+            wrong = replace(data, train_y=mislabel(data.train_y, data.k, float(cfg["mislabel_share"]), cid))
+            tuned = client_ops.finetune_local(received, wrong, ft)
         records["head"] = head_record(tuned)
     return _reply(msg, cfg, cid, "finetune", t, records, res["acc"])
-
-
-POISON_KINDS = ("nan", "huge", "shape", "label_flip", "mislabeled")
-
-
-def flip_pair(k: int, cid: int) -> tuple[int, int]:
-    """The two rows a `label_flip` client swaps: positions cid mod k and the next one (deterministic per client)."""
-    if k < 2:
-        raise ValueError(f"label_flip needs at least 2 classes, the head has {k}")
-    return cid % k, (cid + 1) % k
-
-
-def _poison(head: Head, kind: str, cid: int) -> Head:
-    """The bad head a poisoned client uploads instead of its fine-tuned one: `nan` (one NaN weight), `huge` (rows
-    x1e4), `shape` (one extra feature column), `label_flip` (the weight and bias rows of one pair of classes swapped
-    under the same names, `flip_pair`: the smallest permutation, plausible in every statistic but the two classes'
-    recalls). `mislabeled` is played in `finetune`, as it needs the client's data."""
-    w, b = np.array(head.weight, np.float32), np.array(head.bias, np.float32)
-    if kind == "nan":
-        w[0, 0] = np.nan
-    elif kind == "huge":
-        w *= 1e4
-    elif kind == "shape":
-        w = np.concatenate([w, np.ones((len(w), 1), np.float32)], axis=1)
-    elif kind == "label_flip":
-        pair = list(flip_pair(len(w), cid))
-        w[pair], b[pair] = w[pair[::-1]], b[pair[::-1]]
-    else:
-        raise ValueError(f"unknown poison_kind {kind!r}; valid: {', '.join(POISON_KINDS)}")
-    return Head(head.class_names, w, b)
-
-
-def _mislabel(data: client_ops.ClientData, share: float, cid: int) -> client_ops.ClientData:
-    """`data` with round(share * n) of its training labels, drawn at random (seeded by the client id), moved
-    systematically to the next of its classes (position j -> j+1 mod k): a client fine-tuning on wrong labels."""
-    if not 0.0 <= share <= 1.0:
-        raise ValueError(f"mislabel_share={share}: must be in [0, 1]")
-    y = data.train_y.copy()
-    flip = np.random.default_rng(cid).choice(len(y), size=int(round(share * len(y))), replace=False)
-    y[flip] = (y[flip] + 1) % data.k
-    return replace(data, train_y=y)
 
 
 def _handler(message_type: str, phase: str, step):

@@ -24,6 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedtina.config import CoreConfig, HeadTrainConfig, from_dict
 from fedtina.errors import FedtinaError
+from fedtina.federation.aggregation import AggregationConfig
+from fedtina.federation.privacy import PrivacyConfig
 from fedtina.federation.runtime import Faults, RunSpec
 from fedtina.io import atomic_write
 from fedtina.validate import validate_partition, validate_simulate_config
@@ -104,6 +106,8 @@ def prepare(cfg: dict[str, Any], out_dir: Path, assets=None) -> RunSpec:
                    loggers=[str(x) for x in cfg.get("loggers") or []],
                    head_ft=from_dict(HeadTrainConfig, cfg["head_ft"]),
                    checks=dict(cfg["checks"]), faults=from_dict(Faults, cfg.get("faults")),
+                   aggregation=from_dict(AggregationConfig, cfg.get("aggregation")),
+                   privacy=from_dict(PrivacyConfig, cfg.get("privacy")),
                    timeout_s=float(cfg["timeout_s"]), node_wait_s=float(cfg["node_wait_s"]),
                    client_device=str(res.get("device", "auto")),
                    core={k: cfg[k] for k in CORE_KEYS if k in cfg})

@@ -29,7 +29,9 @@ from typing import Any, Callable, Union
 
 from fedtina.config import BackboneConfig, CoreConfig, DatasetConfig, HeadTrainConfig, TinaConfig, ZooConfig, from_dict
 from fedtina.errors import FedtinaError
+from fedtina.federation.aggregation import AggregationConfig
 from fedtina.federation.checks import HeadCheckConfig
+from fedtina.federation.privacy import PrivacyConfig
 from fedtina.federation.partition import PartitionConfig, check_classes, check_config
 from fedtina.federation.runtime import Faults
 
@@ -58,13 +60,18 @@ RANGES: dict[type, dict[str, Range]] = {
     PartitionConfig: {"k_min": POSITIVE, "k_max": POSITIVE, "alpha": POSITIVE, "unseen_share": UNIT,
                       "unseen_per_client": NON_NEGATIVE, "test_fraction_server": BELOW_ONE, "new_share": BELOW_ONE},
     HeadCheckConfig: {"max_row_norm_ratio": POSITIVE, "max_acc_drop": NON_NEGATIVE, "max_bytes": POSITIVE},
-    Faults: {"slow_s": NON_NEGATIVE},
+    Faults: {"slow_s": NON_NEGATIVE, "poison_factor": NON_NEGATIVE, "mislabel_share": UNIT},
+    PrivacyConfig: {"upload_clip": NON_NEGATIVE, "upload_noise": NON_NEGATIVE, "fedavg_clip": NON_NEGATIVE,
+                    "fedavg_noise": NON_NEGATIVE, "delta": (lambda v: 0 < v < 1, "in (0, 1)")},
+    AggregationConfig: {"num_malicious": NON_NEGATIVE, "beta": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
+                        "select": NON_NEGATIVE},
 }
 FRACTION: Range = (lambda v: 0 < v <= 1, "in (0, 1]")
 NAMED_RANGES = {"positive": POSITIVE, "non_negative": NON_NEGATIVE, "unit": UNIT, "fraction": FRACTION}
 # simulate's sections built into a dataclass (the method section: fedtina.methods' own options, `_check_methods`)
 SECTIONS: dict[str, type] = {"partition": PartitionConfig, "head_ft": HeadTrainConfig,
-                             "checks": HeadCheckConfig, "faults": Faults}
+                             "checks": HeadCheckConfig, "faults": Faults, "aggregation": AggregationConfig,
+                             "privacy": PrivacyConfig}
 # simulate.yaml's own keys and the resources group (no dataclass): type and range
 TOP_LEVEL: dict[str, tuple[Any, Range | None]] = {
     "clients": (int, POSITIVE), "rounds": (int, POSITIVE), "timeout_s": (float, POSITIVE),
@@ -234,12 +241,29 @@ def validate_simulate_config(cfg: dict[str, Any]) -> None:
     part = from_dict(PartitionConfig, cfg.get("partition"))
     check_config(part, int(clients) if clients is not None else 1)
     _check_methods(cfg)
+    _check_attacks(cfg, part)
     _check_loggers(cfg.get("loggers"))
     max_classes = from_dict(TinaConfig, cfg.get("tina")).max_classes
     if part.k_max > max_classes:
         raise FedtinaError(f"partition.k_max={part.k_max} exceeds tina.max_classes={max_classes} (the largest label "
                            "set Tina generates)")
     _check_resources(cfg.get("resources") or {})
+
+
+def _check_attacks(cfg: dict[str, Any], part: PartitionConfig) -> None:
+    """The poison kind, and the aggregation rule against the updates a round gets (sampled old clients)."""
+    from fedtina.federation import aggregation
+    from fedtina.federation.attacks import HEAD_ATTACKS
+    from fedtina.federation.partition import new_clients
+
+    faults = from_dict(Faults, cfg.get("faults"))
+    if faults.poison_clients:
+        one_of("faults.poison_kind", faults.poison_kind, HEAD_ATTACKS)
+    if cfg.get("clients") is not None:
+        clients = int(cfg["clients"])
+        old = clients - new_clients(part, clients)
+        sampled = max(1, int(round(float(cfg.get("fraction_train", 1.0)) * old)))
+        aggregation.check(from_dict(AggregationConfig, cfg.get("aggregation")), sampled)
 
 
 def _check_loggers(loggers: Any) -> None:

@@ -525,7 +525,7 @@ def _rows_head(means, spec, rows=None) -> Head:
 
 
 def test_poison_kinds():
-    from clients.client_app import _poison, flip_pair
+    from fedtina.federation.attacks import Attack, flip_pair, poison_head
 
     rng = np.random.default_rng(0)
     head = Head(("a", "b", "c", "d"), rng.normal(size=(4, 3)).astype(np.float32),
@@ -533,51 +533,51 @@ def test_poison_kinds():
     before = head.weight.copy()
     for cid in range(6):
         i, j = flip_pair(4, cid)
-        flipped = _poison(head, "label_flip", cid)
+        flipped = poison_head(head, Attack("label_flip"), cid)
         assert flipped.class_names == head.class_names and i != j
         order = np.arange(4)
         order[[i, j]] = [j, i]
         np.testing.assert_array_equal(flipped.weight, head.weight[order])
         np.testing.assert_array_equal(flipped.bias, head.bias[order])
     assert {flip_pair(4, cid) for cid in range(4)} == {(0, 1), (1, 2), (2, 3), (3, 0)}
-    assert np.isnan(_poison(head, "nan", 0).weight).sum() == 1
-    assert _poison(head, "shape", 0).weight.shape == (4, 4)
-    np.testing.assert_allclose(_poison(head, "huge", 0).weight, head.weight * 1e4)
+    assert np.isnan(poison_head(head, Attack("nan"), 0).weight).sum() == 1
+    assert poison_head(head, Attack("shape"), 0).weight.shape == (4, 4)
+    np.testing.assert_allclose(poison_head(head, Attack("huge"), 0).weight, head.weight * 1e4)
     np.testing.assert_array_equal(head.weight, before)  # the fine-tuned head itself is not touched
-    with pytest.raises(ValueError, match="label_flip needs at least 2"):
-        _poison(Head(("a",), head.weight[:1], head.bias[:1]), "label_flip", 0)
-    with pytest.raises(ValueError, match="unknown poison_kind 'nope'.*mislabeled"):
-        _poison(head, "nope", 0)
+    with pytest.raises(FedtinaError, match="label_flip needs at least 2"):
+        poison_head(Head(("a",), head.weight[:1], head.bias[:1]), Attack("label_flip"), 0)
+    with pytest.raises(FedtinaError, match="unknown attack kind 'nope'.*mislabeled"):
+        poison_head(head, Attack("nope"), 0)
 
 
 def test_mislabel_moves_a_share_of_labels_to_the_next_class(run_dir):
-    from clients.client_app import _mislabel
+    from fedtina.federation.attacks import mislabel
 
     data = _client(run_dir, 0)
     before = data.train_y.copy()
-    mis = _mislabel(data, 0.5, 7)
-    moved = mis.train_y != data.train_y
+    mis = mislabel(data.train_y, data.k, 0.5, 7)
+    moved = mis != data.train_y
     assert moved.sum() == round(0.5 * len(before))
-    np.testing.assert_array_equal(mis.train_y[moved], (before[moved] + 1) % data.k)
+    np.testing.assert_array_equal(mis[moved], (before[moved] + 1) % data.k)
     np.testing.assert_array_equal(data.train_y, before)  # the cached client data is untouched
-    np.testing.assert_array_equal(_mislabel(data, 0.5, 7).train_y, mis.train_y)  # seeded by the client id
-    assert not np.array_equal(_mislabel(data, 0.5, 8).train_y, mis.train_y)
-    np.testing.assert_array_equal(_mislabel(data, 0.0, 7).train_y, before)
-    with pytest.raises(ValueError, match="mislabel_share"):
-        _mislabel(data, 1.5, 7)
+    np.testing.assert_array_equal(mislabel(data.train_y, data.k, 0.5, 7), mis)  # seeded by the client id
+    assert not np.array_equal(mislabel(data.train_y, data.k, 0.5, 8), mis)
+    np.testing.assert_array_equal(mislabel(data.train_y, data.k, 0.0, 7), before)
+    with pytest.raises(FedtinaError, match="mislabel share"):
+        mislabel(data.train_y, data.k, 1.5, 7)
 
 
 def test_check_head_refuses_a_label_flip_of_seen_classes(run_dir):
     """One pair of rows swapped under the same names: with the mean-accuracy check out of the way (max_acc_drop=1)
     the per-class check refuses it and names the pair; a bias that only shifts a class prior is no swap."""
-    from clients.client_app import _poison, flip_pair
+    from fedtina.federation.attacks import Attack, flip_pair, poison_head
 
     _, _, part, _, means = run_dir
     spec = next(c for c in part.clients if not c.has_unseen)
     x, y = _all_test_images(run_dir, spec)
     good = _rows_head(means, spec)
     norm = float(np.linalg.norm(means[:9], axis=1).mean())
-    flipped = _poison(good, "label_flip", spec.client_id)
+    flipped = poison_head(good, Attack("label_flip"), spec.client_id)
     res = _check(flipped, spec, x, y, good, norm, max_acc_drop=1.0)
     a, b = (spec.class_names[i] for i in flip_pair(spec.k, spec.client_id))
     assert not res.accepted and res.class_drop > 0.9, res
@@ -592,6 +592,24 @@ def test_check_head_refuses_a_label_flip_of_seen_classes(run_dir):
     assert res.accepted and res.class_drop == 0.0, res
     # too few held-out images per class: the per-class check does not apply
     assert _check(flipped, spec, x, y, good, norm, max_acc_drop=1.0, min_class_images=13).accepted
+
+
+@pytest.mark.parametrize("kind", ["nan", "huge", "shape", "label_flip", "permute", "sign_flip", "random",
+                                  "targeted", "scale"])
+def test_the_gate_on_each_attack_kind(run_dir, kind):
+    """Every attack of the bench's table against the gate, with enough held-out images: refused, except scaling
+    (x0.1, x3), which keeps every prediction and so passes (its damage is nil: tests/test_attacks.py)."""
+    from fedtina.federation.attacks import Attack, poison_head
+
+    _, _, part, _, means = run_dir
+    norm = float(np.linalg.norm(means[:9], axis=1).mean())
+    for spec in part.clients:
+        x, y = _all_test_images(run_dir, spec)
+        good = _rows_head(means, spec)
+        assert _check(good, spec, x, y, good, norm).accepted
+        for factor in ((0.1, 3.0) if kind == "scale" else (3.0,)):
+            res = _check(poison_head(good, Attack(kind, factor=factor), spec.client_id), spec, x, y, good, norm)
+            assert res.accepted == (kind == "scale"), (kind, factor, spec.client_id, res)
 
 
 def test_check_head_refuses_a_label_flip_where_selection_is_weak(run_dir):
@@ -625,7 +643,7 @@ def test_check_head_accepts_honest_finetuned_and_refuses_mislabeled_heads(run_di
     """Every client's honest upload (the sent head, noisy, fine-tuned on its own data as tina_ft does) passes the
     default gate; a head fit to fully shifted labels (mislabel share 1, a fixed recipe: with `select` a client may
     keep the received head, which is no harm) is refused."""
-    from clients.client_app import _mislabel
+    from fedtina.federation.attacks import mislabel
 
     _, _, part, _, means = run_dir
     ft = HeadTrainConfig(steps=30, lr=0.05, l2_to_init=1e-3, select=True)
@@ -642,7 +660,7 @@ def test_check_head_accepts_honest_finetuned_and_refuses_mislabeled_heads(run_di
                             HeadCheckConfig(), sent=sent)
         assert honest.accepted and honest.reason == "ok" and honest.class_drop is not None, (spec.client_id, honest)
         fit = HeadTrainConfig(steps=100, lr=0.1, l2_to_init=0.0)
-        mislabeled = finetune_local(sent, _mislabel(data, 1.0, spec.client_id), fit)
+        mislabeled = finetune_local(sent, replace(data, train_y=mislabel(data.train_y, data.k, 1.0, spec.client_id)), fit)
         res = check_head(mislabeled, spec.class_names, DIM, selection, x, y, norm, HeadCheckConfig(), sent=sent)
         assert not res.accepted and ("swapped" in res.reason or "accuracy" in res.reason), (spec.client_id, res)
 
@@ -654,11 +672,15 @@ def test_simulate_yaml_matches_the_gate_and_fault_defaults():
 
     from omegaconf import OmegaConf
 
+    from fedtina.federation.aggregation import AggregationConfig
+    from fedtina.federation.privacy import PrivacyConfig
     from fedtina.federation.runtime import Faults
 
     yaml = OmegaConf.to_container(OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "simulate.yaml"))
     assert yaml["checks"] == asdict(HeadCheckConfig())
     assert yaml["faults"] == asdict(Faults())
+    assert yaml["aggregation"] == asdict(AggregationConfig())
+    assert yaml["privacy"] == asdict(PrivacyConfig())
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -170,8 +170,12 @@ def read_names_file(path: str | Path) -> dict[str, str]:
     path = Path(path)
     if not path.is_file():
         raise FedtinaError(f"names file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise FedtinaError(f"names file {path} is not UTF-8 text ({err})") from None
     names: dict[str, str] = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         parts = line.split("\t")

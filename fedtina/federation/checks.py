@@ -53,6 +53,16 @@ def head_nbytes(head: Head) -> int:
     return int(np.asarray(head.weight).nbytes + np.asarray(head.bias).nbytes + names)
 
 
+def plausible_row_norm(entries, generic_weight: np.ndarray) -> float:
+    """The row norm of a plausible head, for `max_row_norm_ratio`: the mean row norm of the zoo's heads (fine-tuned
+    heads have rows several times longer than the generic head's: measured 6x-9x on shapes, so the generic scale
+    would refuse the zoo itself); the generic head's mean row norm while the zoo is empty."""
+    rows = [np.linalg.norm(np.asarray(e.params["head.weight"], np.float32), axis=1) for e in entries]
+    if rows:
+        return float(np.concatenate(rows).mean())
+    return float(np.linalg.norm(np.asarray(generic_weight), axis=1).mean())
+
+
 def server_val_data(features: np.ndarray, labels: np.ndarray, server_val_idx: np.ndarray,
                     class_ids: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """The server's held-out images of `class_ids`: (features float32 [n, d], labels = positions in `class_ids`)."""

@@ -91,8 +91,11 @@ def load_client_data(features_path: str, partition_path: str, client_id: int) ->
 @lru_cache(maxsize=64)
 def _load_client_data(features_path: str, partition_path: str, client_id: int, _f_mtime: int,
                       _p_mtime: int) -> ClientData:
-    spec = client_spec(partition_path, client_id)
-    feats = _mmap(str(features_path))
+    return client_data(client_spec(partition_path, client_id), _mmap(str(features_path)))
+
+
+def client_data(spec: ClientSpec, feats: np.ndarray) -> ClientData:
+    """A client's ClientData from its spec and the features of every image."""
     return ClientData(spec.class_ids, spec.class_names,
                       _rows(feats, spec.train_idx).astype(np.float32, copy=False),
                       to_positions(spec.train_labels, spec.class_ids),

@@ -153,7 +153,8 @@ class Federation:
         FedAvg's messages carry no `round`: Flower adds `server-round` itself."""
         s = self.spec
         cfg: dict = {"features": s.features_path, "partition": s.partition_path, "method": method,
-                     "device": s.client_device, **asdict(s.faults)}
+                     "device": s.client_device, **asdict(s.faults),
+                     "upload_clip": float(s.privacy.upload_clip), "upload_noise": float(s.privacy.upload_noise)}
         if rnd is not None:
             cfg["round"] = int(rnd)
         if s.images_path:

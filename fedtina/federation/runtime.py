@@ -21,7 +21,9 @@ import numpy as np
 
 from fedtina.config import HeadTrainConfig, from_dict
 from fedtina.errors import FedtinaError
+from fedtina.federation.aggregation import AggregationConfig
 from fedtina.federation.grid import StopFlag
+from fedtina.federation.privacy import PrivacyConfig
 from fedtina.heads import Head
 from fedtina.io import atomic_write
 
@@ -33,8 +35,12 @@ class Faults:
     """Fault injection for tests (client ids = partition ids). Crashes hit the work handlers, not `describe`."""
 
     crash_clients: list[int] = field(default_factory=list)          # raise in evaluate/train handlers
-    poison_clients: list[int] = field(default_factory=list)         # train.finetune uploads a bad head
-    poison_kind: str = "nan"                                        # nan | huge | shape | label_flip | mislabeled
+    poison_clients: list[int] = field(default_factory=list)         # training replies poisoned (attack_mod)
+    poison_kind: str = "nan"                                        # fedtina/federation/attacks.py HEAD_ATTACKS;
+                                                                    # updates: sign_flip | scale | random
+    poison_factor: float = 3.0                                      # scale / sign_flip multiplier, random's norm
+    poison_target: int = 0                                          # targeted: position of the attacked class
+    poison_collude: bool = False                                    # every attacker shares one seed (random)
     mislabel_share: float = 0.5                                     # mislabeled: share of training labels moved
     unknown_class_clients: list[int] = field(default_factory=list)  # describe adds a class the dataset lacks
     slow_clients: list[int] = field(default_factory=list)           # sleep slow_s in work handlers (timeouts)
@@ -59,6 +65,8 @@ class RunSpec:
     loggers: list[str] = field(default_factory=list)   # per-round metrics: tensorboard, wandb (federation/loggers.py)
     head_ft: HeadTrainConfig = field(default_factory=lambda: HeadTrainConfig(steps=30))
     checks: dict[str, Any] = field(default_factory=dict)   # HeadCheckConfig fields
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)   # FedAvg-family server rule
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)   # clipping + noise of uploads and updates
     faults: Faults = field(default_factory=Faults)
     timeout_s: float = 120.0        # every send_and_receive
     node_wait_s: float = 120.0      # how long to wait for all nodes to register
@@ -99,6 +107,8 @@ class RunSpec:
         data["options"] = dict(data.get("options") or {})
         data["head_ft"] = from_dict(HeadTrainConfig, data.get("head_ft"))
         data["faults"] = from_dict(Faults, data.get("faults"))
+        data["aggregation"] = from_dict(AggregationConfig, data.get("aggregation"))
+        data["privacy"] = from_dict(PrivacyConfig, data.get("privacy"))
         return cls(**data)
 
     def save(self) -> Path:

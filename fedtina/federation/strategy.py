@@ -13,8 +13,10 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from flwr.app import ArrayRecord, Message
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg
 
+from fedtina.errors import FedtinaError
+from fedtina.federation import aggregation
 from fedtina.federation.profiling import PhaseTimer
 
 if TYPE_CHECKING:
@@ -108,15 +110,27 @@ def start(fed: "Federation", method: str, base: type, arrays: ArrayRecord, *, tr
           evaluate_type: str, train_config: dict, evaluate_config: dict | None = None, record_results: bool = True,
           **kwargs):
     """Run strategy `base` for `spec.rounds` rounds on the old clients (sampling `fraction_train` of them per
-    round, all of them evaluated every round); returns Flower's Result."""
+    round, all of them evaluated every round), aggregating by the run's `aggregation` rule and, with
+    `privacy.fedavg_clip`, inside Flower's client-side fixed-clipping DP wrapper; returns Flower's Result."""
     random.seed(0)   # Flower samples the round's clients with `random.sample` over the (ordered) old nodes
     nodes = fed.old
     n = len(nodes)
     m = max(1, int(round(fed.spec.fraction_train * n)))
-    strategy = recorded(base)(fed, method, train_type=train_type, evaluate_type=evaluate_type,
-                              record_results=record_results, fraction_train=fed.spec.fraction_train,
-                              fraction_evaluate=1.0, min_train_nodes=m, min_evaluate_nodes=n,
-                              min_available_nodes=n, **kwargs)
+    rule, privacy = fed.spec.aggregation, fed.spec.privacy
+    aggregation.check(rule, m)
+    if privacy.fedavg and issubclass(base, BodyOnly):
+        raise FedtinaError(f"privacy.fedavg_clip: {method}'s clients send back the body only, and Flower's "
+                           f"fixedclipping_mod needs every array it sent; use it with fedavg, fedavg_full, fedprox, "
+                           f"ditto or fedrod")
+    strategy = recorded(aggregation.with_rule(base, rule))(
+        fed, method, train_type=train_type, evaluate_type=evaluate_type, record_results=record_results,
+        fraction_train=fed.spec.fraction_train, fraction_evaluate=1.0, min_train_nodes=m, min_evaluate_nodes=n,
+        min_available_nodes=n, **kwargs)
+    aggregation.configure(strategy, rule, m)
+    if privacy.fedavg:
+        strategy = DifferentialPrivacyClientSideFixedClipping(strategy, noise_multiplier=privacy.fedavg_noise,
+                                                              clipping_norm=privacy.fedavg_clip,
+                                                              num_sampled_clients=m)
     return strategy.start(fed.subgrid(nodes), arrays, num_rounds=fed.spec.rounds, timeout=fed.spec.timeout_s,
                           train_config=fed.config(method, None, **train_config),
                           evaluate_config=fed.config(method, None, **(evaluate_config or {})))

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from flwr.app import Message
 
 from fedtina.errors import FedtinaError
-from fedtina.federation.checks import HeadCheckConfig, check_head
+from fedtina.federation.checks import HeadCheckConfig, check_head, plausible_row_norm
 from fedtina.federation.federation import Federation, Progress, _mean_std
 from fedtina.federation.grid import PROGRESS_MIN
 from fedtina.federation.profiling import PhaseTimer
@@ -48,15 +48,11 @@ def refresh_tina(fed: Federation, zoo, rnd: int) -> str:
     restarts from). Returns the cohort file's path."""
     from fedtina.tina import train as tina_train
 
-    opts, tina = fed.options("tina", TinaOptions), fed.tina
-    # one thread: the cores are shared with the ClientApp actors, and one-thread CPU training is bit-reproducible,
-    # so a resumed run refreshes exactly as an uninterrupted one
-    cfg = replace(tina.cfg, train_steps=int(opts.refresh_steps), cpu_threads=1,
-                  warmup_steps=min(int(tina.cfg.warmup_steps), max(1, opts.refresh_steps // 5)))
+    opts = fed.options("tina", TinaOptions)
     with PhaseTimer() as t:
         entries = zoo.entries()
-        new = tina_train.train_tina(entries, tina.encoder, cfg, log=None, init=tina, shots=fed.assets.shots,
-                                    descriptions=fed.assets.descriptions)
+        new = tina_train.refresh(fed.tina, entries, opts.refresh_steps, shots=fed.assets.shots,
+                                 descriptions=fed.assets.descriptions)
         cohort_path = Path(fed.spec.tina_path).with_name(f"tina-c{rnd}.safetensors")
         for path in (cohort_path, Path(fed.spec.tina_path)):
             tina_train.save_checkpoint(path, new)   # temp file + os.replace
@@ -65,16 +61,6 @@ def refresh_tina(fed: Federation, zoo, rnd: int) -> str:
     fed.progress("tina", rnd, fed.spec.rounds, f"Tina refreshed on {len(entries)} zoo heads "
                  f"({opts.refresh_steps} steps, {t.wall_s:.1f} s)")
     return str(cohort_path)
-
-
-def row_norm_scale(fed: Federation, zoo) -> float:
-    """The row norm of a plausible head, for the gate's `max_row_norm_ratio`: the mean row norm of the zoo's heads
-    (fine-tuned heads have rows several times longer than the generic head's: measured 6x-9x on shapes, so the
-    generic scale would refuse the zoo itself); the generic head's mean row norm while the zoo is empty."""
-    rows = [np.linalg.norm(np.asarray(e.params["head.weight"], np.float32), axis=1) for e in zoo.entries()]
-    if rows:
-        return float(np.concatenate(rows).mean())
-    return float(np.linalg.norm(np.asarray(fed.assets.bank.generic_weight), axis=1).mean())
 
 
 def check_uploads(fed: Federation, ok: dict[int, Message], rnd: int, norm_scale: float,
@@ -130,7 +116,8 @@ def run_tina(fed: Federation, prog: Progress) -> None:
         fed.tina = load_checkpoint(prog.tina_checkpoint, fed.assets.encoder)
     with ZooStore(Path(fed.spec.zoo_dir)) as zoo:
         if prog.tina_norm_scale is None:  # fixed for the run: the gate does not drift with what it admits
-            prog.tina_norm_scale, prog.tina_zoo_size = row_norm_scale(fed, zoo), len(zoo)
+            prog.tina_norm_scale = plausible_row_norm(zoo.entries(), fed.assets.bank.generic_weight)
+            prog.tina_zoo_size = len(zoo)
             fed.checkpoint(prog)
         _tina_rounds(fed, zoo, prog)
 

@@ -313,6 +313,18 @@ def train_tina(entries: Sequence[Any], encoder: Any, cfg: TinaConfig, log: Calla
                        shots=shots, descriptions=descriptions).fit()
 
 
+def refresh(tina: TinaGenerator, entries: Sequence[Any], steps: int, shots: Mapping[str, np.ndarray] | None = None,
+            descriptions: Mapping[str, str] | None = None, seed: int | None = None) -> TinaGenerator:
+    """A federation's Tina refresh: `steps` more training steps on the grown zoo, warm-started from `tina` (its
+    weights and normalisation), warm-up shortened to the refresh. One thread: the cores are shared with the clients,
+    and one-thread CPU training is bit-reproducible (a resumed run refreshes exactly as an uninterrupted one).
+    `seed` (default: Tina's own) draws the refresh's batches and noise."""
+    cfg = dataclasses.replace(tina.cfg, train_steps=int(steps), cpu_threads=1,
+                              warmup_steps=min(int(tina.cfg.warmup_steps), max(1, int(steps) // 5)),
+                              seed=tina.cfg.seed if seed is None else int(seed))
+    return train_tina(entries, tina.encoder, cfg, log=None, init=tina, shots=shots, descriptions=descriptions)
+
+
 # -------------------------------------------------------------------- checkpoints
 def save_checkpoint(path: str | Path, generator: TinaGenerator) -> Path:
     """One safetensors file: ``model.*`` (EMA weights) + ``layout.*`` (statistics); config JSON in the metadata.
