@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedtina.config import CoreConfig, HeadTrainConfig, from_dict
+from fedtina.config import HeadTrainConfig, core_config, from_dict
 from fedtina.federation.attacks import Attack, check_attack, flip_pair, mislabel, poison_head, targeted_pair
 from fedtina.federation.checks import HeadCheckConfig
 from fedtina.federation.partition import PartitionConfig
@@ -189,7 +189,6 @@ def format_table(result: dict) -> str:
 
 def main_from_dict(cfg: dict, out_dir: Path) -> dict:
     from fedtina.assets import build_assets
-    from fedtina.simulate import CORE_KEYS
     from fedtina.validate import validate_simulate_config
 
     validate_simulate_config(cfg)
@@ -197,7 +196,7 @@ def main_from_dict(cfg: dict, out_dir: Path) -> dict:
         row = from_dict(AttackRow, r)
         check_attack(Attack(row.kind, share=row.mislabel))
     t0 = time.perf_counter()
-    core = from_dict(CoreConfig, {k: cfg[k] for k in CORE_KEYS if k in cfg})
+    core = core_config(cfg)
     assets = build_assets(core, log=log.info)
     result = {"dataset": core.dataset.name, "refresh_steps": int(cfg["refresh_steps"]),
               "seeds": [run_seed(assets, cfg, int(s)) for s in cfg["seeds"]]}

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedtina.config import CoreConfig, HeadTrainConfig, from_dict
+from fedtina.config import HeadTrainConfig, core_config, from_dict
 from fedtina.federation.checks import HeadCheckConfig
 from fedtina.federation.partition import PartitionConfig
 from fedtina.federation.privacy import PrivacyConfig, clip_and_noise, fedavg_epsilon, upload_epsilon
@@ -149,10 +149,12 @@ def plot(path: Path, result: dict) -> Path:
                label="Tina, uploads not private")
     ax.axhline(fa["points"][0]["new_acc"], ls="--", c="C1", lw=1, label="FedAvg, not private")
     ax.axhline(np.mean([s["before_refresh"] for s in seeds]), ls=":", c="k", lw=1, label="Tina before any refresh")
-    for x, p in zip(xs, seeds[0]["points"][1:]):
-        ax.annotate(f"eps {p['epsilon']:.1f}", (x, acc[xs.index(x)][0]), fontsize=7, xytext=(3, 4),
-                    textcoords="offset points")
-    ax.set_xlabel("noise multiplier (std / clip)")
+    admitted = _agg(seeds, "accepted")[1:]
+    for j, (x, p) in enumerate(zip(xs, seeds[0]["points"][1:])):
+        ax.annotate(f"eps {p['epsilon']:.1f}, {admitted[j][0]:.0%} admitted", (x, acc[j][0]), fontsize=7,
+                    xytext=(3, 4), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("noise multiplier (std / clip); error bars: std over seeds")
     ax.set_ylabel("later clients' accuracy")
     ax.set_title(f"private uploads ({result['dataset']})", fontsize=10)
     ax.legend(fontsize=7)
@@ -165,7 +167,6 @@ def plot(path: Path, result: dict) -> Path:
 def main_from_dict(cfg: dict, out_dir: Path) -> dict:
     from fedtina.assets import build_assets
     from fedtina.errors import FedtinaError
-    from fedtina.simulate import CORE_KEYS
     from fedtina.validate import validate_simulate_config
 
     base = {k: v for k, v in cfg.items() if k not in ("noise", "seeds", "refresh_steps")}
@@ -174,7 +175,7 @@ def main_from_dict(cfg: dict, out_dir: Path) -> dict:
     if not noise or any(x < 0 for x in noise):
         raise FedtinaError(f"noise={cfg['noise']}: need a list of noise multipliers >= 0")
     t0 = time.perf_counter()
-    assets = build_assets(from_dict(CoreConfig, {k: base[k] for k in CORE_KEYS if k in base}), log=log.info)
+    assets = build_assets(core_config(base), log=log.info)
     result = {"dataset": assets.dataset.name, "delta": float(cfg["privacy"]["delta"]),
               "uploads": [uploads_seed(assets, cfg, int(s), noise) for s in cfg["seeds"]],
               "fedavg": fedavg_sweep(assets, base, out_dir, noise)}

@@ -4,8 +4,8 @@
 
 One Flower simulation (Ray) per (attack, share, rule), FedAvg of the global head only (method.names=[fedavg]),
 on the same clients and seed: attackers, a share of the old clients drawn once per share, send a bad update every
-round (faults.poison_*, fedtina/federation/attacks.py: sign_flip x3, and colluding random updates of 10x the honest
-step's norm); the honest old clients and the new clients score the final head. Each rule is told the number of
+round (faults.poison_*, fedtina/federation/attacks.py: sign_flip x10, and colluding random updates of 100x the
+honest step's norm); the honest old clients and the new clients score the final head. Each rule is told the number of
 attackers: f for Krum, MultiKrum and Bulyan (Bulyan needs 4f + 3 updates: with fewer, the largest f it accepts, said
 in the table), a trimmed share beta = f / m (at least 0.1) for the trimmed mean.
 """
@@ -40,15 +40,21 @@ def run_cell(base: dict, out_dir: Path, assets, **changes) -> object:
     return outcome
 
 
-def honest_scores(outcome, method: str, bad: set[int]) -> dict[str, list[float]]:
-    """The last round's accuracy of every honest old client and every new client."""
+def client_accs(outcome, method: str) -> dict[str, dict[int, float]]:
+    """The last round's accuracy per client: {"old": {client id: acc}, "new": {...}}."""
     last: dict[int, object] = {}
     for r in outcome.results:
         if r.method == method and r.status == "ok" and r.acc is not None:
             if r.client_id not in last or r.round >= last[r.client_id].round:
                 last[r.client_id] = r
-    return {"old": [r.acc for c, r in last.items() if not r.is_new and c not in bad],
-            "new": [r.acc for r in last.values() if r.is_new]}
+    return {"old": {c: r.acc for c, r in last.items() if not r.is_new},
+            "new": {c: r.acc for c, r in last.items() if r.is_new}}
+
+
+def honest_scores(outcome, method: str, bad: set[int]) -> dict[str, list[float]]:
+    """The last round's accuracy of every honest old client and every new client."""
+    accs = client_accs(outcome, method)
+    return {"old": [a for c, a in accs["old"].items() if c not in bad], "new": list(accs["new"].values())}
 
 
 def rule_settings(rule: str, f: int, m: int) -> tuple[dict, str]:
@@ -66,11 +72,10 @@ def rule_settings(rule: str, f: int, m: int) -> tuple[dict, str]:
 
 def main_from_dict(cfg: dict, out_dir: Path) -> dict:
     from fedtina.assets import build_assets
-    from fedtina.config import CoreConfig, from_dict
+    from fedtina.config import core_config, from_dict
     from fedtina.federation.aggregation import RULES
     from fedtina.federation.attacks import UPDATE_ATTACKS
     from fedtina.federation.partition import PartitionConfig, new_clients
-    from fedtina.simulate import CORE_KEYS
     from fedtina.validate import validate_simulate_config
 
     base = {k: v for k, v in cfg.items() if k not in ("shares", "rules", "attacks")}
@@ -84,7 +89,7 @@ def main_from_dict(cfg: dict, out_dir: Path) -> dict:
             raise FedtinaError(f"attacks: kind {a.get('kind')!r} is not an update attack; valid: "
                                f"{', '.join(UPDATE_ATTACKS)}")
     t0 = time.perf_counter()
-    assets = build_assets(from_dict(CoreConfig, {k: base[k] for k in CORE_KEYS if k in base}), log=log.info)
+    assets = build_assets(core_config(base), log=log.info)
     n = int(base["clients"])
     part = from_dict(PartitionConfig, base["partition"])
     n_new = new_clients(part, n)
@@ -92,12 +97,13 @@ def main_from_dict(cfg: dict, out_dir: Path) -> dict:
     old = [i for i in range(n) if i not in is_new]
     m = max(1, int(round(float(base.get("fraction_train", 1.0)) * len(old))))
     cells = []
-    clean = {}
+    clean = None   # FedAvg without attackers, per client: the baseline of every row, on that row's honest clients
     for rule in cfg["rules"]:
         agg, note = rule_settings(rule, 0, m)
         out = run_cell(base, out_dir / f"clean-{rule}", assets, aggregation=agg)
-        clean[rule] = honest_scores(out, "fedavg", set())
-        cells.append({"attack": "none", "share": 0.0, "rule": rule, "note": note, **_stats(clean[rule])})
+        clean = clean or client_accs(out, "fedavg")
+        cells.append({"attack": "none", "share": 0.0, "rule": rule, "note": note, "bad": [],
+                      **_stats(honest_scores(out, "fedavg", set()))})
         log.info("[robust] no attack, %s: %s", rule, _fmt(cells[-1]))
     for attack in cfg["attacks"]:
         label = f"{'colluding ' if attack.get('collude') else ''}{attack['kind']} x{attack.get('factor', 3.0):g}"
@@ -111,11 +117,12 @@ def main_from_dict(cfg: dict, out_dir: Path) -> dict:
                 agg, note = rule_settings(rule, len(bad), m)
                 out = run_cell(base, out_dir / f"{attack['kind']}-{share:g}-{rule}", assets, aggregation=agg,
                                faults=faults)
-                cells.append({"attack": label, "share": float(share), "rule": rule, "note": note,
+                cells.append({"attack": label, "share": float(share), "rule": rule, "note": note, "bad": bad,
                               **_stats(honest_scores(out, "fedavg", set(bad)))})
                 log.info("[robust] %s, %.0f%% attackers, %s: %s", label, 100 * share, rule, _fmt(cells[-1]))
     result = {"clients": n, "old": len(old), "new": n_new, "updates_per_round": m, "rounds": int(base["rounds"]),
-              "cells": cells, "seconds": time.perf_counter() - t0}
+              "clean": {k: {str(c): a for c, a in v.items()} for k, v in clean.items()}, "cells": cells,
+              "seconds": time.perf_counter() - t0}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "robust.json").write_text(json.dumps(result, indent=2))
     table = format_table(result, list(cfg["rules"]))
@@ -144,15 +151,20 @@ def _fmt(cell: dict) -> str:
 def format_table(result: dict, rules: list[str]) -> str:
     lines = [f"# poisoned FedAvg: {result['clients']} clients ({result['old']} train, {result['new']} new), "
              f"{result['rounds']} rounds of {result['updates_per_round']} updates; honest old clients' accuracy "
-             f"(mean ± std over clients) / new clients' mean",
-             "| attack | attackers | " + " | ".join(rules) + " |", "|---|---|" + "---|" * len(rules)]
+             f"(mean ± std over clients) / new clients' mean; `no attack`: plain FedAvg without attackers on the "
+             f"same honest clients",
+             "| attack | attackers | no attack | " + " | ".join(rules) + " |", "|---|---|---|" + "---|" * len(rules)]
+    clean = result["clean"]
     keys = []
     for c in result["cells"]:
         if (c["attack"], c["share"]) not in keys:
             keys.append((c["attack"], c["share"]))
     for attack, share in keys:
         row = {c["rule"]: c for c in result["cells"] if c["attack"] == attack and c["share"] == share}
-        vals = [f"{row[r]['old_mean']:.3f} ± {row[r]['old_std']:.3f} / {row[r]['new_mean']:.3f}"
+        bad = {str(b) for b in next(iter(row.values()))["bad"]}
+        old = [a for c, a in clean["old"].items() if c not in bad]
+        base = f"{np.mean(old):.3f} ± {np.std(old):.3f} / {np.mean(list(clean['new'].values())):.3f}"
+        vals = [base] + [f"{row[r]['old_mean']:.3f} ± {row[r]['old_std']:.3f} / {row[r]['new_mean']:.3f}"
                 + (f" ({row[r]['note']})" if row[r]["note"] else "") if r in row else "n/a" for r in rules]
         lines.append(f"| {attack} | {share:.0%} | " + " | ".join(vals) + " |")
     return "\n".join(lines)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedtina.config import CoreConfig, HeadTrainConfig, from_dict
+from fedtina.config import HeadTrainConfig, core_config, from_dict
 from fedtina.errors import FedtinaError
 from fedtina.federation import client_ops
 from fedtina.federation.checks import HeadCheckConfig
@@ -199,17 +199,29 @@ def summarize(result: dict) -> dict:
                  and lo <= p["uploads"] <= hi]
             if v:
                 by_bin.setdefault(label, {})[m] = (float(np.mean(v)), float(np.std(v)), len(v))
+    # the same (probe, class) pairs against themselves before any upload: what the uploads added, class difficulty
+    # taken out (the row bank and FedAvg start as selection, retrained Tina as Tina)
+    start = {(p["probe"], p["class"], p["method"]): p["recall"] for p in pairs if p["cohort"] == 0}
+    gain: dict[str, dict[str, tuple[float, float, int]]] = {}
+    for lo, hi in BINS:
+        label = bin_label(lo, hi)
+        for m in methods:
+            ref = "tina" if m == "tina_retrained" else m
+            v = [p["recall"] - start[(p["probe"], p["class"], ref)] for p in pairs
+                 if p["method"] == m and p["cohort"] > 0 and p["class"] not in withheld and lo <= p["uploads"] <= hi]
+            if v:
+                gain.setdefault(label, {})[m] = (float(np.mean(v)), float(np.std(v)), len(v))
     near_rows = {}
     for t in sorted({p["cohort"] for p in pairs}):
         for m in methods:
             v = [p["recall"] for p in pairs if p["method"] == m and p["cohort"] == t and p["class"] in near]
             if v:
                 near_rows.setdefault(t, {})[m] = (float(np.mean(v)), float(np.std(v)), len(v))
-    return {"methods": methods, "by_bin": by_bin, "near": near_rows}
+    return {"methods": methods, "by_bin": by_bin, "gain": gain, "near": near_rows}
 
 
 def _cell(v) -> str:
-    return f"{100 * v[0]:.1f} ± {100 * v[1]:.1f} ({v[2]})" if v else "-"
+    return f"{100 * v[0]:+.1f} ± {100 * v[1]:.1f} ({v[2]})".lstrip("+") if v else "-"
 
 
 def format_table(result: dict, summary: dict) -> str:
@@ -219,6 +231,10 @@ def format_table(result: dict, summary: dict) -> str:
              f"tasks, mean ± std (pairs)",
              "| uploads containing the class | " + " | ".join(ms) + " |", "|---|" + "---|" * len(ms)]
     for label, row in summary["by_bin"].items():
+        lines.append(f"| {label} | " + " | ".join(_cell(row.get(m)) for m in ms) + " |")
+    lines += ["", "the same pairs' change since cohort 0 (before any upload), by the uploads holding the class then:",
+              "| uploads containing the class | " + " | ".join(ms) + " |", "|---|" + "---|" * len(ms)]
+    for label, row in summary["gain"].items():
         lines.append(f"| {label} | " + " | ".join(_cell(row.get(m)) for m in ms) + " |")
     lines += ["", f"withheld unseen classes with near names ({len(result['near'])} of {len(result['withheld'])}; "
               f"never uploaded), per cohort:", "| cohort | " + " | ".join(ms) + " |", "|---|" + "---|" * len(ms)]
@@ -238,17 +254,20 @@ def plot(path: Path, result: dict, summary: dict) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = list(summary["by_bin"])
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for m in summary["methods"]:
-        xs = [i for i, lab in enumerate(labels) if m in summary["by_bin"][lab]]
-        ys = [100 * summary["by_bin"][labels[i]][m][0] for i in xs]
-        ax.plot(xs, ys, marker="o", ls="" if m == "tina_retrained" else "-", label=m)
-    ax.set_xticks(range(len(labels)), labels)
-    ax.set_xlabel("accepted uploads that contained the class")
-    ax.set_ylabel("probes' recall of the unseen class (%)")
-    ax.set_title(f"what an upload is worth ({result['dataset']})", fontsize=10)
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, ylabel in ((axes[0], "by_bin", "probes' recall of the unseen class (%)"),
+                            (axes[1], "gain", "change since before any upload (%, same pairs)")):
+        labels = list(summary[key])
+        for m in summary["methods"]:
+            xs = [i for i, lab in enumerate(labels) if m in summary[key][lab]]
+            ys = [100 * summary[key][labels[i]][m][0] for i in xs]
+            ax.plot(xs, ys, marker="o", ls="" if m == "tina_retrained" else "-", label=m)
+        ax.set_xticks(range(len(labels)), labels)
+        ax.set_xlabel("accepted uploads that contained the class")
+        ax.set_ylabel(ylabel)
+    axes[0].set_title(f"what an upload is worth ({result['dataset']})", fontsize=10)
+    axes[1].set_title("the same (probe, class) pairs against themselves at cohort 0", fontsize=10)
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -257,7 +276,6 @@ def plot(path: Path, result: dict, summary: dict) -> Path:
 
 def main_from_dict(cfg: dict, out_dir: Path) -> dict:
     from fedtina.assets import build_assets
-    from fedtina.simulate import CORE_KEYS
     from fedtina.validate import validate_simulate_config
 
     base = {k: v for k, v in cfg.items() if k not in ("cohorts", "withheld_share", "steps_per_head", "retrain_at",
@@ -267,7 +285,7 @@ def main_from_dict(cfg: dict, out_dir: Path) -> dict:
         raise FedtinaError(f"cohorts={cfg['cohorts']} withheld_share={cfg['withheld_share']}: need cohorts >= 1 "
                            f"and withheld_share in [0, 1)")
     t0 = time.perf_counter()
-    assets = build_assets(from_dict(CoreConfig, {k: base[k] for k in CORE_KEYS if k in base}), log=log.info)
+    assets = build_assets(core_config(base), log=log.info)
     result = run(assets, cfg)
     summary = summarize(result)
     result["seconds"] = time.perf_counter() - t0

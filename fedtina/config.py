@@ -144,6 +144,12 @@ class CoreConfig:
         return resolve_cache_dir(self.cache_dir)
 
 
+def core_config(cfg: dict[str, Any]) -> CoreConfig:
+    """The CoreConfig inside a larger resolved config (simulate's, a bench's): its sections, the rest ignored."""
+    names = {f.name for f in dataclasses.fields(CoreConfig)}
+    return from_dict(CoreConfig, {k: v for k, v in cfg.items() if k in names})
+
+
 def resolve_cache_dir(cache_dir: str | None) -> Path:
     path = Path(cache_dir or os.environ.get("FEDTINA_CACHE") or Path.home() / ".cache" / "fedtina").expanduser()
     path.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,8 @@ _IN_PROCESS = ("assets", "outcome", "stop", "finished", "concurrency", "resume")
 
 @dataclass
 class Faults:
-    """Fault injection for tests (client ids = partition ids). Crashes hit the work handlers, not `describe`."""
+    """Fault injection for tests and attack experiments (client ids = partition ids). Crashes hit the work handlers,
+    not `describe`; poisoned clients' training replies are replaced by fedtina.federation.mods.attack_mod."""
 
     crash_clients: list[int] = field(default_factory=list)          # raise in evaluate/train handlers
     poison_clients: list[int] = field(default_factory=list)         # training replies poisoned (attack_mod)
