@@ -31,7 +31,7 @@ from fedtina.heads import accuracy
 from fedtina.uploads import Upload, World, finetune, gate, make_world, probe, refreshed, serve
 
 log = logging.getLogger("fedtina.bench_attacks")
-MALFORMED = ("nan", "huge", "shape")   # cannot be trained on: only the gate's verdict is measured
+MALFORMED = ("nan", "huge", "shape")   # only the gate's verdict: a NaN or misshapen head cannot enter a zoo at all
 
 
 @dataclasses.dataclass

@@ -65,7 +65,7 @@ def rule_settings(rule: str, f: int, m: int) -> tuple[dict, str]:
         cap = max(0, (m - 3) // 4)
     else:
         cap = f
-    note = f"f={cap} (its most)" if cap < f else ""
+    note = f"f={cap}: its most" if cap < f else ""
     return {"name": rule, "num_malicious": min(f, cap), "beta": max(0.1, min(0.45, f / max(m, 1))),
             "select": 0}, note
 
