@@ -8,10 +8,10 @@ message's `config` ConfigRecord, and cached per actor process by client_ops. Per
 `Context.state`. Every reply carries a `prof` ConfigRecord (wall, CPU, peak memory) next to its payload; strategy
 replies keep exactly one ArrayRecord and one MetricRecord.
 
-Fault injection (tests), from the message config: client ids in `crash_clients` (work handlers raise),
-`poison_clients` (its training replies are poisoned, `poison_kind` from fedtina/federation/attacks.py, by
-`attack_mod`; the client's own score is that of its honest model), `unknown_class_clients` (describe adds a class the dataset lacks) and `slow_clients` (work
-handlers sleep `slow_s`, to hit the timeout).
+Fault injection (tests, attack experiments), from the message config: client ids in `crash_clients` (work handlers
+raise), `poison_clients` (their training replies are poisoned by `attack_mod`, `poison_kind` from
+fedtina/federation/attacks.py; the client's own score is that of its honest model), `unknown_class_clients`
+(describe adds a class the dataset lacks) and `slow_clients` (work handlers sleep `slow_s`, to hit the timeout).
 """
 
 from __future__ import annotations

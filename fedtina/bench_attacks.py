@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from fedtina.config import HeadTrainConfig, core_config, from_dict
+from fedtina.federation import client_ops
 from fedtina.federation.attacks import Attack, check_attack, flip_pair, mislabel, poison_head, targeted_pair
 from fedtina.federation.checks import HeadCheckConfig
 from fedtina.federation.partition import PartitionConfig
@@ -89,8 +90,6 @@ def play(world: World, row: AttackRow, share: float, sent, honest, ft: HeadTrain
     for i in bad_ids:
         data = world.data[i]
         if row.kind == "mislabeled":
-            from fedtina.federation import client_ops
-
             wrong = dataclasses.replace(data, train_y=mislabel(data.train_y, data.k, row.mislabel, i))
             head = client_ops.finetune_local(sent[i], wrong, ft, device="cpu")
         else:

@@ -14,7 +14,9 @@ against the number of accepted uploads that contained the class so far. On the s
 * selection: the nearest-name generic rows (fixed; the floor);
 * row bank: per class name, the mean of the uploaded rows for it (selection's row for a class never uploaded);
 * FedAvg: the global head, one round per cohort over the same contributors (method.fedavg's local epochs);
-* Tina retrained from scratch on the grown zoo (`retrain_at`: after those cohorts; tina.train_steps steps).
+* Tina retrained from scratch on the grown zoo (`retrain_at`: after those cohorts; tina.train_steps steps);
+* local_ft: selection's head fine-tuned on the probe's own labelled images (head_ft), fixed: labels the zero-shot
+  rows never see, the ceiling above them.
 
 Writes uploads.json, uploads.md and uploads.png into the run dir.
 """
@@ -39,7 +41,7 @@ from fedtina.uploads import Upload, World, finetune, gate, make_world, serve, zo
 
 log = logging.getLogger("fedtina.bench_uploads")
 BINS = [(0, 0), (1, 1), (2, 2), (3, 5), (6, 10), (11, 20), (21, 10**9)]   # uploads containing the class
-METHODS = ("tina", "row_bank", "fedavg", "selection")
+METHODS = ("tina", "row_bank", "fedavg", "selection", "local_ft")
 
 
 def bin_label(lo: int, hi: int) -> str:
@@ -141,10 +143,12 @@ def run(assets, cfg: dict) -> dict:
     fedavg = FedAvgHead(world, int(fopts.get("epochs", 5)), float(fopts.get("lr", 0.1)),
                         int(fopts.get("batch_size", 32)))
     selection = {p: world.selection(world.data[p].class_names) for p in world.probes}
+    local_ft = finetune(world, selection, ft)
     tina, bank, accepted, accepted_at, pairs, costs = assets.tina, RowBank(), [], [], [], []
     heads = {"tina": serve(tina, world, world.probes), "row_bank": {p: bank.head(world.data[p].class_names, s)
                                                                     for p, s in selection.items()},
-             "fedavg": {p: fedavg.head(world.data[p]) for p in world.probes}, "selection": selection}
+             "fedavg": {p: fedavg.head(world.data[p]) for p in world.probes}, "selection": selection,
+             "local_ft": local_ft}
     measure(world, heads, bank, set(unseen), 0, pairs)
     for t, ids in enumerate(cohorts, start=1):
         t0 = time.perf_counter()
@@ -165,7 +169,8 @@ def run(assets, cfg: dict) -> dict:
         refresh_s = time.perf_counter() - t1
         heads = {"tina": serve(tina, world, world.probes),
                  "row_bank": {p: bank.head(world.data[p].class_names, s) for p, s in selection.items()},
-                 "fedavg": {p: fedavg.head(world.data[p]) for p in world.probes}, "selection": selection}
+                 "fedavg": {p: fedavg.head(world.data[p]) for p in world.probes}, "selection": selection,
+                 "local_ft": local_ft}
         cost = {"cohort": t, "contributors": len(ids), "accepted": len(ok), "zoo": len(assets.zoo) + len(accepted),
                 "refresh_steps": steps, "refresh_s": refresh_s}
         if t in [int(x) for x in cfg["retrain_at"]]:

@@ -85,7 +85,7 @@ def serve(tina, world: World, ids: Iterable[int], seed: int = 0) -> dict[int, He
 
 
 def finetune(world: World, sent: dict[int, Head], cfg: HeadTrainConfig) -> dict[int, Head]:
-    """Each contributor's honest upload: the sent head fine-tuned on its labelled images."""
+    """Each client's head fine-tuned on its labelled images (a contributor's honest upload)."""
     return {i: client_ops.finetune_local(h, world.data[i], cfg, device="cpu") for i, h in sent.items()}
 
 

@@ -64,4 +64,4 @@ def test_two_cohorts_on_the_tiny_assets(tiny):
     sel = [p["recall"] for p in pairs if p["method"] == "selection"]
     assert sel == [p["recall"] for p in pairs if p["method"] == "selection" and p["cohort"] == 0] * 3  # fixed floor
     s = summarize(result)
-    assert set(s["methods"]) == {"tina", "row_bank", "fedavg", "selection"} and "0" in s["by_bin"]
+    assert set(s["methods"]) == {"tina", "row_bank", "fedavg", "selection", "local_ft"} and "0" in s["by_bin"]
