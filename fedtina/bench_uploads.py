@@ -15,8 +15,8 @@ against the number of accepted uploads that contained the class so far. On the s
 * row bank: per class name, the mean of the uploaded rows for it (selection's row for a class never uploaded);
 * FedAvg: the global head, one round per cohort over the same contributors (method.fedavg's local epochs);
 * Tina retrained from scratch on the grown zoo (`retrain_at`: after those cohorts; tina.train_steps steps);
-* local_ft: selection's head fine-tuned on the probe's own labelled images (head_ft), fixed: labels the zero-shot
-  rows never see, the ceiling above them.
+* local_ft: selection's head fine-tuned on the probe's own labelled images (head_ft), fixed: what the probe's own
+  labels give it, which no zero-shot row uses.
 
 Writes uploads.json, uploads.md and uploads.png into the run dir.
 """
