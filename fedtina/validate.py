@@ -4,7 +4,7 @@ in a second with one FedtinaError line that names the key, the value and what is
     validate_core_config(cfg)               dataset, protocol, backbone, encoder, zoo, tina (every entry point)
     validate_generate_config(cfg)           + generate's seed
     validate_simulate_config(cfg)           + clients, rounds, timeouts, method, partition, head_ft, checks, faults,
-                                              resources
+                                              aggregation, privacy, resources
     validate_partition(cfg, dataset, split) the partition and zoo task sizes against the loaded dataset and split,
                                               before the backbone trains
 
