@@ -41,8 +41,8 @@ class AttackRow:
 
     kind: str
     share: float | None = None     # None: the bench's `share`
-    factor: float = 3.0
-    mislabel: float = 0.5
+    factor: float = Attack.factor
+    mislabel: float = Attack.share
     collude: bool = False          # colluders upload one targeted head for one label set
 
     @property

@@ -12,7 +12,7 @@ import numpy as np
 from flwr.app import Context, Message
 
 from fedtina.federation.attacks import UPDATE_ATTACKS, Attack, poison_head, poison_update
-from fedtina.federation.runtime import arrays_record, head_record, record_arrays, record_head
+from fedtina.federation.runtime import Faults, arrays_record, head_record, record_arrays, record_head
 
 
 def _is_train(msg: Message) -> bool:
@@ -24,9 +24,13 @@ def _cid(ctx: Context) -> int:
 
 
 def attack_from_config(cfg) -> Attack:
-    return Attack(kind=str(cfg.get("poison_kind", "nan")), factor=float(cfg.get("poison_factor", 3.0)),
-                  share=float(cfg.get("mislabel_share", 0.5)), target=int(cfg.get("poison_target", 0)),
-                  collude=bool(cfg.get("poison_collude", False)))
+    """The Attack a message's config (the run's Faults) describes; a key it lacks takes Faults' default."""
+    d = Faults()
+    return Attack(kind=str(cfg.get("poison_kind", d.poison_kind)),
+                  factor=float(cfg.get("poison_factor", d.poison_factor)),
+                  share=float(cfg.get("mislabel_share", d.mislabel_share)),
+                  target=int(cfg.get("poison_target", d.poison_target)),
+                  collude=bool(cfg.get("poison_collude", d.poison_collude)))
 
 
 def attack_mod(msg: Message, ctx: Context, call_next) -> Message:
@@ -52,16 +56,18 @@ def attack_mod(msg: Message, ctx: Context, call_next) -> Message:
 def upload_privacy_mod(msg: Message, ctx: Context, call_next) -> Message:
     """With `upload_clip` > 0: the uploaded head's difference from the received one clipped and noised. The noise is
     seeded by (client, round) so that a simulation replays; a deployment would draw it from the OS."""
-    from fedtina.federation.privacy import clip_and_noise
+    from fedtina.federation.privacy import PrivacyConfig, clip_and_noise
 
     reply = call_next(msg, ctx)
     cfg = msg.content["config"] if "config" in msg.content else None
-    if cfg is None or reply.has_error() or "head" not in reply.content or float(cfg.get("upload_clip", 0.0)) <= 0:
+    d = PrivacyConfig()
+    clip = float(cfg.get("upload_clip", d.upload_clip)) if cfg is not None else 0.0
+    if clip <= 0 or reply.has_error() or "head" not in reply.content:
         return reply
     names = cfg["class_names"]
     rng = np.random.default_rng([_cid(ctx), int(cfg.get("round", 0)), 7])
     private = clip_and_noise(record_head(msg.content["head"], names), record_head(reply.content["head"], names),
-                             float(cfg["upload_clip"]), float(cfg.get("upload_noise", 0.0)), rng)
+                             clip, float(cfg.get("upload_noise", d.upload_noise)), rng)
     reply.content["head"] = head_record(private)
     return reply
 

@@ -22,6 +22,7 @@ import numpy as np
 from fedtina.config import HeadTrainConfig, from_dict
 from fedtina.errors import FedtinaError
 from fedtina.federation.aggregation import AggregationConfig
+from fedtina.federation.attacks import Attack
 from fedtina.federation.grid import StopFlag
 from fedtina.federation.privacy import PrivacyConfig
 from fedtina.heads import Head
@@ -39,10 +40,10 @@ class Faults:
     poison_clients: list[int] = field(default_factory=list)         # training replies poisoned (attack_mod)
     poison_kind: str = "nan"                                        # fedtina/federation/attacks.py HEAD_ATTACKS;
                                                                     # updates: sign_flip | scale | random
-    poison_factor: float = 3.0                                      # scale / sign_flip multiplier, random's norm
-    poison_target: int = 0                                          # targeted: position of the attacked class
-    poison_collude: bool = False                                    # every attacker shares one seed (random)
-    mislabel_share: float = 0.5                                     # mislabeled: share of training labels moved
+    poison_factor: float = Attack.factor                            # scale / sign_flip multiplier, random's norm
+    poison_target: int = Attack.target                              # targeted: position of the attacked class
+    poison_collude: bool = Attack.collude                           # every attacker shares one seed (random)
+    mislabel_share: float = Attack.share                            # mislabeled: share of training labels moved
     unknown_class_clients: list[int] = field(default_factory=list)  # describe adds a class the dataset lacks
     slow_clients: list[int] = field(default_factory=list)           # sleep slow_s in work handlers (timeouts)
     slow_s: float = 0.0
