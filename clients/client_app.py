@@ -49,11 +49,15 @@ def _setup(msg: Message, ctx: Context, work: bool = True) -> tuple[ConfigRecord,
     return cfg, cid
 
 
+def _prof(cfg: ConfigRecord, cid: int, phase: str, t: PhaseTimer, acc: float | None = None,
+          detail: str = "") -> ConfigRecord:
+    rnd = int(cfg.get("round", cfg.get("server-round", 0)))
+    return ConfigRecord(to_config(t.record(str(cfg.get("method", "")), rnd, cid, phase, acc=acc, detail=detail)))
+
+
 def _reply(msg: Message, cfg: ConfigRecord, cid: int, phase: str, t: PhaseTimer, records: dict,
            acc: float | None = None, detail: str = "") -> Message:
-    rnd = int(cfg.get("round", cfg.get("server-round", 0)))
-    prof = t.record(str(cfg.get("method", "")), rnd, cid, phase, acc=acc, detail=detail)
-    return Message(RecordDict({**records, "prof": ConfigRecord(to_config(prof))}), reply_to=msg)
+    return Message(RecordDict({**records, "prof": _prof(cfg, cid, phase, t, acc, detail)}), reply_to=msg)
 
 
 def _metrics(acc: float, n: int) -> MetricRecord:
@@ -92,16 +96,23 @@ def evaluate_head(msg: Message, ctx: Context) -> Message:
 
 @app.train("finetune")
 def finetune(msg: Message, ctx: Context) -> Message:
-    """Fine-tune the received head on the client's training images; reply its accuracy and (if asked) the head."""
+    """Fine-tune the received head on the client's training images; reply its accuracy and (if asked) the head.
+    With `evaluate_received`, first the received head's accuracy (`received`, profiled as its own evaluate phase)."""
     cfg, cid = _setup(msg, ctx)
+    records: dict = {}
+    received = record_head(msg.content["head"], cfg["class_names"])
+    if bool(cfg.get("evaluate_received", False)):   # one message instead of evaluate.head + train.finetune
+        with PhaseTimer() as t_eval:
+            res = client_ops.evaluate_head(received, _data(cfg, cid))
+        records["received"] = _metrics(res["acc"], res["num-examples"])
+        records["prof_received"] = _prof(cfg, cid, "evaluate", t_eval, res["acc"])
     with PhaseTimer() as t:
         data = _data(cfg, cid)
         ft = HeadTrainConfig(steps=int(cfg["steps"]), lr=float(cfg["lr"]), l2_to_init=float(cfg["l2_to_init"]),
                              weight_decay=float(cfg["weight_decay"]), select=bool(cfg.get("select", False)))
-        received = record_head(msg.content["head"], cfg["class_names"])
         tuned = client_ops.finetune_local(received, data, ft)
         res = client_ops.evaluate_head(tuned, data)
-    records: dict = {"metrics": _metrics(res["acc"], res["num-examples"])}
+    records["metrics"] = _metrics(res["acc"], res["num-examples"])
     if bool(cfg.get("upload", False)) and len(data.train_y):   # without labels it has nothing to teach the zoo
         if cid in list(cfg.get("poison_clients", [])) and str(cfg.get("poison_kind")) == "mislabeled":
             # a second fine-tune, outside the timer: the fault's cost is not the client's (the other attacks are

@@ -13,6 +13,8 @@ against the number of accepted uploads that contained the class so far. On the s
 
 * selection: the nearest-name generic rows (fixed; the floor);
 * row bank: per class name, the mean of the uploaded rows for it (selection's row for a class never uploaded);
+* tina_bank: the same row bank over Tina's head (Tina's row for a class never uploaded): generation for what no
+  upload holds, the uploads' own rows for what they do;
 * FedAvg: the global head, one round per cohort over the same contributors (method.fedavg's local epochs);
 * Tina retrained from scratch on the grown zoo (`retrain_at`: after those cohorts; tina.train_steps steps);
 * local_ft: selection's head fine-tuned on the probe's own labelled images (head_ft), fixed: what the probe's own
@@ -41,7 +43,7 @@ from fedtina.uploads import Upload, World, finetune, gate, make_world, serve, zo
 
 log = logging.getLogger("fedtina.bench_uploads")
 BINS = [(0, 0), (1, 1), (2, 2), (3, 5), (6, 10), (11, 20), (21, 10**9)]   # uploads containing the class
-METHODS = ("tina", "row_bank", "fedavg", "selection", "local_ft")
+METHODS = ("tina", "tina_bank", "row_bank", "fedavg", "selection", "local_ft")
 
 
 def bin_label(lo: int, hi: int) -> str:
@@ -123,6 +125,17 @@ def measure(world: World, heads: dict[str, dict[int, Head]], bank: RowBank, unse
                                   "uploads": bank.count(name)})
 
 
+def _heads(generated: dict[int, Head], bank: RowBank, selection: dict[int, Head], fedavg: FedAvgHead,
+           local_ft: dict[int, Head], world: World) -> dict[str, dict[int, Head]]:
+    """Every method's head per probe at one measurement; `tina_bank` is the row bank over Tina's head (Tina's row
+    where no upload held the class) instead of over selection's."""
+    names = {p: world.data[p].class_names for p in world.probes}
+    return {"tina": generated, "tina_bank": {p: bank.head(names[p], h) for p, h in generated.items()},
+            "row_bank": {p: bank.head(names[p], s) for p, s in selection.items()},
+            "fedavg": {p: fedavg.head(world.data[p]) for p in world.probes}, "selection": selection,
+            "local_ft": local_ft}
+
+
 def run(assets, cfg: dict) -> dict:
     from fedtina.tina.train import refresh, train_tina
 
@@ -145,10 +158,7 @@ def run(assets, cfg: dict) -> dict:
     selection = {p: world.selection(world.data[p].class_names) for p in world.probes}
     local_ft = finetune(world, selection, ft)
     tina, bank, accepted, accepted_at, pairs, costs = assets.tina, RowBank(), [], [], [], []
-    heads = {"tina": serve(tina, world, world.probes), "row_bank": {p: bank.head(world.data[p].class_names, s)
-                                                                    for p, s in selection.items()},
-             "fedavg": {p: fedavg.head(world.data[p]) for p in world.probes}, "selection": selection,
-             "local_ft": local_ft}
+    heads = _heads(serve(tina, world, world.probes), bank, selection, fedavg, local_ft, world)
     measure(world, heads, bank, set(unseen), 0, pairs)
     for t, ids in enumerate(cohorts, start=1):
         t0 = time.perf_counter()
@@ -167,10 +177,7 @@ def run(assets, cfg: dict) -> dict:
         tina = refresh(tina, list(assets.zoo.entries()) + zoo_entries(accepted), steps, shots=assets.shots,
                        descriptions=assets.descriptions)
         refresh_s = time.perf_counter() - t1
-        heads = {"tina": serve(tina, world, world.probes),
-                 "row_bank": {p: bank.head(world.data[p].class_names, s) for p, s in selection.items()},
-                 "fedavg": {p: fedavg.head(world.data[p]) for p in world.probes}, "selection": selection,
-                 "local_ft": local_ft}
+        heads = _heads(serve(tina, world, world.probes), bank, selection, fedavg, local_ft, world)
         cost = {"cohort": t, "contributors": len(ids), "accepted": len(ok), "zoo": len(assets.zoo) + len(accepted),
                 "refresh_steps": steps, "refresh_s": refresh_s}
         if t in [int(x) for x in cfg["retrain_at"]]:

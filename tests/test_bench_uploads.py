@@ -63,5 +63,8 @@ def test_two_cohorts_on_the_tiny_assets(tiny):
         assert p["uploads"] == sum(p["class"] in a["names"] for a in result["accepted"] if a["cohort"] <= p["cohort"])
     sel = [p["recall"] for p in pairs if p["method"] == "selection"]
     assert sel == [p["recall"] for p in pairs if p["method"] == "selection" and p["cohort"] == 0] * 3  # fixed floor
+    def at(m, t):
+        return [p["recall"] for p in pairs if p["method"] == m and p["cohort"] == t]
+    assert at("tina_bank", 0) == at("tina", 0) and at("tina_bank", 2) != at("tina", 2)   # Tina's head + the uploads
     s = summarize(result)
-    assert set(s["methods"]) == {"tina", "row_bank", "fedavg", "selection", "local_ft"} and "0" in s["by_bin"]
+    assert set(s["methods"]) == {"tina", "tina_bank", "row_bank", "fedavg", "selection", "local_ft"} and "0" in s["by_bin"]

@@ -833,3 +833,27 @@ def test_client_rows_say_whether_the_upload_was_accepted(tmp_path):
     doc = json.loads((tmp_path / "summary.json").read_text())
     assert [(r["upload"], r["upload_detail"]) for r in doc["clients"]] == [("", ""), ("refused", why),
                                                                           ("accepted", "ok")]
+
+
+def test_pair_aucs_equal_the_pairwise_definition_ties_included():
+    """The vectorised per-class AUCs of the gate against the definition, pair by pair (integer logits: many ties)."""
+    from fedtina.federation.checks import pair_aucs
+
+    rng = np.random.default_rng(4)
+    for k in (2, 3, 7):
+        y = rng.integers(0, k, 10 * k)
+        x = rng.integers(-2, 3, (len(y), 6)).astype(np.float32)
+        head = Head(tuple(f"c{i}" for i in range(k)), rng.integers(-1, 2, (k, 6)).astype(np.float32),
+                    np.zeros(k, np.float32))
+        checked = np.bincount(y, minlength=k) >= 4
+        checked[0] = False                                    # an unchecked class: its row and column stay NaN
+        z = x @ head.weight.T
+        want = np.full((k, k), np.nan)
+        for a in range(k):
+            for b in range(a + 1, k):
+                if checked[a] and checked[b]:
+                    da, db = z[y == a, a] - z[y == a, b], z[y == b, a] - z[y == b, b]
+                    want[a, b] = np.mean([(p > q) + 0.5 * (p == q) for p in da for q in db])
+        got = pair_aucs(head, x, y, checked)
+        np.testing.assert_allclose(got, want, equal_nan=True)
+        assert np.isnan(got[0]).all() and np.isfinite(got[1:, 1:][np.triu(np.ones((k - 1, k - 1)), 1) > 0]).all()

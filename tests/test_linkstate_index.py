@@ -88,3 +88,35 @@ def test_a_sweep_over_every_node_is_linear_in_the_nodes():
         assert sum(len(get(state, node_id=n, limit=1)) for n in nodes) == 200
         checked[name] = count[0]
     assert checked == {"original": 200 * 201 // 2, "indexed": 200}
+
+
+def test_the_extractor_sweep_enqueues_what_flowers_does_asking_only_nodes_with_messages():
+    """One pass of Flower's extractor asks every node for its next message, in node order; fedtina's asks only the
+    nodes the index holds messages for. Same messages, same order, pass after pass."""
+    import queue
+    import random
+
+    linkstate_index.install()
+    original = linkstate_index._ORIGINAL["get_message_ins"]
+    passes = {}
+    for name in ("original", "indexed"):
+        state, grid, nodes = _state(50)
+        busy = random.Random(3).sample(nodes, 12)      # pushed out of node order, two messages each
+        _push(grid, busy, per_node=2)
+        order = {n: i for i, n in enumerate(nodes)}
+        got, asked = [], []
+        for _ in range(3):
+            q: queue.Queue = queue.Queue()
+            if name == "original":
+                for n in nodes:
+                    for m in original(state, node_id=n, limit=1):
+                        q.put(m)
+                asked.append(len(nodes))
+            else:
+                asked.append(linkstate_index.sweep(state, q, order))
+            got.append(_tags(list(q.queue)))
+        passes[name] = got
+        if name == "indexed":
+            assert asked == [12, 12, 0]
+    assert passes["original"] == passes["indexed"]
+    assert [len(p) for p in passes["indexed"]] == [12, 12, 0]

@@ -271,5 +271,29 @@ def test_the_launcher_finds_the_apps_as_flwr_run_does():
     components = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["flwr"]["app"][
         "components"]
     assert launch.APPS == components
-    assert isinstance(launch._load_app(launch.APPS["serverapp"]), ServerApp)
-    assert isinstance(launch._load_app(launch.APPS["clientapp"]), ClientApp)
+    assert isinstance(launch.load_app(launch.APPS["serverapp"]), ServerApp)
+    assert isinstance(launch.load_app(launch.APPS["clientapp"]), ClientApp)
+
+
+def test_the_clientapp_goes_to_the_actors_by_name():
+    """What Flower's Ray backend pickles with every message: its own loader carries the ClientApp by value (its
+    handler closures included); app_by_name's is a module function and a string, and loads the same app."""
+    from functools import partial
+
+    from ray import cloudpickle
+
+    from fedtina.federation import app_by_name, launch
+
+    app = launch.load_app(launch.APPS["clientapp"])
+
+    def flowers_loader():   # what flwr 1.42's start_vce hands the backend: a closure over the ClientApp object
+        return app
+
+    ours = partial(app_by_name.load_app, launch.APPS["clientapp"])
+    by_value, by_name = cloudpickle.dumps(flowers_loader), cloudpickle.dumps(ours)
+    assert len(by_name) * 20 < len(by_value), (len(by_name), len(by_value))
+    assert cloudpickle.loads(by_name)() is app
+    app_by_name.install(launch.APPS["clientapp"])
+    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+
+    assert RayBackend.build is not app_by_name._ORIGINAL["build"]

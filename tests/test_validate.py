@@ -220,6 +220,8 @@ def test_a_missing_mandatory_value_is_named(base):
     (("tina.prompt_sentences=0.5", "dataset.descriptions=null"), r"^tina.prompt_sentences > 0 .* dataset.descriptions"),
     (("tina.prompt_sentences=1.5",), r"^tina.prompt_sentences=1.5 .*\[0, 1\]"),
     (("resume=5",), r"^resume=5 is invalid"),
+    (("method.tina.sample_steps=2000",), r"^method.tina.sample_steps=2000 exceeds the 1000 diffusion steps"),
+    (("method.tina.sample_steps=-1",), r"^method.tina.sample_steps=-1"),
 ])
 def test_cross_key_rules(overrides, match):
     with pytest.raises(FedtinaError, match=match):

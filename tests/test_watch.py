@@ -52,3 +52,20 @@ def test_tensorboard_scalars_per_round(tmp_path):
 def test_unknown_logger_is_named(tmp_path):
     with pytest.raises(FedtinaError, match=r"loggers: 'mlflow' is not a logger; valid: \['tensorboard', 'wandb'\]"):
         RunLoggers(["mlflow"], tmp_path)
+
+
+def test_wandb_logs_offline_per_round(tmp_path, monkeypatch):
+    """Where wandb is installed: an offline run under the run dir, its history the scalars by round."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    lg = RunLoggers(["wandb"], tmp_path, {"methods": ["tina"]})
+    lg.scalars(1, {"tina/old_acc_mean": 0.8})
+    lg.scalars(2, {"tina/old_acc_mean": 0.9})
+    run_dir = lg._wandb.dir
+    lg.close()
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and str(runs[0]) in run_dir
+    (log,) = runs[0].glob("*.wandb")                    # what `wandb sync` uploads later
+    data = log.read_bytes()                             # protobuf records: keys and JSON values stored verbatim
+    first, second = data.find(b"old_acc_mean\x82\x01\x030.8"), data.find(b"old_acc_mean\x82\x01\x030.9")
+    assert 0 <= first < second and b"round" in data

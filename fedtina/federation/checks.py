@@ -74,15 +74,21 @@ def server_val_data(features: np.ndarray, labels: np.ndarray, server_val_idx: np
 
 def pair_aucs(head: Head, x: np.ndarray, y: np.ndarray, checked: np.ndarray) -> np.ndarray:
     """[k, k] matrix, upper triangle: for classes a < b (positions; both `checked`), the AUC with which the logit
-    difference z_a - z_b ranks a's images above b's (ties count half); NaN elsewhere."""
+    difference z_a - z_b ranks a's images above b's (ties count half); NaN elsewhere. One vectorised pass per class
+    a (the server checks every upload: at 100,000 clients a loop over pairs cost ~9 ms a head)."""
     k = len(head.class_names)
     z = x @ np.asarray(head.weight, dtype=np.float32).T + np.asarray(head.bias, dtype=np.float32)
+    onehot = (y[:, None] == np.arange(k)).astype(np.float32)                     # [n, k]
+    counts = onehot.sum(axis=0)
     out = np.full((k, k), np.nan)
     for a in np.flatnonzero(checked):
-        for b in np.flatnonzero(checked):
-            if b > a:
-                d_a, d_b = z[y == a, a] - z[y == a, b], z[y == b, a] - z[y == b, b]
-                out[a, b] = np.mean((d_a[:, None] > d_b) + 0.5 * (d_a[:, None] == d_b))
+        later = np.flatnonzero(checked & (np.arange(k) > a))
+        if not len(later):
+            continue
+        d = z[:, a : a + 1] - z[:, later]                    # [n, m]: z_a - z_b for every image and later b
+        mine, theirs = d[y == a], onehot[:, later]            # a's images; who is b's
+        wins = (mine[:, None, :] > d[None]) + 0.5 * (mine[:, None, :] == d[None])   # [n_a, n, m]
+        out[a, later] = np.einsum("ijm,jm->m", wins, theirs) / (len(mine) * counts[later])
     return out
 
 

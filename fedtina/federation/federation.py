@@ -269,10 +269,12 @@ class Federation:
 
     def collect(self, replies: dict[int, Message | None], method: str, rnd: int, phase: str, *,
                 fail: Iterable[str] = (), sent_down: dict[int, int] | None = None, up_key: str | None = None,
-                into: list[PhaseRecord] | None = None) -> dict[int, Message]:
+                into: list[PhaseRecord] | None = None, received_as: str | None = None) -> dict[int, Message]:
         """Good replies by node. A missing reply (timeout) or an error reply gives a `failed` phase record and a
         `failed` ClientResult for each method in `fail`. Client profiles get the server-measured bytes:
-        `bytes_recv` = arrays sent down to the client, `bytes_sent` = arrays it uploaded (`up_key`)."""
+        `bytes_recv` = arrays sent down to the client, `bytes_sent` = arrays it uploaded (`up_key`). A reply that
+        also evaluated what it received (`prof_received`) gets that evaluate phase filed under `received_as`; both
+        phases show the bytes that came down (each method's row says what it needed sent)."""
         into = self.out.records if into is None else into
         ok: dict[int, Message] = {}
         for node, rep in replies.items():
@@ -291,6 +293,9 @@ class Federation:
                     self.result(m, cid, rnd, status=status, detail=f"{phase}: {detail}")
                 continue
             up = rep.content[up_key].count_bytes() if up_key and up_key in rep.content.array_records else 0
+            if received_as and "prof_received" in rep.content.config_records:
+                prof = from_config(dict(rep.content["prof_received"]))
+                into.append(replace(prof, method=received_as, round=rnd, phase="evaluate", bytes_recv=down))
             if "prof" in rep.content.config_records:
                 prof = from_config(dict(rep.content["prof"]))
                 into.append(replace(prof, method=method, round=rnd, phase=phase, bytes_recv=down, bytes_sent=up))
@@ -412,7 +417,7 @@ class Federation:
     # ---------------------------------------------------------------- evaluate / fine-tune given heads
     def send(self, message_type: str, records: dict[int, dict], method: str, rnd: int, phase: str, *,
              fail: Iterable[str] = (), up_key: str | None = None, per_node: dict[int, dict] | None = None,
-             **extra) -> dict[int, Message]:
+             received_as: str | None = None, **extra) -> dict[int, Message]:
         """One message per node (`records[node]` plus the config, with `extra` and `per_node[node]`); good replies
         by node. Profiles are filed under `method`, failures as `failed` results of the methods in `fail`; the
         ArrayRecords sent count as the client's bytes received, its `up_key` ArrayRecord as bytes sent."""
@@ -422,19 +427,23 @@ class Federation:
             cfg = self.config(method, rnd, **extra, **(per_node or {}).get(node, {}))
             contents[node] = RecordDict({**recs, "config": cfg})
         replies = self.exchange(message_type, contents, f"{method}:{rnd}:{phase}")
-        return self.collect(replies, method, rnd, phase, fail=fail, sent_down=down, up_key=up_key)
+        return self.collect(replies, method, rnd, phase, fail=fail, sent_down=down, up_key=up_key,
+                            received_as=received_as)
 
     def send_heads(self, kind: str, heads: dict[int, Head], method: str, rnd: int, *, fail: Iterable[str] = (),
-                   **extra) -> dict[int, Message]:
-        """`evaluate.head` or `train.finetune` with one head per node (see `send`)."""
+                   received_as: str | None = None, **extra) -> dict[int, Message]:
+        """`evaluate.head` or `train.finetune` with one head per node (see `send`); with `received_as`, the
+        fine-tune first evaluates the received head (its accuracy in the reply's `received`)."""
         mtype = {"evaluate": "evaluate.head", "finetune": "train.finetune"}[kind]
+        if received_as:
+            extra["evaluate_received"] = True
         return self.send(mtype, {n: {"head": head_record(h)} for n, h in heads.items()}, method, rnd, kind,
-                         fail=fail, up_key="head",
+                         fail=fail, up_key="head", received_as=received_as,
                          per_node={n: {"class_names": list(h.class_names)} for n, h in heads.items()}, **extra)
 
-    def score(self, replies: dict[int, Message], method: str, rnd: int) -> None:
+    def score(self, replies: dict[int, Message], method: str, rnd: int, key: str = "metrics") -> None:
         for node, rep in replies.items():
-            m = rep.content["metrics"]
+            m = rep.content[key]
             self.result(method, self.client_id(node, rep), rnd, float(m["acc"]), int(m["num-examples"]))
 
     def finetune_config(self, upload: bool) -> dict:

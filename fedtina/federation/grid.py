@@ -18,6 +18,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any, Callable, Iterable
 
 from fedtina.errors import FedtinaError
@@ -104,8 +105,10 @@ class GuardedGrid:
         self.stop.check()
         ids = list(self._grid.push_messages(msgs))
         node_of = dict(zip(ids, (m.metadata.dst_node_id for m in msgs)))
-        holds = dict.fromkeys(ids, True)    # still queued or running on an actor
-        started: dict[str, float] = {}
+        # Kept so that a poll costs the front of the queue, not the whole batch (100,000 messages at a time):
+        queued = dict.fromkeys([*self._stale, *ids])   # no reply yet, in the engine's order (timed-out ones too)
+        started: dict[str, float] = {}   # when each message got an actor
+        running: dict[str, float] = {}   # started, no Delivery yet
         out: dict[str, Delivery] = {}
         pushed_at = last_event = last_full = time.monotonic()
         # Asking the state for replies costs per asked id, so each poll asks only the front of the queue (where
@@ -119,43 +122,39 @@ class GuardedGrid:
         try:
             while True:
                 n_out = len(out)
-                pending = [*self._stale, *(i for i in ids if holds[i])]
                 if time.monotonic() - last_full >= FULL_PULL_S:
-                    ask, last_full = pending, time.monotonic()
+                    ask, last_full = list(queued), time.monotonic()
                 else:
-                    ask = pending[:window]
+                    ask = list(islice(queued, window))
                 for rep in self._grid.pull_messages(ask) if ask else ():
                     mid = rep.metadata.reply_to_message_id
-                    if mid in holds:
-                        holds[mid] = False
-                        if mid not in out:      # else the late reply of a timed-out message: its actor is free now
+                    if queued.pop(mid, False) is None:
+                        if mid in node_of and mid not in out:   # else the late reply of a timed-out message
                             out[mid] = Delivery("ok", rep, time.monotonic() - started.get(mid, pushed_at))
-                    elif mid in self._stale:
-                        self._stale.remove(mid)
-                    last_event = time.monotonic()
+                            running.pop(mid, None)
+                        last_event = time.monotonic()
                 now = time.monotonic()
-                queue = [*self._stale, *(i for i in ids if holds[i])]
-                p = self.concurrency() or len(queue)
-                for mid in queue[:p]:
-                    if mid in holds and mid not in started:
-                        started[mid] = last_event = now
-                for mid, t0 in started.items():
-                    if mid not in out and now - t0 > timeout:
-                        out[mid] = Delivery("timed_out", None, timeout)
-                        last_event = now   # the queue behind it now waits for timed-out work: give it `timeout`
+                p = self.concurrency() or len(queued)
+                for mid in islice(queued, p):
+                    if mid in node_of and mid not in started:
+                        started[mid] = running[mid] = last_event = now
+                for mid in [m for m, t0 in running.items() if now - t0 > timeout]:
+                    out[mid] = Delivery("timed_out", None, timeout)
+                    del running[mid]
+                    last_event = now   # the queue behind it now waits for timed-out work: give it `timeout`
                 meter.update(len(out) - n_out)
-                waiting = [i for i in ids if i not in out]
-                if not waiting:
+                if len(out) == len(ids):
                     break
-                if not any(i in started for i in waiting) and now - last_event > timeout:
-                    for mid in waiting:
-                        out[mid] = Delivery("not_started", None, now - pushed_at)
+                if not running and now - last_event > timeout:
+                    for mid in ids:
+                        if mid not in out:
+                            out[mid] = Delivery("not_started", None, now - pushed_at)
                     break
                 if self.stop.wait(poll_s):
-                    self._stale += [i for i in ids if holds[i]]
+                    self._stale = list(queued)
                     self.stop.check()
         finally:
             meter.close()
-        self._stale += [i for i in ids if holds[i]]   # they keep their actors busy: later work queues behind them
+        self._stale = list(queued)   # no reply yet: they keep their actors busy, later work queues behind them
         self.last = {node_of[i]: d for i, d in out.items()}
         return self.last

@@ -9,7 +9,6 @@ already loaded. If a future Flower removes it, only this module changes (the app
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import os
 import signal
@@ -17,7 +16,8 @@ import threading
 from typing import Any, Iterator
 
 from fedtina.errors import FedtinaError
-from fedtina.federation import linkstate_index, reaper
+from fedtina.federation import app_by_name, linkstate_index, reaper
+from fedtina.federation.app_by_name import load_app
 from fedtina.federation.grid import StopFlag
 from fedtina.federation.runtime import RunSpec, set_run_spec
 
@@ -179,11 +179,6 @@ def _hurry(spec: RunSpec, engine_done: threading.Event, grace_s: float = 3.0) ->
 APPS = {"serverapp": "server.server_app:app", "clientapp": "clients.client_app:app"}
 
 
-def _load_app(ref: str) -> Any:
-    module, attr = ref.split(":")
-    return getattr(importlib.import_module(module), attr)
-
-
 def run(spec: RunSpec, backend: dict[str, Any], verbose: bool = False) -> Any:
     """Run the ServerApp and `spec.n_clients` ClientApps (Ray actors) to completion; returns `spec.outcome`
     (filled by the ServerApp, also when it was stopped: then `outcome.interrupted` says why). A ServerApp
@@ -200,7 +195,8 @@ def run(spec: RunSpec, backend: dict[str, Any], verbose: bool = False) -> Any:
     from flwr.simulation import run_simulation  # deprecated in 1.42, see the module docstring
 
     linkstate_index.install()
-    server_app, client_app = (_load_app(APPS[k]) for k in ("serverapp", "clientapp"))
+    app_by_name.install(APPS["clientapp"])
+    server_app, client_app = (load_app(APPS[k]) for k in ("serverapp", "clientapp"))
     set_run_spec(spec)
     try:
         with reaper.watch():

@@ -38,6 +38,8 @@ class TinaOptions:
     refresh_every: int = 20     # refresh Tina after this many accepted heads (0 = never)
     refresh_steps: int = 30     # training steps per refresh (warm start on the grown zoo)
     gen_seed: int = 0           # generation noise seed
+    sample_steps: int = 0       # DDIM steps per generated head; 0: the Tina's own (tina.sample_steps). Cost is linear
+                                # in it; `analyses analysis=sample_steps` measured 2-5 steps as accurate as 20
     prompt: str = "text"        # what a client describes its classes by: text | images | both (images: the mean
                                 # feature of its labelled training images of each class)
 
@@ -149,20 +151,43 @@ GENERATE_BATCH = 2048   # heads per sampler call: bounds the sampler's memory, a
 
 def generate(fed: Federation, clients: list, rnd: int, opts: "TinaOptions") -> dict[int, Head]:
     """Batched generation for these clients, whatever each one's prompts are; heads by node. A head does not depend
-    on the batch it was generated in (its noise is keyed by its label set)."""
+    on the batch it was generated in (its noise is keyed by its label set), so batches go by label-set size: a batch
+    pads to its largest set, and the sampler's cost is in the padded tokens."""
+    by_size = sorted(clients, key=lambda c: len(c.names))
     heads: list[Head] = []
     with PhaseTimer() as t, Meter(len(clients), f"[tina:{rnd}] generate", unit="heads",
                                   enabled=len(clients) >= PROGRESS_MIN) as meter:
-        for i in range(0, len(clients), GENERATE_BATCH):
+        for i in range(0, len(by_size), GENERATE_BATCH):
             fed.spec.stop.check()
-            batch = clients[i : i + GENERATE_BATCH]
+            batch = by_size[i : i + GENERATE_BATCH]
             shots = [c.shots for c in batch] if opts.prompt != "text" else None
-            heads += fed.tina.generate([list(c.names) for c in batch], seed=opts.gen_seed, shots=shots,
-                                       use_names=opts.prompt != "images")
+            heads += fed.tina.generate([list(c.names) for c in batch], steps=opts.sample_steps or None,
+                                       seed=opts.gen_seed, shots=shots, use_names=opts.prompt != "images")
             meter.update(len(batch))
     n_batches = -(-len(clients) // GENERATE_BATCH)
     fed.server_record("tina", rnd, "generate", t, detail=f"{len(clients)} heads in {n_batches} batch(es)")
-    return {c.node_id: h for c, h in zip(clients, heads)}
+    made = {c.node_id: h for c, h in zip(by_size, heads)}
+    return {c.node_id: made[c.node_id] for c in clients}   # in the clients' order: the uploads (and so the zoo
+                                                            # a refresh trains on) keep it
+
+
+def serve(fed: Federation, clients: list, by_node: dict[int, Head], rnd: int, opts: "TinaOptions",
+          upload: bool) -> dict[int, Message]:
+    """Score the generated heads (`tina`) and, with `finetune`, the fine-tuned ones (`tina_ft`); the fine-tune
+    replies by node. A client with labels gets one `train.finetune` message that first evaluates the received head
+    (a message per client instead of two: at 100,000 clients the per-message cost dominates); a client without
+    labels gets `evaluate.head` (its tina_ft is unserved)."""
+    tune = fed.labelled("tina_ft", clients, rnd, ZERO_FT) if opts.finetune else []
+    tuned = {c.node_id: by_node[c.node_id] for c in tune}   # in the clients' order, as the zoo appends them
+    only_eval = {n: h for n, h in by_node.items() if n not in tuned}
+    fed.score(fed.send_heads("evaluate", only_eval, "tina", rnd, fail=["tina"]), "tina", rnd)
+    if not tune:
+        return {}
+    ok = fed.send_heads("finetune", tuned, "tina_ft", rnd, fail=["tina", "tina_ft"],
+                        received_as="tina", **fed.finetune_config(upload=upload))
+    fed.score(ok, "tina", rnd, key="received")
+    fed.score(ok, "tina_ft", rnd)
+    return ok
 
 
 def _tina_rounds(fed: Federation, zoo, prog: Progress) -> None:
@@ -180,13 +205,8 @@ def _tina_rounds(fed: Federation, zoo, prog: Progress) -> None:
         zoo_at_arrival = len(zoo)  # the zoo Tina was trained on when this cohort asked
         if clients:
             by_node = generate(fed, clients, rnd, opts)
-            fed.score(fed.send_heads("evaluate", by_node, "tina", rnd, fail=["tina"]), "tina", rnd)
+            ok = serve(fed, clients, by_node, rnd, opts, upload=True)
             if opts.finetune:
-                tune = fed.labelled("tina_ft", clients, rnd, ZERO_FT)
-                ok = fed.send_heads("finetune", {c.node_id: by_node[c.node_id] for c in tune}, "tina_ft", rnd,
-                                    fail=["tina_ft"],
-                                    **fed.finetune_config(upload=True))
-                fed.score(ok, "tina_ft", rnd)
                 entries, refused = check_uploads(fed, {n: r for n, r in ok.items() if "head" in r.content}, rnd,
                                                   norm_scale, by_node)
                 if entries:
@@ -218,12 +238,7 @@ def _new_clients(fed: Federation, methods: list[str], opts: "TinaOptions") -> No
     clients = fed.usable(fed.new, methods, rnd)
     if not clients:
         return
-    by_node = generate(fed, clients, rnd, opts)
-    fed.score(fed.send_heads("evaluate", by_node, "tina", rnd, fail=["tina"]), "tina", rnd)
-    if opts.finetune:
-        tune = {c.node_id: by_node[c.node_id] for c in fed.labelled("tina_ft", clients, rnd, ZERO_FT)}
-        ok = fed.send_heads("finetune", tune, "tina_ft", rnd, fail=["tina_ft"], **fed.finetune_config(upload=False))
-        fed.score(ok, "tina_ft", rnd)
+    serve(fed, clients, generate(fed, clients, rnd, opts), rnd, opts, upload=False)
     fed.progress("tina", None, rnd, f"new clients: {fed.acc_line('tina', rnd, new=True)}")
 
 
@@ -231,6 +246,10 @@ def _validate(opts: TinaOptions, cfg: dict) -> None:
     from fedtina.validate import one_of
 
     one_of("method.tina.prompt", opts.prompt, PROMPTS)
+    timesteps = (cfg.get("tina") or {}).get("timesteps")
+    if timesteps is not None and opts.sample_steps > timesteps:
+        raise FedtinaError(f"method.tina.sample_steps={opts.sample_steps} exceeds the {timesteps} diffusion steps "
+                           f"Tina was trained with (tina.timesteps)")
     if opts.prompt != "text" and (cfg.get("encoder") or {}).get("image_prompts", "backbone") != "backbone":
         raise FedtinaError(f"method.tina.prompt={opts.prompt} sends the class means of the clients' backbone features: "
                            f"it needs encoder.image_prompts=backbone (clients do not run the CLIP image tower)")
@@ -247,6 +266,6 @@ def _validate(opts: TinaOptions, cfg: dict) -> None:
 
 
 register(Method("tina", run_tina, TinaOptions, results=("tina", "tina_ft"), check=_validate,
-                ranges={"refresh_every": "non_negative", "refresh_steps": "positive"},
+                ranges={"refresh_every": "non_negative", "refresh_steps": "positive", "sample_steps": "non_negative"},
                 order=10,
                 summary="the server generates the head from the client's description; new clients need no label"))
