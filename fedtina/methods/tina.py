@@ -1,7 +1,8 @@
 """Tina: the server generates each client's head from the description of its classes (text, image prompts or both).
 
-Clients arrive in `rounds` cohorts; per cohort one batched generation, `evaluate.head`, then (with `finetune`) a
-fine-tune on the client's labels, the upload, the server's gate, the accepted heads appended to the run's zoo and a
+Clients arrive in `rounds` cohorts; per cohort one batched generation, then (with `finetune`) one `train.finetune`
+per labelled client that scores the received head and fine-tunes it on the client's labels (`evaluate.head` for the
+others), the upload, the server's gate, the accepted heads appended to the run's zoo and a
 Tina refresh every `refresh_every` accepted heads. New clients arrive after the last cohort and are served by
 generation alone (then fine-tuned, without upload). A checkpoint follows every cohort; a resumed run continues
 after the last one, with that point's zoo and Tina. Results: `tina` (the generated head) and `tina_ft`.
