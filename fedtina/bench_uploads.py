@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +37,7 @@ from fedtina.errors import FedtinaError
 from fedtina.federation import client_ops
 from fedtina.federation.checks import HeadCheckConfig
 from fedtina.federation.partition import PartitionConfig
-from fedtina.heads import Head
+from fedtina.heads import Head, RowBank
 from fedtina.uploads import Upload, World, finetune, gate, make_world, serve, zoo_entries
 
 log = logging.getLogger("fedtina.bench_uploads")
@@ -52,29 +51,6 @@ def bin_label(lo: int, hi: int) -> str:
 
 def bin_of(count: int) -> str:
     return next(bin_label(lo, hi) for lo, hi in BINS if lo <= count <= hi)
-
-
-@dataclass
-class RowBank:
-    """Per class name, the uploaded rows (weight and bias) of every accepted head that held it."""
-
-    rows: dict[str, list[tuple[np.ndarray, float]]] = field(default_factory=dict)
-
-    def add(self, head: Head) -> None:
-        for j, name in enumerate(head.class_names):
-            self.rows.setdefault(name, []).append((np.asarray(head.weight[j], np.float32), float(head.bias[j])))
-
-    def count(self, name: str) -> int:
-        return len(self.rows.get(name, []))
-
-    def head(self, names: tuple[str, ...], fallback: Head) -> Head:
-        """The mean uploaded row of each class; `fallback`'s row (same class order) where none was uploaded."""
-        w, b = np.array(fallback.weight, np.float32), np.array(fallback.bias, np.float32)
-        for j, name in enumerate(names):
-            if self.rows.get(name):
-                w[j] = np.mean([r for r, _ in self.rows[name]], axis=0)
-                b[j] = np.mean([c for _, c in self.rows[name]])
-        return Head(tuple(names), w, b)
 
 
 def recalls(head: Head, data: client_ops.ClientData) -> dict[str, float]:
@@ -129,9 +105,8 @@ def _heads(generated: dict[int, Head], bank: RowBank, selection: dict[int, Head]
            local_ft: dict[int, Head], world: World) -> dict[str, dict[int, Head]]:
     """Every method's head per probe at one measurement; `tina_bank` is the row bank over Tina's head (Tina's row
     where no upload held the class) instead of over selection's."""
-    names = {p: world.data[p].class_names for p in world.probes}
-    return {"tina": generated, "tina_bank": {p: bank.head(names[p], h) for p, h in generated.items()},
-            "row_bank": {p: bank.head(names[p], s) for p, s in selection.items()},
+    return {"tina": generated, "tina_bank": {p: bank.over(h) for p, h in generated.items()},
+            "row_bank": {p: bank.over(s) for p, s in selection.items()},
             "fedavg": {p: fedavg.head(world.data[p]) for p in world.probes}, "selection": selection,
             "local_ft": local_ft}
 

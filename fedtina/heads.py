@@ -15,7 +15,7 @@ whether it is trained alone or in a batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -457,3 +457,32 @@ def selection_head(task_names: Sequence[str], generic_rows: Mapping[str, tuple[n
     w = np.stack([np.asarray(generic_rows[source[n]][0], np.float32) for n in names])
     b = np.array([generic_rows[source[n]][1] for n in names], np.float32)
     return Head(names, w, b)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the row bank: what uploads give without a generator
+
+
+@dataclass
+class RowBank:
+    """Per class name, the mean row (weight and bias) of every uploaded head that held it: the obvious
+    non-generative use of uploads. Running sums, so memory is per class name, not per upload."""
+
+    sums: dict[str, tuple[np.ndarray, float, int]] = field(default_factory=dict)   # name -> (sum w, sum b, count)
+
+    def add(self, head: Head) -> None:
+        for j, name in enumerate(head.class_names):
+            w, b, n = self.sums.get(name, (0.0, 0.0, 0))
+            self.sums[name] = (np.asarray(head.weight[j], np.float64) + w, float(head.bias[j]) + b, n + 1)
+
+    def count(self, name: str) -> int:
+        return self.sums.get(name, (None, None, 0))[2]
+
+    def over(self, head: Head) -> Head:
+        """`head` with each class's row replaced by its mean uploaded row, where an upload held the class."""
+        w, b = np.array(head.weight, np.float32), np.array(head.bias, np.float32)
+        for j, name in enumerate(head.class_names):
+            if name in self.sums:
+                sw, sb, n = self.sums[name]
+                w[j], b[j] = sw / n, sb / n
+        return Head(head.class_names, w, b)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedtina.bench_uploads import BINS, RowBank, bin_label, bin_of, near_names, recalls
-from fedtina.heads import Head
+from fedtina.bench_uploads import BINS, bin_label, bin_of, near_names, recalls
+from fedtina.heads import Head, RowBank
 
 
 def test_row_bank_means_uploaded_rows_and_falls_back():
@@ -17,7 +17,7 @@ def test_row_bank_means_uploaded_rows_and_falls_back():
     bank.add(Head(("c", "a"), np.array([[5.0, 5.0], [3.0, 2.0]], np.float32), np.array([0.0, 3.0], np.float32)))
     assert (bank.count("a"), bank.count("b"), bank.count("c"), bank.count("z")) == (2, 1, 1, 0)
     fallback = Head(("a", "z"), np.full((2, 2), -1.0, np.float32), np.array([-1.0, -2.0], np.float32))
-    h = bank.head(("a", "z"), fallback)
+    h = bank.over(fallback)
     np.testing.assert_allclose(h.weight, [[2.0, 1.0], [-1.0, -1.0]])
     np.testing.assert_allclose(h.bias, [2.0, -2.0])
     np.testing.assert_array_equal(fallback.weight, -1.0)   # the fallback head is not modified

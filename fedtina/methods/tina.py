@@ -24,7 +24,7 @@ from fedtina.federation.federation import Federation, Progress, _mean_std
 from fedtina.federation.grid import PROGRESS_MIN
 from fedtina.federation.profiling import PhaseTimer
 from fedtina.federation.runtime import record_head
-from fedtina.heads import Head
+from fedtina.heads import Head, RowBank
 from fedtina.methods.registry import Method, register
 from fedtina.progress import Meter
 
@@ -43,6 +43,8 @@ class TinaOptions:
                                 # in it; `analyses analysis=sample_steps` measured 2-5 steps as accurate as 20
     prompt: str = "text"        # what a client describes its classes by: text | images | both (images: the mean
                                 # feature of its labelled training images of each class)
+    bank: bool = False          # serve a class by the mean row of the run's accepted uploads that held it, Tina's
+                                # generated row where none did (bench_uploads' tina_bank)
 
 
 def refresh_tina(fed: Federation, zoo, rnd: int) -> str:
@@ -150,10 +152,11 @@ def trim_run_zoo(zoo_dir: Path, size: int) -> None:
 GENERATE_BATCH = 2048   # heads per sampler call: bounds the sampler's memory, and a stop request waits for one batch
 
 
-def generate(fed: Federation, clients: list, rnd: int, opts: "TinaOptions") -> dict[int, Head]:
-    """Batched generation for these clients, whatever each one's prompts are; heads by node. A head does not depend
-    on the batch it was generated in (its noise is keyed by its label set), so batches go by label-set size: a batch
-    pads to its largest set, and the sampler's cost is in the padded tokens."""
+def generate(fed: Federation, clients: list, rnd: int, opts: "TinaOptions", bank: RowBank | None = None
+             ) -> dict[int, Head]:
+    """Batched generation for these clients, whatever each one's prompts are; heads by node (with `bank`, its rows
+    over them). A head does not depend on the batch it was generated in (its noise is keyed by its label set), so
+    batches go by label-set size: a batch pads to its largest set, and the sampler's cost is in the padded tokens."""
     by_size = sorted(clients, key=lambda c: len(c.names))
     heads: list[Head] = []
     with PhaseTimer() as t, Meter(len(clients), f"[tina:{rnd}] generate", unit="heads",
@@ -167,7 +170,7 @@ def generate(fed: Federation, clients: list, rnd: int, opts: "TinaOptions") -> d
             meter.update(len(batch))
     n_batches = -(-len(clients) // GENERATE_BATCH)
     fed.server_record("tina", rnd, "generate", t, detail=f"{len(clients)} heads in {n_batches} batch(es)")
-    made = {c.node_id: h for c, h in zip(by_size, heads)}
+    made = {c.node_id: (bank.over(h) if bank is not None else h) for c, h in zip(by_size, heads)}
     return {c.node_id: made[c.node_id] for c in clients}   # in the clients' order: the uploads (and so the zoo
                                                             # a refresh trains on) keep it
 
@@ -191,8 +194,18 @@ def serve(fed: Federation, clients: list, by_node: dict[int, Head], rnd: int, op
     return ok
 
 
+def uploaded_rows(zoo) -> RowBank:
+    """The row bank of the uploads in a run's zoo (its `client:` entries: a resumed run rebuilds it from there)."""
+    bank = RowBank()
+    for entry in zoo.entries():
+        if entry.source.startswith("client:"):
+            bank.add(entry.head)
+    return bank
+
+
 def _tina_rounds(fed: Federation, zoo, prog: Progress) -> None:
     spec, opts = fed.spec, fed.options("tina", TinaOptions)
+    bank = uploaded_rows(zoo) if opts.bank else None
     norm_scale = prog.tina_norm_scale
     methods = ["tina", "tina_ft"] if opts.finetune else ["tina"]
     fed.out.rounds.update({m: spec.rounds for m in methods})
@@ -205,7 +218,7 @@ def _tina_rounds(fed: Federation, zoo, prog: Progress) -> None:
         accepted = refused = 0
         zoo_at_arrival = len(zoo)  # the zoo Tina was trained on when this cohort asked
         if clients:
-            by_node = generate(fed, clients, rnd, opts)
+            by_node = generate(fed, clients, rnd, opts, bank)
             ok = serve(fed, clients, by_node, rnd, opts, upload=True)
             if opts.finetune:
                 entries, refused = check_uploads(fed, {n: r for n, r in ok.items() if "head" in r.content}, rnd,
@@ -213,6 +226,8 @@ def _tina_rounds(fed: Federation, zoo, prog: Progress) -> None:
                 if entries:
                     with PhaseTimer() as t:
                         zoo.append_many(entries)
+                    for e in entries if bank is not None else ():
+                        bank.add(e.head)
                     fed.server_record("tina", rnd, "zoo", t, detail=f"appended {len(entries)} heads")
                 accepted = len(entries)
                 pending += accepted
@@ -229,17 +244,17 @@ def _tina_rounds(fed: Federation, zoo, prog: Progress) -> None:
                      f"{f', {refused} refused' if refused else ''}, zoo {len(zoo)}")
         prog.tina_round, prog.tina_pending, prog.tina_zoo_size = rnd, pending, len(zoo)
         fed.checkpoint(prog)
-    _new_clients(fed, methods, opts)
+    _new_clients(fed, methods, opts, bank)
 
 
-def _new_clients(fed: Federation, methods: list[str], opts: "TinaOptions") -> None:
+def _new_clients(fed: Federation, methods: list[str], opts: "TinaOptions", bank: RowBank | None) -> None:
     """After the last cohort: generation from each new client's description (the final Tina, no label needed);
     with `finetune`, the generated head fine-tuned on its labels, not uploaded (the federation is over)."""
     rnd = fed.spec.rounds
     clients = fed.usable(fed.new, methods, rnd)
     if not clients:
         return
-    serve(fed, clients, generate(fed, clients, rnd, opts), rnd, opts, upload=False)
+    serve(fed, clients, generate(fed, clients, rnd, opts, bank), rnd, opts, upload=False)
     fed.progress("tina", None, rnd, f"new clients: {fed.acc_line('tina', rnd, new=True)}")
 
 
