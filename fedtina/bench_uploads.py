@@ -13,7 +13,7 @@ against the number of accepted uploads that contained the class so far. On the s
 
 * selection: the nearest-name generic rows (fixed; the floor);
 * row bank: per class name, the mean of the uploaded rows for it (selection's row for a class never uploaded);
-* tina_bank: the same row bank over Tina's head (Tina's row for a class never uploaded): generation for what no
+* tina_bank: a row bank over Tina's head for the classes the prepared zoo lacks (method.tina.bank): generation for what no
   upload holds, the uploads' own rows for what they do;
 * FedAvg: the global head, one round per cohort over the same contributors (method.fedavg's local epochs);
 * Tina retrained from scratch on the grown zoo (`retrain_at`: after those cohorts; tina.train_steps steps);
@@ -101,11 +101,12 @@ def measure(world: World, heads: dict[str, dict[int, Head]], bank: RowBank, unse
                                   "uploads": bank.count(name)})
 
 
-def _heads(generated: dict[int, Head], bank: RowBank, selection: dict[int, Head], fedavg: FedAvgHead,
-           local_ft: dict[int, Head], world: World) -> dict[str, dict[int, Head]]:
-    """Every method's head per probe at one measurement; `tina_bank` is the row bank over Tina's head (Tina's row
-    where no upload held the class) instead of over selection's."""
-    return {"tina": generated, "tina_bank": {p: bank.over(h) for p, h in generated.items()},
+def _heads(generated: dict[int, Head], banks: tuple[RowBank, RowBank], selection: dict[int, Head],
+           fedavg: FedAvgHead, local_ft: dict[int, Head], world: World) -> dict[str, dict[int, Head]]:
+    """Every method's head per probe at one measurement. `banks`: the row bank of every uploaded class, and the one
+    `tina_bank` lays over Tina's head, of the classes the prepared zoo lacks (method.tina.bank's rule)."""
+    bank, tina_bank = banks
+    return {"tina": generated, "tina_bank": {p: tina_bank.over(h) for p, h in generated.items()},
             "row_bank": {p: bank.over(s) for p, s in selection.items()},
             "fedavg": {p: fedavg.head(world.data[p]) for p in world.probes}, "selection": selection,
             "local_ft": local_ft}
@@ -133,7 +134,8 @@ def run(assets, cfg: dict) -> dict:
     selection = {p: world.selection(world.data[p].class_names) for p in world.probes}
     local_ft = finetune(world, selection, ft)
     tina, bank, accepted, accepted_at, pairs, costs = assets.tina, RowBank(), [], [], [], []
-    heads = _heads(serve(tina, world, world.probes), bank, selection, fedavg, local_ft, world)
+    banks = (bank, RowBank(skip=frozenset(n for e in assets.zoo.entries() for n in e.class_names)))
+    heads = _heads(serve(tina, world, world.probes), banks, selection, fedavg, local_ft, world)
     measure(world, heads, bank, set(unseen), 0, pairs)
     for t, ids in enumerate(cohorts, start=1):
         t0 = time.perf_counter()
@@ -145,14 +147,15 @@ def run(assets, cfg: dict) -> dict:
         accepted += ok
         accepted_at += [(t, u) for u in ok]
         for u in ok:
-            bank.add(u.head)
+            for b in banks:
+                b.add(u.head)
         fedavg.round([world.data[i] for i in ids])
         steps = max(1, int(round(float(cfg["steps_per_head"]) * len(ok))))
         t1 = time.perf_counter()
         tina = refresh(tina, list(assets.zoo.entries()) + zoo_entries(accepted), steps, shots=assets.shots,
                        descriptions=assets.descriptions)
         refresh_s = time.perf_counter() - t1
-        heads = _heads(serve(tina, world, world.probes), bank, selection, fedavg, local_ft, world)
+        heads = _heads(serve(tina, world, world.probes), banks, selection, fedavg, local_ft, world)
         cost = {"cohort": t, "contributors": len(ids), "accepted": len(ok), "zoo": len(assets.zoo) + len(accepted),
                 "refresh_steps": steps, "refresh_s": refresh_s}
         if t in [int(x) for x in cfg["retrain_at"]]:

@@ -466,12 +466,16 @@ def selection_head(task_names: Sequence[str], generic_rows: Mapping[str, tuple[n
 @dataclass
 class RowBank:
     """Per class name, the mean row (weight and bias) of every uploaded head that held it: the obvious
-    non-generative use of uploads. Running sums, so memory is per class name, not per upload."""
+    non-generative use of uploads. Running sums, so memory is per class name, not per upload. Classes in `skip`
+    are never banked (their rows stay the served head's)."""
 
     sums: dict[str, tuple[np.ndarray, float, int]] = field(default_factory=dict)   # name -> (sum w, sum b, count)
+    skip: frozenset[str] = frozenset()
 
     def add(self, head: Head) -> None:
         for j, name in enumerate(head.class_names):
+            if name in self.skip:
+                continue
             w, b, n = self.sums.get(name, (0.0, 0.0, 0))
             self.sums[name] = (np.asarray(head.weight[j], np.float64) + w, float(head.bias[j]) + b, n + 1)
 

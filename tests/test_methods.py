@@ -168,8 +168,9 @@ def test_bad_method_options_fail_with_one_line(tmp_path, overrides, match):
 
 
 def test_tina_bank_serves_uploaded_rows_over_generated_ones(tiny, tmp_path):
-    """method.tina.bank: a class some accepted upload held is served by the uploads' mean row, every other class by
-    Tina's generated row; the bank is rebuilt from the run zoo's `client:` entries (what a resumed run has)."""
+    """method.tina.bank: a class that no prepared zoo head holds but some accepted upload did is served by the
+    uploads' mean row, every other class by Tina's generated row; the bank is rebuilt from the run zoo's `client:`
+    entries (what a resumed run has)."""
     from types import SimpleNamespace
 
     from fedtina.heads import Head
@@ -181,14 +182,14 @@ def test_tina_bank_serves_uploaded_rows_over_generated_ones(tiny, tmp_path):
     a, b, c = names[:3]
     d = int(assets.bank.features.shape[1])
     rng = np.random.default_rng(0)
-    up1, up2 = (Head((a, c), rng.normal(size=(2, d)).astype(np.float32), rng.normal(size=2).astype(np.float32))
-                for _ in range(2))
-    prepared = Head((a, b), np.ones((2, d), np.float32), np.ones(2, np.float32))   # not an upload: ignored
+    up1, up2 = (Head((a, x), rng.normal(size=(2, d)).astype(np.float32), rng.normal(size=2).astype(np.float32))
+                for x in (b, c))
+    prepared = Head((b,), np.ones((1, d), np.float32), np.ones(1, np.float32))   # b: Tina was trained on it
     with ZooStore(tmp_path / "zoo") as zoo:
         zoo.append_many([ZooEntry(h.class_names, h.params(), source=s)
                          for h, s in ((prepared, "zoo"), (up1, "client:1"), (up2, "client:2"))])
         bank = uploaded_rows(zoo)
-    assert (bank.count(a), bank.count(b), bank.count(c)) == (2, 0, 2)
+    assert (bank.count(a), bank.count(b), bank.count(c)) == (2, 0, 1)
 
     fed = SimpleNamespace(tina=assets.tina, spec=SimpleNamespace(stop=SimpleNamespace(check=lambda: None)),
                           server_record=lambda *args, **kw: None)
@@ -198,6 +199,6 @@ def test_tina_bank_serves_uploaded_rows_over_generated_ones(tiny, tmp_path):
     assert list(banked) == [7, 3]                                                  # the clients' order
     np.testing.assert_allclose(banked[7].weight[1], (up1.weight[0] + up2.weight[0]) / 2, rtol=1e-6)
     np.testing.assert_allclose(banked[7].bias[1], (up1.bias[0] + up2.bias[0]) / 2, rtol=1e-6)
-    np.testing.assert_array_equal(banked[7].weight[0], plain[7].weight[0])          # b: never uploaded
+    np.testing.assert_array_equal(banked[7].weight[0], plain[7].weight[0])          # b: in the prepared zoo
     np.testing.assert_array_equal(banked[3].weight, plain[3].weight)
     assert not np.allclose(plain[7].weight[1], banked[7].weight[1])

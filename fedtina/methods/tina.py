@@ -43,8 +43,8 @@ class TinaOptions:
                                 # in it; `analyses analysis=sample_steps` measured 2-5 steps as accurate as 20
     prompt: str = "text"        # what a client describes its classes by: text | images | both (images: the mean
                                 # feature of its labelled training images of each class)
-    bank: bool = False          # serve a class by the mean row of the run's accepted uploads that held it, Tina's
-                                # generated row where none did (bench_uploads' tina_bank)
+    bank: bool = False          # serve a class no prepared zoo head holds by the mean row of the run's accepted
+                                # uploads that held it; Tina's generated row otherwise (bench_uploads' tina_bank)
 
 
 def refresh_tina(fed: Federation, zoo, rnd: int) -> str:
@@ -195,9 +195,12 @@ def serve(fed: Federation, clients: list, by_node: dict[int, Head], rnd: int, op
 
 
 def uploaded_rows(zoo) -> RowBank:
-    """The row bank of the uploads in a run's zoo (its `client:` entries: a resumed run rebuilds it from there)."""
-    bank = RowBank()
-    for entry in zoo.entries():
+    """The row bank of the uploads in a run's zoo (its `client:` entries: a resumed run rebuilds it from there),
+    for the classes no prepared zoo head holds: a class Tina was trained on keeps Tina's row (banking those
+    measured worse: a row fine-tuned against one client's other classes, averaged, is a worse row for the next)."""
+    entries = zoo.entries()
+    bank = RowBank(skip=frozenset(n for e in entries if not e.source.startswith("client:") for n in e.class_names))
+    for entry in entries:
         if entry.source.startswith("client:"):
             bank.add(entry.head)
     return bank
