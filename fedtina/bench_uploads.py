@@ -13,8 +13,8 @@ against the number of accepted uploads that contained the class so far. On the s
 
 * selection: the nearest-name generic rows (fixed; the floor);
 * row bank: per class name, the mean of the uploaded rows for it (selection's row for a class never uploaded);
-* tina_bank: a row bank over Tina's head for the classes the prepared zoo lacks (method.tina.bank): generation for what no
-  upload holds, the uploads' own rows for what they do;
+* tina_bank: a row bank over Tina's head, for the classes the prepared zoo lacks (method.tina.bank's rule):
+  generation for what no upload holds, the uploads' own rows for what they do;
 * FedAvg: the global head, one round per cohort over the same contributors (method.fedavg's local epochs);
 * Tina retrained from scratch on the grown zoo (`retrain_at`: after those cohorts; tina.train_steps steps);
 * local_ft: selection's head fine-tuned on the probe's own labelled images (head_ft), fixed: what the probe's own

@@ -229,8 +229,9 @@ def _tina_rounds(fed: Federation, zoo, prog: Progress) -> None:
                 if entries:
                     with PhaseTimer() as t:
                         zoo.append_many(entries)
-                    for e in entries if bank is not None else ():
-                        bank.add(e.head)
+                    if bank is not None:
+                        for e in entries:
+                            bank.add(e.head)
                     fed.server_record("tina", rnd, "zoo", t, detail=f"appended {len(entries)} heads")
                 accepted = len(entries)
                 pending += accepted
