@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 
 def _umask() -> int:
@@ -38,6 +39,30 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], fsync: 
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def write_json_lists(path: str | os.PathLike, doc: Mapping[str, Any], lists: Mapping[str, Iterable[Any]],
+                     item: Callable[[Any], Any] = lambda x: x, allow_nan: bool = True) -> Path:
+    """Atomically write the JSON object `{**doc, **lists}`, encoding list items one at a time (`item(x)` each): a run
+    of 100,000 clients has ~800,000 per-client records, and one `json.dumps` of them as dicts held ~2 GB at once."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "w") as f:
+            f.write("{")
+            sep = "\n"
+            for key, value in doc.items():
+                f.write(f"{sep}{json.dumps(key)}: {json.dumps(value, indent=1, allow_nan=allow_nan)}")
+                sep = ",\n"
+            for key, values in lists.items():
+                f.write(f"{sep}{json.dumps(key)}: [")
+                inner = "\n"
+                for x in values:
+                    f.write(inner + json.dumps(item(x), allow_nan=allow_nan))
+                    inner = ",\n"
+                f.write("\n]")
+                sep = ",\n"
+            f.write("\n}\n")
+
+    return atomic_write(path, write)
 
 
 @contextlib.contextmanager

@@ -703,6 +703,31 @@ def test_phase_timer_measures_cpu_wall_and_memory():
     assert rec.peak_mem_mb == alloc.peak_mem_mb and rec.client_id == 7 and rec.bytes_sent == 10
 
 
+def test_phase_timers_share_one_sampler_thread_and_each_sees_its_own_peak():
+    """Overlapping timers (an evaluate inside a fine-tune) both see an allocation made while both are open; one
+    closed before it does not; however many phases run, the process has one sampler thread."""
+    import threading
+    import time
+
+    def held(mib: int) -> None:
+        a = np.ones(mib * 2**20 // 8)
+        a += 1
+        time.sleep(0.05)   # several sampling periods: the sampler, not only the exit read, must see it
+        del a
+
+    with PhaseTimer() as before:
+        pass
+    with PhaseTimer() as outer:
+        with PhaseTimer() as inner:
+            held(200)
+    for _ in range(50):
+        with PhaseTimer():
+            pass
+    assert inner.mem_delta_mb > 150 and outer.mem_delta_mb > 150, (inner.mem_delta_mb, outer.mem_delta_mb)
+    assert before.mem_delta_mb < 50
+    assert sum(t.name == "fedtina-phase-timer" for t in threading.enumerate()) == 1
+
+
 def test_phase_record_config_roundtrip():
     recs = [PhaseRecord("tina", 2, 5, "generate", 0.5, 0.4, 300.0, 10, 20, 0.75, "ok", "x"),
             PhaseRecord("fedavg", 1, 3, "train", acc=None, status="error", detail="boom")]

@@ -1,13 +1,16 @@
 """Atomic writes: a writer that fails half way leaves the old file untouched and no temporary file behind; written
-files get the normal mode. The cache lock: one holder at a time."""
+files get the normal mode. JSON written list item by list item reads back as the whole object. The cache lock: one
+holder at a time."""
 
 import fcntl
+import json
+import math
 import os
 import threading
 
 import pytest
 
-from fedtina.io import atomic_write, cache_lock
+from fedtina.io import atomic_write, cache_lock, write_json_lists
 
 
 def normal_mode() -> int:
@@ -36,6 +39,21 @@ def test_a_failed_write_keeps_the_old_file(tmp_path):
         atomic_write(path, crash)
     assert path.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.bin"]
+
+
+def test_json_written_item_by_item_reads_back_whole(tmp_path):
+    path = tmp_path / "doc.json"
+    doc = {"progress": {"done": ["tina"], "round": 2}, "note": "a \"quoted\"\nline"}
+    lists = {"rows": [{"a": i, "b": [i, i / 3]} for i in range(5)], "empty": [], "gen": (x * 2 for x in range(3))}
+    write_json_lists(path, doc, lists, item=lambda x: {"v": x} if isinstance(x, int) else x)
+    assert json.loads(path.read_text()) == {**doc, "rows": [{"a": i, "b": [i, i / 3]} for i in range(5)],
+                                            "empty": [], "gen": [{"v": 0}, {"v": 2}, {"v": 4}]}
+    write_json_lists(path, {}, {"rows": [{"x": 1}]})
+    assert json.loads(path.read_text()) == {"rows": [{"x": 1}]}
+    with pytest.raises(ValueError):   # strict JSON refuses NaN, and the old file stays
+        write_json_lists(path, {}, {"rows": [{"x": math.nan}]}, allow_nan=False)
+    assert json.loads(path.read_text()) == {"rows": [{"x": 1}]}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["doc.json"]
 
 
 def test_written_files_get_the_normal_mode(tmp_path):

@@ -16,10 +16,10 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 from fedtina.errors import FedtinaError
-from fedtina.io import atomic_write
+from fedtina.io import atomic_write, write_json_lists
 
 STATUS, LOCK, CHECKPOINT, CONFIG = "status.json", ".run.lock", "checkpoint.json", "config.json"
 RESUMABLE = ("running", "interrupted", "failed")
@@ -91,8 +91,10 @@ class RunDir:
         return str(st.get("state"))
 
     # -- what finished so far -----------------------------------------------------------------------------------
-    def save_checkpoint(self, doc: dict[str, Any]) -> None:
-        _write_json(self.path / CHECKPOINT, doc)
+    def save_checkpoint(self, doc: dict[str, Any], lists: dict[str, Iterable[Any]] | None = None,
+                        item: Callable[[Any], Any] = lambda x: x) -> None:
+        """`doc` and the long `lists` (their items encoded one at a time by `item`) as one JSON object."""
+        write_json_lists(self.path / CHECKPOINT, doc, lists or {}, item)
 
     def checkpoint(self) -> dict[str, Any] | None:
         return _read_json(self.path / CHECKPOINT, "checkpoint")

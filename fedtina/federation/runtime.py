@@ -48,6 +48,11 @@ class Faults:
     slow_clients: list[int] = field(default_factory=list)           # sleep slow_s in work handlers (timeouts)
     slow_s: float = 0.0
 
+    @property
+    def any(self) -> bool:
+        """Whether any client is faulty; only then do messages carry these fields (the handlers default them)."""
+        return bool(self.crash_clients or self.poison_clients or self.unknown_class_clients or self.slow_clients)
+
 
 @dataclass
 class RunSpec:
