@@ -477,7 +477,7 @@ def write_server_phases(path: Path, records: list[PhaseRecord]) -> Path:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(names)
-        w.writerows([[getattr(r, k) for k in names] for r in records])
+        w.writerows([getattr(r, k) for k in names] for r in records)
     return path
 
 

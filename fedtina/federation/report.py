@@ -12,7 +12,7 @@ import csv
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -213,11 +213,11 @@ def format_table(summary: dict) -> str:
 # Files
 
 
-def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> Path:
+def _write_csv(path: Path, header: list[str], rows: Iterable[list[Any]]) -> Path:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
-        w.writerows([["" if v is None else v for v in row] for row in rows])
+        w.writerows(["" if v is None else v for v in row] for row in rows)   # row by row: no copy of the table
     return path
 
 
@@ -415,9 +415,9 @@ def write_report(out_dir: Path, summary: dict, results: list[ClientResult], reco
                               {"clients": results, "phases": records}, lambda r: _json_safe(asdict(r)),
                               allow_nan=False)]
     cr = [f.name for f in fields(ClientResult)]
-    paths.append(_write_csv(out / "clients.csv", cr, [[getattr(r, k) for k in cr] for r in results]))
+    paths.append(_write_csv(out / "clients.csv", cr, ([getattr(r, k) for k in cr] for r in results)))
     pr = [f.name for f in fields(PhaseRecord)]
-    paths.append(_write_csv(out / "phases.csv", pr, [[getattr(r, k) for k in pr] for r in records]))
+    paths.append(_write_csv(out / "phases.csv", pr, ([getattr(r, k) for k in pr] for r in records)))
     methods = list(summary["methods"])
     paths.append(_write_csv(out / "comparison.csv", COMPARISON_COLUMNS,
                             [_comparison_row(m, summary["methods"][m]) for m in methods]))
