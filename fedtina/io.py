@@ -44,7 +44,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], fsync: 
 def write_json_lists(path: str | os.PathLike, doc: Mapping[str, Any], lists: Mapping[str, Iterable[Any]],
                      item: Callable[[Any], Any] = lambda x: x, allow_nan: bool = True) -> Path:
     """Atomically write the JSON object `{**doc, **lists}`, encoding list items one at a time (`item(x)` each): a run
-    of 100,000 clients has ~800,000 per-client records, and one `json.dumps` of them as dicts held ~2 GB at once."""
+    of 100,000 clients has ~800,000 per-client records, and one `json.dumps` of them as dicts held them twice more
+    (traced: 67 MB of transient at 3,000 clients)."""
     def write(tmp: Path) -> None:
         with open(tmp, "w") as f:
             f.write("{")

@@ -389,7 +389,7 @@ class Federation:
 
     def val_data(self, class_ids: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
         """The server's held-out features of these classes; built per call (tens of microseconds), because a cache
-        per label set held ~13 KB for each uploading client (2 GB at 100,000 clients)."""
+        per label set held ~13 KB for each uploading client (traced: 62 MB at 3,000 clients)."""
         return server_val_data(self.assets.bank.features, self.assets.dataset.labels, self.partition.server_val_idx,
                                class_ids)
 

@@ -8,7 +8,7 @@ What the numbers mean:
   included, and the tiny sampler thread below). In a Ray actor the process runs one ClientApp call at a time, so this
   is the phase's CPU cost; it can exceed `wall_s` when several cores work.
 * `peak_mem_mb`: the largest resident set size (RSS, MiB) of the process seen during the phase, sampled from
-  `/proc/self/statm` by a background thread every `interval_s` (default 5 ms) and at both ends. It is the process's
+  `/proc/self/statm` by one background thread per process every 5 ms and at both ends. It is the process's
   absolute footprint (interpreter, imported libraries and pages of memory-mapped feature files it touched
   included), i.e. "does this fit"; `mem_delta_mb` is that peak minus the RSS at the start of the phase, i.e. what the
   phase itself added. Without /proc (macOS) the process-lifetime `ru_maxrss` is used instead, which only says
