@@ -72,7 +72,7 @@ class Delivery:
 
 
 FULL_PULL_S = 2.0        # the whole queue is asked at least this far apart...
-FULL_PULL_PER_ID = 2e-4  # ...and this much per queued message: at 100,000 queued a full pull cost ~1.5 s of driver
+FULL_PULL_PER_ID = 2e-4  # ...and this much per queued message: at ~95,000 queued a full pull cost over 1 s of driver
 PROGRESS_MIN = 1000   # batches this large get a progress bar / progress lines
 
 
