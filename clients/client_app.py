@@ -10,7 +10,7 @@ replies keep exactly one ArrayRecord and one MetricRecord.
 
 Fault injection (tests, attack experiments), from the message config: client ids in `crash_clients` (work handlers
 raise), `poison_clients` (their training replies are poisoned by `attack_mod`, `poison_kind` from
-fedtina/federation/attacks.py; the client's own score is that of its honest model), `unknown_class_clients`
+fedtina/adversary/attacks.py; the client's own score is that of its honest model), `unknown_class_clients`
 (describe adds a class the dataset lacks) and `slow_clients` (work handlers sleep `slow_s`, to hit the timeout).
 """
 
@@ -24,15 +24,15 @@ from flwr.clientapp import ClientApp
 
 from fedtina import methods
 from fedtina.config import HeadTrainConfig
-from fedtina.federation import client_ops
-from fedtina.federation.attacks import mislabel
-from fedtina.federation.mods import attack_mod, fedavg_clip_mod, upload_privacy_mod
-from fedtina.federation.partition import client_spec
-from fedtina.federation.profiling import PhaseTimer, to_config
-from fedtina.federation.client_call import ClientCall
-from fedtina.federation.runtime import arrays_record, head_record, record_head
+from fedtina.client import ops as client_ops
+from fedtina.adversary.attacks import mislabel
+from fedtina.adversary.mods import attack_mod, fedavg_clip_mod, upload_privacy_mod
+from fedtina.data.partition import client_spec
+from fedtina.report.profiling import PhaseTimer, to_config
+from fedtina.client.call import ClientCall
+from fedtina.runtime.spec import arrays_record, head_record, record_head
 
-# outermost first: an attacker replaces what it sends after any clipping (fedtina/federation/mods.py)
+# outermost first: an attacker replaces what it sends after any clipping (fedtina/adversary/mods.py)
 app = ClientApp(mods=[attack_mod, upload_privacy_mod, fedavg_clip_mod])
 
 UNKNOWN_CLASS = "no such class"

@@ -17,16 +17,16 @@ from typing import Callable
 
 import numpy as np
 
-from fedtina.backbone import FeatureBank, build_feature_bank, feature_cache_key
+from fedtina.features.backbone import FeatureBank, build_feature_bank, feature_cache_key
 from fedtina.config import CoreConfig, TinaConfig
 from fedtina.data import ImageDataset, load_dataset
 from fedtina.data.descriptions import load_descriptions
 from fedtina.errors import CorruptFileError
 from fedtina.io import atomic_write, cache_lock
-from fedtina.protocol import ProtocolSplit, make_split
-from fedtina.text import CachedTextEncoder, make_encoder
+from fedtina.data.split import ProtocolSplit, make_split
+from fedtina.features.text import CachedTextEncoder, make_encoder
 from fedtina.tina.generator import TinaGenerator
-from fedtina.zoo import ZooStore, build_zoo
+from fedtina.zoo.store import ZooStore, build_zoo
 
 
 @dataclass

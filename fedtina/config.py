@@ -123,7 +123,7 @@ class BenchConfig:
 
 @dataclass
 class AnalysisConfig:
-    """`python -m fedtina.analyses`: which of the paper's analyses, over which values (configs/analysis/)."""
+    """`python -m fedtina.experiments.analyses`: which of the paper's analyses, over which values (configs/analysis/)."""
     name: str = "classes"             # classes | zoo_size | tina_size | sample_steps | descriptions
     values: list = field(default_factory=lambda: [2, 5, 10, 20])
 
@@ -175,7 +175,7 @@ def from_dict(cls: type[T], data: dict[str, Any] | None) -> T:
 
 def _register_resolvers() -> None:
     """`${fedtina_pid:}` for Hydra run dirs: two runs started in the same second get their own dir (and
-    `fedtina.federation.rundir` refuses a dir that another process is using)."""
+    `fedtina.runtime.rundir` refuses a dir that another process is using)."""
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver("fedtina_pid"):

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from fedtina.errors import FedtinaError
-from fedtina.federation.deployment import Deployment, fresh_replay
+from fedtina.runtime.deployment import Deployment, fresh_replay
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]   # the Flower app (pyproject.toml's [tool.flwr.app])
 
@@ -43,7 +43,7 @@ def replay(prepared: Path, dest: Path, tls: bool = False, superlink: str | None 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fedtina.federation.report import format_table
+    from fedtina.report.summary import format_table
 
     ap = argparse.ArgumentParser(prog="python -m fedtina.deploy", description=__doc__.split("\n\n")[0])
     ap.add_argument("prepared", type=Path, help="a run dir written by `python -m fedtina.simulate prepare_only=true`")

@@ -28,10 +28,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from fedtina.assets import Assets, build_assets
-from fedtina.backbone import backbone_from_tensors, backbone_tensors
+from fedtina.features.backbone import backbone_from_tensors, backbone_tensors
 from fedtina.config import CoreConfig, from_dict
 from fedtina.errors import CorruptFileError, FedtinaError, LabelSetError
-from fedtina.heads import Head
+from fedtina.zoo.heads import Head
 from fedtina.io import atomic_write
 from fedtina.tina.generator import parse_label_text
 from fedtina.validate import validate_generate_config

@@ -24,9 +24,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedtina.config import CoreConfig, HeadTrainConfig, from_dict
 from fedtina.errors import FedtinaError
-from fedtina.federation.aggregation import AggregationConfig
-from fedtina.federation.privacy import PrivacyConfig
-from fedtina.federation.runtime import Faults, RunSpec
+from fedtina.server.aggregation import AggregationConfig
+from fedtina.adversary.privacy import PrivacyConfig
+from fedtina.runtime.spec import Faults, RunSpec
 from fedtina.io import atomic_write
 from fedtina.validate import validate_partition, validate_simulate_config
 
@@ -49,8 +49,8 @@ def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
 
 def prepare(cfg: dict[str, Any], out_dir: Path, assets=None) -> RunSpec:
     """Build (or load) the assets and write the run's inputs into `out_dir`; the RunSpec for the ServerApp."""
-    from fedtina.federation.partition import PartitionConfig, make_partition, save_partition
-    from fedtina.federation.report import plot_partition
+    from fedtina.data.partition import PartitionConfig, make_partition, save_partition
+    from fedtina.report.summary import plot_partition
 
     out_dir.mkdir(parents=True, exist_ok=True)
     core = from_dict(CoreConfig, {k: cfg[k] for k in CORE_KEYS if k in cfg})
@@ -60,7 +60,7 @@ def prepare(cfg: dict[str, Any], out_dir: Path, assets=None) -> RunSpec:
     if assets is None:
         from fedtina.assets import build_assets
         from fedtina.data import load_dataset
-        from fedtina.protocol import make_split
+        from fedtina.data.split import make_split
 
         # the dataset, split and partition are cheap (cached) and the backbone is not: a too-small dataset, or a
         # partitioner that cannot deal it, fails here
@@ -128,7 +128,7 @@ def run(cfg: DictConfig | dict | None, out_dir: str | Path, assets=None, resume:
     The run dir is held by this process (a second one is refused) and marked running / done / failed /
     interrupted. `resume=True` continues a killed, failed or interrupted run in `out_dir` from its checkpoint,
     with the config it was started with (`cfg` is ignored)."""
-    from fedtina.federation.rundir import RunDir
+    from fedtina.runtime.rundir import RunDir
 
     out_dir = Path(out_dir)
     rd = RunDir(out_dir)
@@ -159,7 +159,7 @@ def run(cfg: DictConfig | dict | None, out_dir: str | Path, assets=None, resume:
 
 
 def _run(plain: dict[str, Any], out_dir: Path, assets, resume: bool):
-    from fedtina.federation import launch
+    from fedtina.runtime import launch
 
     t0 = time.perf_counter()
     handlers = _log_file_handlers()
@@ -194,8 +194,8 @@ def _run(plain: dict[str, Any], out_dir: Path, assets, resume: bool):
 def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
-    from fedtina.federation.report import format_by_labels, format_table
-    from fedtina.federation.rundir import find_resumable, resume_command
+    from fedtina.report.summary import format_by_labels, format_table
+    from fedtina.runtime.rundir import find_resumable, resume_command
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:

@@ -11,7 +11,7 @@ in a second with one FedtinaError line that names the key, the value and what is
 `cfg` is the resolved plain config (`OmegaConf.to_container(cfg, resolve=True)`). Types come from the dataclasses
 each section is built into (fedtina.config, PartitionConfig, each method's options, ...), so a new option is
 type-checked without an edit here; the ranges below and a few cross-key rules are all this module adds. Rules that
-live beside the code they protect are called, not repeated: the partition's (fedtina.federation.partition.check_config
+live beside the code they protect are called, not repeated: the partition's (fedtina.data.partition.check_config
 / check_classes), each method's own (`Method.check`, e.g. Tina's prompt and cohorts); the protocol's fractions are
 checked by `make_split`, the first step of every build.
 """
@@ -29,11 +29,11 @@ from typing import Any, Callable, Union
 
 from fedtina.config import BackboneConfig, CoreConfig, DatasetConfig, HeadTrainConfig, TinaConfig, ZooConfig, from_dict
 from fedtina.errors import FedtinaError
-from fedtina.federation.aggregation import AggregationConfig
-from fedtina.federation.checks import HeadCheckConfig
-from fedtina.federation.privacy import PrivacyConfig
-from fedtina.federation.partition import PartitionConfig, check_classes, check_config
-from fedtina.federation.runtime import Faults
+from fedtina.server.aggregation import AggregationConfig
+from fedtina.server.gate import HeadCheckConfig
+from fedtina.adversary.privacy import PrivacyConfig
+from fedtina.data.partition import PartitionConfig, check_classes, check_config
+from fedtina.runtime.spec import Faults
 
 MISSING = "???"  # Hydra's mandatory value, left as this string by OmegaConf.to_container
 
@@ -169,9 +169,9 @@ def validate_core_config(cfg: dict[str, Any]) -> None:
     """The core pipeline's sections (those present), then the rules across keys that would otherwise fail only
     after the backbone or the zoo was built."""
     from fedtina.assets import IMAGE_PROMPTS
-    from fedtina.backbone import BACKBONES
+    from fedtina.features.backbone import BACKBONES
     from fedtina.data import DATASETS
-    from fedtina.text import ENCODERS
+    from fedtina.features.text import ENCODERS
     from fedtina.tina.diffusion import PREDICTIONS, NoiseSchedule
     from fedtina.tina.train import check_objective
 
@@ -252,9 +252,9 @@ def validate_simulate_config(cfg: dict[str, Any]) -> None:
 
 def _check_attacks(cfg: dict[str, Any], part: PartitionConfig) -> None:
     """The poison kind, and the aggregation rule against the updates a round gets (sampled old clients)."""
-    from fedtina.federation import aggregation
-    from fedtina.federation.attacks import HEAD_ATTACKS
-    from fedtina.federation.partition import new_clients
+    from fedtina.server import aggregation
+    from fedtina.adversary.attacks import HEAD_ATTACKS
+    from fedtina.data.partition import new_clients
 
     faults = from_dict(Faults, cfg.get("faults"))
     if faults.poison_clients:
@@ -267,8 +267,8 @@ def _check_attacks(cfg: dict[str, Any], part: PartitionConfig) -> None:
 
 
 def _check_loggers(loggers: Any) -> None:
-    """`loggers`: a list of fedtina.federation.loggers.LOGGERS; wandb only where the package is installed."""
-    from fedtina.federation.loggers import LOGGERS
+    """`loggers`: a list of fedtina.report.loggers.LOGGERS; wandb only where the package is installed."""
+    from fedtina.report.loggers import LOGGERS
 
     if loggers is None:
         return
@@ -371,7 +371,7 @@ def one_of(key: str, value: Any, valid) -> None:
 
 def validate_partition(cfg: dict[str, Any], dataset, split) -> None:
     """The partition (`cfg["partition"]`, `cfg["clients"]`) and the zoo's task size against the loaded dataset and
-    its protocol split: the partition's own rules (fedtina.federation.partition.check_classes) on the real class
+    its protocol split: the partition's own rules (fedtina.data.partition.check_classes) on the real class
     counts, so a dataset too small for them fails in seconds instead of after the backbone trained."""
     n_seen, n_unseen = len(split.seen), len(split.unseen)
     where = f"dataset {dataset.name!r} has {n_seen} seen and {n_unseen} unseen classes"

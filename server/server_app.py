@@ -1,7 +1,7 @@
 """fedtina's ServerApp (Flower Message API). It hosts Tina and the run's zoo and plays the requested methods one after
 the other on the same clients; the loops live in `fedtina.methods`, one module per method.
 
-Started by `python -m fedtina.simulate` (through `fedtina.federation.launch.run`), it runs in a thread of the driver
+Started by `python -m fedtina.simulate` (through `fedtina.runtime.launch.run`), it runs in a thread of the driver
 and reads the driver's RunSpec. Under `flwr run` it rebuilds the spec from `--run-config 'run-dir="<run dir>"'`.
 """
 
@@ -12,8 +12,8 @@ import logging
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedtina.federation.federation import run_all
-from fedtina.federation.runtime import get_run_spec, spec_from_run_config
+from fedtina.server.federation import run_all
+from fedtina.runtime.spec import get_run_spec, spec_from_run_config
 
 app = ServerApp()
 log = logging.getLogger("fedtina.federation")

@@ -10,11 +10,11 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedtina.errors import FedtinaError
-from fedtina.federation.attacks import (HEAD_ATTACKS, Attack, mislabel, poison_head, poison_update,
+from fedtina.adversary.attacks import (HEAD_ATTACKS, Attack, mislabel, poison_head, poison_update,
                                         targeted_pair)
-from fedtina.federation.privacy import PrivacyConfig, clip_and_noise, fedavg_epsilon, upload_epsilon
-from fedtina.federation.runtime import arrays_record, head_record, record_arrays, record_head
-from fedtina.heads import Head
+from fedtina.adversary.privacy import PrivacyConfig, clip_and_noise, fedavg_epsilon, upload_epsilon
+from fedtina.runtime.spec import arrays_record, head_record, record_arrays, record_head
+from fedtina.zoo.heads import Head
 
 NAMES = ("a", "b", "c", "d")
 
@@ -115,7 +115,7 @@ def _reply_with(head: Head):
 
 
 def test_attack_mod_poisons_only_the_listed_clients_training_replies(task_identity):
-    from fedtina.federation.mods import attack_mod
+    from fedtina.adversary.mods import attack_mod
 
     sent, tuned = _head(0), _head(1)
     msg = _finetune_msg(sent, {"poison_clients": [2], "poison_kind": "sign_flip"})
@@ -133,7 +133,7 @@ def test_attack_mod_poisons_only_the_listed_clients_training_replies(task_identi
 
 
 def test_upload_privacy_mod_clips_and_noises_the_change(task_identity):
-    from fedtina.federation.mods import upload_privacy_mod
+    from fedtina.adversary.mods import upload_privacy_mod
 
     sent, tuned = _head(0), _head(1)
     msg = _finetune_msg(sent, {"upload_clip": 0.5, "upload_noise": 0.0, "round": 1})
@@ -177,9 +177,9 @@ def test_epsilon_from_flowers_accountant():
 @pytest.fixture(scope="module")
 def world(tiny):
     from fedtina.config import HeadTrainConfig
-    from fedtina.federation.checks import HeadCheckConfig
-    from fedtina.federation.partition import PartitionConfig
-    from fedtina.uploads import finetune, make_world, serve
+    from fedtina.server.gate import HeadCheckConfig
+    from fedtina.data.partition import PartitionConfig
+    from fedtina.tina.service import finetune, make_world, serve
 
     _, assets = tiny
     w = make_world(assets, 12, PartitionConfig(k_min=3, k_max=5, unseen_per_client=1, new_share=0.25),
@@ -195,9 +195,9 @@ def test_world_splits_contributors_and_probes(world):
 
 
 def test_probe_scores_and_collusion(world):
-    from fedtina.bench_attacks import AttackRow, play
+    from fedtina.experiments.attacks import AttackRow, play
     from fedtina.config import HeadTrainConfig
-    from fedtina.uploads import probe
+    from fedtina.tina.service import probe
 
     w, sent, honest = world
     scores = probe(w.assets.tina, w)

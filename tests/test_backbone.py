@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-import fedtina.backbone as bb
+import fedtina.features.backbone as bb
 from fedtina.config import BackboneConfig
 from fedtina.data.base import ImageDataset
 from fedtina.errors import CorruptFileError, FedtinaError, UnknownClassError
@@ -18,7 +18,7 @@ COLOURS = np.array([[230, 40, 40], [40, 200, 60], [40, 70, 230], [230, 220, 40],
 
 @dataclass
 class FakeSplit:
-    """Stands in for fedtina.protocol.ProtocolSplit (same fields, same `key` property)."""
+    """Stands in for fedtina.data.split.ProtocolSplit (same fields, same `key` property)."""
 
     seen: np.ndarray
     unseen: np.ndarray

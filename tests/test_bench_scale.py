@@ -1,4 +1,4 @@
-"""fedtina.bench_scale: the growth fit, a run's row from its run dir, the table. Offline, no simulation."""
+"""fedtina.experiments.scale: the growth fit, a run's row from its run dir, the table. Offline, no simulation."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from fedtina.bench_scale import MemorySampler, format_table, growth_exponent, measure
+from fedtina.experiments.scale import MemorySampler, format_table, growth_exponent, measure
 
 
 def test_growth_exponent_recovers_a_power_law():

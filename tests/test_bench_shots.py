@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedtina.bench_shots import check_shots, draw_shots, format_shots, imprint_heads
+from fedtina.experiments.shots import check_shots, draw_shots, format_shots, imprint_heads
 from fedtina.errors import FedtinaError
-from fedtina.heads import accuracy
+from fedtina.zoo.heads import accuracy
 
 
 def test_draws_take_n_per_class_deterministically_and_only_from_the_training_part():
@@ -51,7 +51,7 @@ def test_text_baselines_recover_a_linear_name_to_row_world():
     retrieval returns the zoo's mean row of a seen class."""
     from types import SimpleNamespace
 
-    from fedtina.bench_baselines import TextBaselines, wrong_names
+    from fedtina.experiments.baselines import TextBaselines, wrong_names
 
     rng = np.random.default_rng(0)
     names = [f"c{i}" for i in range(40)]
@@ -86,8 +86,8 @@ def test_text_baselines_recover_a_linear_name_to_row_world():
 def test_samples_of_tina_best_and_mean():
     from types import SimpleNamespace
 
-    from fedtina.bench import BenchTask, samples_of_tina
-    from fedtina.heads import Head
+    from fedtina.experiments.bench import BenchTask, samples_of_tina
+    from fedtina.zoo.heads import Head
 
     x = np.eye(2, dtype=np.float32)
     y = np.array([0, 1])
@@ -108,10 +108,10 @@ def test_samples_of_tina_best_and_mean():
 def test_novelty_is_zero_for_a_generator_that_copies_the_zoo():
     from types import SimpleNamespace
 
-    from fedtina.bench import BenchTask
-    from fedtina.bench_baselines import novelty
+    from fedtina.experiments.bench import BenchTask
+    from fedtina.experiments.baselines import novelty
     from fedtina.config import HeadTrainConfig
-    from fedtina.heads import Head
+    from fedtina.zoo.heads import Head
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((40, 4)).astype(np.float32)

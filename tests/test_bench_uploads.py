@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedtina.bench_uploads import BINS, bin_label, bin_of, near_names, recalls
-from fedtina.heads import Head, RowBank
+from fedtina.experiments.uploads import BINS, bin_label, bin_of, near_names, recalls
+from fedtina.zoo.heads import Head, RowBank
 
 
 def test_row_bank_means_uploaded_rows_and_falls_back():
@@ -33,7 +33,7 @@ def test_bins_and_near_names():
 
 
 def test_recalls_per_class():
-    from fedtina.federation.client_ops import ClientData
+    from fedtina.client.ops import ClientData
 
     x = np.array([[1, 0], [1, 0], [0, 1], [1, 0]], np.float32)
     data = ClientData((0, 1), ("a", "b"), x, np.array([0, 0, 1, 1]), x, np.array([0, 0, 1, 1]), np.array([0, 0, 1, 1]))
@@ -45,7 +45,7 @@ def test_recalls_per_class():
 def test_two_cohorts_on_the_tiny_assets(tiny):
     from simkit import compose
 
-    from fedtina.bench_uploads import run, summarize
+    from fedtina.experiments.uploads import run, summarize
     from fedtina.simulate import _plain
 
     cache, assets = tiny

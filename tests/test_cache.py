@@ -22,7 +22,7 @@ from fedtina.assets import build_assets, zoo_key
 from fedtina.config import (BackboneConfig, CoreConfig, DatasetConfig, EncoderConfig, HeadTrainConfig, TinaConfig,
                             ZooConfig)
 from fedtina.errors import CorruptFileError
-from fedtina.zoo import ZooStore
+from fedtina.zoo.store import ZooStore
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -138,7 +138,7 @@ def test_damaged_tina_checkpoint_is_named(copy, damage):
 
 
 def test_damaged_feature_bank_is_re_extracted_not_retrained(copy, monkeypatch):
-    import fedtina.backbone as bb
+    import fedtina.features.backbone as bb
 
     npz = copy.backbone.parent / "features.npz"
     npz.write_bytes(npz.read_bytes()[:1000])

@@ -20,7 +20,7 @@ from fedtina.data import cifar, folder, shapes
 from fedtina.data.folder import load_class_folder, write_dataset_npz
 from fedtina.errors import DatasetUnavailableError, FedtinaError
 from fedtina.io import cache_lock
-from fedtina.protocol import make_split
+from fedtina.data.split import make_split
 
 # ----------------------------------------------------------------------------------------------------------------
 # shapes

@@ -11,7 +11,7 @@ import pytest
 from simkit import compose, summary
 
 from fedtina.errors import FedtinaError
-from fedtina.federation.deployment import Deployment, fresh_replay
+from fedtina.runtime.deployment import Deployment, fresh_replay
 
 METHODS = "method.names=[tina,selection,fedavg]"
 

@@ -12,7 +12,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from fedtina import bench, generate
+from fedtina.experiments import bench
+from fedtina import generate
 from fedtina.errors import CorruptFileError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -59,7 +60,7 @@ def test_bench_reports_every_row_and_tina_beats_chance(report):
 
 @pytest.mark.slow
 def test_bench_shots_axis_has_every_row_at_every_n(report, tmp_path):
-    from fedtina.bench_shots import SHOT_ROWS
+    from fedtina.experiments.shots import SHOT_ROWS
 
     shots = report["shots"]
     assert list(shots) == ["0", "1", "2", "5", "10", "all"]

@@ -14,26 +14,26 @@ import pytest
 from fedtina.config import HeadTrainConfig
 from fedtina.data.base import ImageDataset
 from fedtina.errors import CorruptFileError, FedtinaError, LabelSetError, UnknownClassError
-from fedtina.federation.checks import CheckResult, HeadCheckConfig, check_head, server_val_data
-from fedtina.federation.client_ops import (
+from fedtina.server.gate import CheckResult, HeadCheckConfig, check_head, server_val_data
+from fedtina.client.ops import (
     ClientData, evaluate_head, fedavg_local_train, finetune_local, load_client_data, load_client_images,
     restrict_head, softmax_xent,
 )
-from fedtina.federation.partition import (
+from fedtina.data.partition import (
     Partition, PartitionConfig, load_partition, make_partition, save_partition,
 )
-from fedtina.federation.profiling import (
+from fedtina.report.profiling import (
     PHASES, PhaseRecord, PhaseTimer, from_config, records_from_config, records_to_config, to_config,
 )
-from fedtina.federation.report import ClientResult, format_by_labels, format_table, summarize, write_report
-from fedtina.heads import Head
+from fedtina.report.summary import ClientResult, format_by_labels, format_table, summarize, write_report
+from fedtina.zoo.heads import Head
 
 N_CLASSES, PER_CLASS, DIM = 12, 40, 8
 
 
 @dataclass
 class FakeSplit:
-    """Same fields as fedtina.protocol.ProtocolSplit (duck-typed), built by hand so the test fixes every part."""
+    """Same fields as fedtina.data.split.ProtocolSplit (duck-typed), built by hand so the test fixes every part."""
 
     seen: np.ndarray
     unseen: np.ndarray
@@ -99,7 +99,7 @@ def test_partition_constraints():
 
 
 def test_divide_follows_the_shares():
-    from fedtina.federation.partition import _divide
+    from fedtina.data.partition import _divide
 
     rng = np.random.default_rng(0)
     spread = {}
@@ -222,7 +222,7 @@ def test_partition_plot_stays_small_with_many_clients(tmp_path):
     """A column per client up to max_shown; above it an evenly spaced sample, so the figure's width is bounded."""
     import matplotlib.image
 
-    from fedtina.federation.report import plot_partition
+    from fedtina.report.summary import plot_partition
 
     ds, split, _, _ = make_world()
     widths = {}
@@ -233,7 +233,7 @@ def test_partition_plot_stays_small_with_many_clients(tmp_path):
 
 
 def test_partition_with_the_real_protocol_split():
-    protocol = pytest.importorskip("fedtina.protocol")
+    protocol = pytest.importorskip("fedtina.data.split")
     from fedtina.config import ProtocolConfig
 
     ds, _, _, _ = make_world()
@@ -388,7 +388,7 @@ def test_restrict_head_and_fedavg_local_train(run_dir):
 
 
 def _finetune_heads_available() -> bool:
-    import fedtina.heads as heads
+    import fedtina.zoo.heads as heads
     return hasattr(heads, "finetune_heads")
 
 
@@ -409,9 +409,9 @@ def test_finetune_local_improves_a_noisy_head(run_dir):
 
 
 def test_the_image_model_trains_what_it_is_told(run_dir):
-    """fedtina.federation.body: the whole model, the body under a frozen head, a proximal pull, a logit shift."""
+    """fedtina.client.image_model: the whole model, the body under a frozen head, a proximal pull, a logit shift."""
     from fedtina.config import BackboneConfig
-    from fedtina.federation import body
+    from fedtina.client import image_model as body
 
     path, ds, part, _, _ = run_dir
     imgs = load_client_images(str(path / "images.npy"), str(path / "partition.json"), 0)
@@ -525,7 +525,7 @@ def _rows_head(means, spec, rows=None) -> Head:
 
 
 def test_poison_kinds():
-    from fedtina.federation.attacks import Attack, flip_pair, poison_head
+    from fedtina.adversary.attacks import Attack, flip_pair, poison_head
 
     rng = np.random.default_rng(0)
     head = Head(("a", "b", "c", "d"), rng.normal(size=(4, 3)).astype(np.float32),
@@ -551,7 +551,7 @@ def test_poison_kinds():
 
 
 def test_mislabel_moves_a_share_of_labels_to_the_next_class(run_dir):
-    from fedtina.federation.attacks import mislabel
+    from fedtina.adversary.attacks import mislabel
 
     data = _client(run_dir, 0)
     before = data.train_y.copy()
@@ -570,7 +570,7 @@ def test_mislabel_moves_a_share_of_labels_to_the_next_class(run_dir):
 def test_check_head_refuses_a_label_flip_of_seen_classes(run_dir):
     """One pair of rows swapped under the same names: with the mean-accuracy check out of the way (max_acc_drop=1)
     the per-class check refuses it and names the pair; a bias that only shifts a class prior is no swap."""
-    from fedtina.federation.attacks import Attack, flip_pair, poison_head
+    from fedtina.adversary.attacks import Attack, flip_pair, poison_head
 
     _, _, part, _, means = run_dir
     spec = next(c for c in part.clients if not c.has_unseen)
@@ -599,7 +599,7 @@ def test_check_head_refuses_a_label_flip_of_seen_classes(run_dir):
 def test_the_gate_on_each_attack_kind(run_dir, kind):
     """Every attack of the bench's table against the gate, with enough held-out images: refused, except scaling
     (x0.1, x3), which keeps every prediction and so passes (its damage is nil: tests/test_attacks.py)."""
-    from fedtina.federation.attacks import Attack, poison_head
+    from fedtina.adversary.attacks import Attack, poison_head
 
     _, _, part, _, means = run_dir
     norm = float(np.linalg.norm(means[:9], axis=1).mean())
@@ -643,7 +643,7 @@ def test_check_head_accepts_honest_finetuned_and_refuses_mislabeled_heads(run_di
     """Every client's honest upload (the sent head, noisy, fine-tuned on its own data as tina_ft does) passes the
     default gate; a head fit to fully shifted labels (mislabel share 1, a fixed recipe: with `select` a client may
     keep the received head, which is no harm) is refused."""
-    from fedtina.federation.attacks import mislabel
+    from fedtina.adversary.attacks import mislabel
 
     _, _, part, _, means = run_dir
     ft = HeadTrainConfig(steps=30, lr=0.05, l2_to_init=1e-3, select=True)
@@ -672,9 +672,9 @@ def test_simulate_yaml_matches_the_gate_and_fault_defaults():
 
     from omegaconf import OmegaConf
 
-    from fedtina.federation.aggregation import AggregationConfig
-    from fedtina.federation.privacy import PrivacyConfig
-    from fedtina.federation.runtime import Faults
+    from fedtina.server.aggregation import AggregationConfig
+    from fedtina.adversary.privacy import PrivacyConfig
+    from fedtina.runtime.spec import Faults
 
     yaml = OmegaConf.to_container(OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "simulate.yaml"))
     assert yaml["checks"] == asdict(HeadCheckConfig())
@@ -790,7 +790,7 @@ def test_summarize_matches_numpy():
 def test_old_and_new_clients_apart_and_the_curve():
     """Old clients' final round and new clients' one result, each with mean, std, worst 10%, min; the curve is
     the old clients' mean per round; unserved clients count apart and never enter a mean."""
-    from fedtina.federation.report import rounds_to
+    from fedtina.report.summary import rounds_to
 
     rng = np.random.default_rng(0)
     results = []
@@ -862,7 +862,7 @@ def test_client_rows_say_whether_the_upload_was_accepted(tmp_path):
 
 def test_pair_aucs_equal_the_pairwise_definition_ties_included():
     """The vectorised per-class AUCs of the gate against the definition, pair by pair (integer logits: many ties)."""
-    from fedtina.federation.checks import pair_aucs
+    from fedtina.server.gate import pair_aucs
 
     rng = np.random.default_rng(4)
     for k in (2, 3, 7):

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from fedtina import generate
-from fedtina.backbone import build_backbone
+from fedtina.features.backbone import build_backbone
 from fedtina.config import BackboneConfig
 from fedtina.errors import FedtinaError, LabelSetError
 from fedtina.generate import PersonalizedClassifier, as_images, check_label_set, check_out_path
-from fedtina.heads import Head
+from fedtina.zoo.heads import Head
 
 
 @pytest.fixture

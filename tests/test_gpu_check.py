@@ -1,9 +1,9 @@
-"""fedtina.gpu_check: every stage runs and is timed (on the CPU here, on CUDA where there is one); asking for CUDA
+"""fedtina.experiments.gpu_check: every stage runs and is timed (on the CPU here, on CUDA where there is one); asking for CUDA
 without one is one clear line."""
 
 from __future__ import annotations
 
-from fedtina import gpu_check
+from fedtina.experiments import gpu_check
 
 
 def test_every_stage_runs_and_is_timed_on_the_cpu(tiny):

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-import fedtina.heads as heads_mod
+import fedtina.zoo.heads as heads_mod
 from fedtina.config import HeadTrainConfig
 from fedtina.errors import FedtinaError, LabelSetError, UnknownClassError
-from fedtina.heads import (Head, OracleGrid, _check_tasks, _grad, _objective, _pack, _pull_terms, accuracy,
+from fedtina.zoo.heads import (Head, OracleGrid, _check_tasks, _grad, _objective, _pack, _pull_terms, accuracy,
                            finetune_heads, generic_rows, oracle_heads, oracle_search, selection_head,
                            stratified_split, train_scratch_heads)
 

@@ -1,11 +1,11 @@
-"""fedtina.federation.linkstate_index: Flower's in-memory LinkState with a per-node index gives the simulation engine
+"""fedtina.runtime.linkstate_index: Flower's in-memory LinkState with a per-node index gives the simulation engine
 the same messages, in the same order, as the original full scan. Offline, no Ray."""
 
 from __future__ import annotations
 
 import pytest
 
-from fedtina.federation import linkstate_index
+from fedtina.runtime import linkstate_index
 
 
 def _state(n_nodes: int):

@@ -14,7 +14,7 @@ from simkit import by_client, compose, summary
 
 @pytest.mark.slow
 def test_every_method_serves_old_and_new_clients(tiny, tmp_path):
-    from fedtina.federation.partition import load_partition
+    from fedtina.data.partition import load_partition
     from fedtina.methods import REGISTRY
     from fedtina.simulate import run
 
@@ -106,7 +106,7 @@ def test_method_yaml_blocks_match_the_options_dataclasses():
 def test_context_state_round_trip_and_note():
     from flwr.app import ConfigRecord, RecordDict
 
-    from fedtina.federation.client_call import ClientCall
+    from fedtina.client.call import ClientCall
 
     state = RecordDict()
     first = ClientCall(RecordDict(), ConfigRecord({"server-round": 3}), 0, state)
@@ -121,8 +121,8 @@ def test_context_state_round_trip_and_note():
 def test_pfedhn_starts_at_the_generic_head_and_fits_a_new_embedding():
     import torch
 
-    from fedtina.federation.client_ops import ClientData, evaluate_head
-    from fedtina.heads import Head
+    from fedtina.client.ops import ClientData, evaluate_head
+    from fedtina.zoo.heads import Head
     from fedtina.methods.pfedhn import HyperNet, fit_embedding
 
     rng = np.random.default_rng(0)
@@ -173,9 +173,9 @@ def test_tina_bank_serves_uploaded_rows_over_generated_ones(tiny, tmp_path):
     entries (what a resumed run has)."""
     from types import SimpleNamespace
 
-    from fedtina.heads import Head
+    from fedtina.zoo.heads import Head
     from fedtina.methods.tina import TinaOptions, generate, uploaded_rows
-    from fedtina.zoo import ZooEntry, ZooStore
+    from fedtina.zoo.store import ZooEntry, ZooStore
 
     _, assets = tiny
     names = list(assets.dataset.class_names)

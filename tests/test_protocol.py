@@ -11,7 +11,7 @@ import pytest
 from fedtina.config import ProtocolConfig
 from fedtina.data.base import ImageDataset
 from fedtina.errors import FedtinaError
-from fedtina.protocol import ProtocolSplit, make_split, part_sizes, sample_ood_tasks, sample_tasks
+from fedtina.data.split import ProtocolSplit, make_split, part_sizes, sample_ood_tasks, sample_tasks
 
 SIZES = [2, 3, 5, 7, 8, 9, 13, 20, 40, 11, 6, 30]   # images per class, deliberately uneven and some tiny
 

@@ -12,7 +12,7 @@ from fedtina.errors import FedtinaError
 
 
 def _final_head(out) -> np.ndarray:
-    from fedtina.federation.rundir import RunDir
+    from fedtina.runtime.rundir import RunDir
 
     h = RunDir(out).checkpoint()["progress"]["fedavg_head"]
     return np.concatenate([np.asarray(h["weight"], np.float32).ravel(), np.asarray(h["bias"], np.float32)])
@@ -32,7 +32,7 @@ def _run(tiny, tmp_path, name: str, clients: int, *overrides: str) -> tuple[np.n
 
 @pytest.fixture(scope="module")
 def init(tiny):
-    from fedtina.heads import generic_rows, selection_head
+    from fedtina.zoo.heads import generic_rows, selection_head
 
     _, assets = tiny
     names = tuple(assets.dataset.class_names)
@@ -46,8 +46,8 @@ ATTACK = ("faults.poison_clients=[3]", "faults.poison_kind=sign_flip", "faults.p
 def _steps(out, init: np.ndarray, attacker: int, factor: float) -> tuple[float, float]:
     """(norm of the example-weighted mean of the honest clients' FedAvg steps, norm of FedAvg's step with the
     attacker's negated, scaled step in it), computed here from a run's inputs: the numpy step the ClientApps run."""
-    from fedtina.federation import client_ops
-    from fedtina.federation.partition import load_partition
+    from fedtina.client import ops as client_ops
+    from fedtina.data.partition import load_partition
 
     feats = np.load(out / "features.npy")
     d = feats.shape[1]

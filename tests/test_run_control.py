@@ -16,8 +16,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from fedtina.errors import FedtinaError
-from fedtina.federation.grid import GuardedGrid, Interrupted, StopFlag
-from fedtina.federation.rundir import RunDir, find_resumable
+from fedtina.runtime.grid import GuardedGrid, Interrupted, StopFlag
+from fedtina.runtime.rundir import RunDir, find_resumable
 
 
 @dataclass
@@ -135,7 +135,7 @@ def test_a_run_dir_is_held_by_one_process(tmp_path):
     first = RunDir(tmp_path)
     first.acquire()
     first.mark("running")
-    code = ("import sys; from fedtina.federation.rundir import RunDir\n"
+    code = ("import sys; from fedtina.runtime.rundir import RunDir\n"
             "try:\n    RunDir(sys.argv[1]).acquire()\nexcept Exception as e:\n    print(e); sys.exit(3)\n")
     other = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
     assert other.returncode == 3 and "in use by another fedtina process" in other.stdout

@@ -131,7 +131,7 @@ def test_sigkill_then_resume_ends_with_the_report_of_an_uninterrupted_run(tiny, 
     done_before = _checkpoint(run_dir)["progress"]
     assert "fedavg" not in done_before["done"], "the run finished before it could be killed"
     assert not (run_dir / "summary.json").exists()
-    from fedtina.federation.rundir import RunDir
+    from fedtina.runtime.rundir import RunDir
 
     assert RunDir(run_dir).state() == "killed"
     deadline = time.monotonic() + 20
@@ -164,7 +164,7 @@ def test_sigkill_then_resume_ends_with_the_report_of_an_uninterrupted_run(tiny, 
 def test_resources_no_actor_can_get_fail_before_the_simulation_starts():
     import ray
 
-    from fedtina.federation import launch
+    from fedtina.runtime import launch
 
     backend = launch.backend_config({"num_cpus": 4, "num_gpus": 0.0, "init_num_cpus": 1})
     try:

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from fedtina.errors import FedtinaError
-from fedtina.federation import launch
-from fedtina.federation.runtime import RunSpec, get_run_spec, set_run_spec, spec_from_run_config
+from fedtina.runtime import launch
+from fedtina.runtime.spec import RunSpec, get_run_spec, set_run_spec, spec_from_run_config
 from simkit import by_client as _by_client, compose as _compose, summary as _summary
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -30,7 +30,7 @@ from simkit import by_client as _by_client, compose as _compose, summary as _sum
 def test_compare_every_method_on_the_same_clients(tiny, tmp_path):
     from fedtina.simulate import run
     from fedtina.tina.train import load_checkpoint
-    from fedtina.zoo import ZooStore
+    from fedtina.zoo.store import ZooStore
 
     cache, assets = tiny
     cached_zoo = len(ZooStore(assets.zoo_dir))
@@ -98,7 +98,7 @@ def test_compare_every_method_on_the_same_clients(tiny, tmp_path):
 @pytest.mark.slow
 def test_faults_failed_refused_and_unknown_class_do_not_stop_the_run(tiny, tmp_path):
     from fedtina.simulate import run
-    from fedtina.zoo import ZooStore
+    from fedtina.zoo.store import ZooStore
 
     cache, assets = tiny
     cached_zoo = len(ZooStore(assets.zoo_dir))
@@ -228,7 +228,7 @@ def test_clients_with_label_budgets_and_image_prompts(tiny, tmp_path):
     """Label budgets 0 / 1 / 2 per class, round robin; clients describe their classes by names and the mean of
     their labelled images: a budget-0 client is served from its names only, uploads nothing, and the methods that
     fit on labels report it unserved instead of falling back."""
-    from fedtina.federation.partition import load_partition
+    from fedtina.data.partition import load_partition
     from fedtina.simulate import run
 
     cache, assets = tiny
@@ -251,7 +251,7 @@ def test_clients_with_label_budgets_and_image_prompts(tiny, tmp_path):
         assert doc["summary"]["methods"][m]["old_clients"]["n_unserved"] == (2 if zero else 0), m
     ft = _by_client(doc, "tina_ft")
     assert all(ft[c]["upload"] in ("accepted", "refused") for c in (1, 2, 4, 5)), ft
-    from fedtina.federation.report import format_by_labels
+    from fedtina.report.summary import format_by_labels
 
     table = format_by_labels(outcome.summary, "old_clients")
     assert "labels   0" in table and "unserved" in table.splitlines()[[ln.split()[0] for ln in
@@ -266,7 +266,7 @@ def test_the_launcher_finds_the_apps_as_flwr_run_does():
     from flwr.client import ClientApp
     from flwr.server import ServerApp
 
-    from fedtina.federation import launch
+    from fedtina.runtime import launch
 
     components = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["flwr"]["app"][
         "components"]
@@ -282,7 +282,8 @@ def test_the_clientapp_goes_to_the_actors_by_name():
 
     from ray import cloudpickle
 
-    from fedtina.federation import app_by_name, launch
+    from fedtina.runtime import app_by_name
+    from fedtina.runtime import launch
 
     app = launch.load_app(launch.APPS["clientapp"])
 

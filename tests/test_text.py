@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import fedtina.net
-import fedtina.text as tx
+import fedtina.features.text as tx
 from fedtina.config import EncoderConfig
 from fedtina.errors import CorruptFileError, EncoderUnavailableError, FedtinaError
 

@@ -1,5 +1,5 @@
 """Tina's variants and the analyses: regression instead of diffusion (the bench's tina_regress), sentence
-prompts (fedtina/data/descriptions.py), and `python -m fedtina.analyses` at toy size."""
+prompts (fedtina/data/descriptions.py), and `python -m fedtina.experiments.analyses` at toy size."""
 
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ def test_analyses_sample_steps_and_descriptions(tmp_path):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from fedtina import analyses
+    from fedtina.experiments import analyses
     from test_end_to_end import CONFIGS, TINY
 
     def run(*overrides: str) -> dict:
@@ -187,10 +187,10 @@ class FakeClip:
 @pytest.mark.slow
 def test_clip_image_prompts_through_the_pipeline(tmp_path, monkeypatch):
     sys.path.insert(0, str(Path(__file__).parent))
-    from fedtina import text
+    from fedtina.features import text
     from fedtina.assets import build_assets
-    from fedtina.bench_shots import shot_rows
-    from fedtina.bench import sample_task_sets, selection_heads, task_data
+    from fedtina.experiments.shots import shot_rows
+    from fedtina.experiments.bench import sample_task_sets, selection_heads, task_data
     from fedtina.config import BenchConfig, CoreConfig, from_dict
     from fedtina.validate import validate_core_config
     from simkit import compose
@@ -226,8 +226,8 @@ def test_clip_image_prompts_through_the_pipeline(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["fedtina.bench", "dataset.name=mnist"], "dataset.name='mnist' is invalid"),
-    (["fedtina.analyses", "analysis.name=volume"], "unknown analysis 'volume'"),
+    (["fedtina.experiments.bench", "dataset.name=mnist"], "dataset.name='mnist' is invalid"),
+    (["fedtina.experiments.analyses", "analysis.name=volume"], "unknown analysis 'volume'"),
 ])
 def test_report_commands_fail_in_one_line(argv, message, tmp_path):
     import subprocess

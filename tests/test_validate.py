@@ -22,7 +22,7 @@ from fedtina import validate
 from fedtina.config import ProtocolConfig
 from fedtina.data.base import ImageDataset
 from fedtina.errors import FedtinaError
-from fedtina.protocol import make_split
+from fedtina.data.split import make_split
 from fedtina.validate import validate_partition, validate_simulate_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fedtina.errors import FedtinaError
-from fedtina.federation.loggers import RunLoggers
+from fedtina.report.loggers import RunLoggers
 from fedtina.progress import Meter
 
 

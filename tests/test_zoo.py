@@ -15,10 +15,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-import fedtina.zoo as zoo
+import fedtina.zoo.store as zoo
 from fedtina.config import HeadTrainConfig, ZooConfig
 from fedtina.errors import CorruptFileError, FedtinaError, LabelSetError
-from fedtina.zoo import ZooEntry, ZooStore, build_zoo
+from fedtina.zoo.store import ZooEntry, ZooStore, build_zoo
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -160,8 +160,8 @@ def test_crash_between_blob_write_and_index_insert(tmp_path, monkeypatch):
 CHILD = textwrap.dedent("""
     import os, sys
     import numpy as np
-    import fedtina.zoo as zoo
-    from fedtina.zoo import ZooEntry, ZooStore
+    import fedtina.zoo.store as zoo
+    from fedtina.zoo.store import ZooEntry, ZooStore
 
     root, where = sys.argv[1], sys.argv[2]
     def entry(seed):

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 
 from flwr.serverapp.strategy import FedAvg
 
-from fedtina.federation import body
-from fedtina.federation.client_call import ClientCall, scored, update
-from fedtina.federation.federation import Federation, Progress
-from fedtina.federation.runtime import arrays_record
-from fedtina.federation.strategy import start
+from fedtina.client import image_model as body
+from fedtina.client.call import ClientCall, scored, update
+from fedtina.server.federation import Federation, Progress
+from fedtina.runtime.spec import arrays_record
+from fedtina.server.strategy import start
 from fedtina.methods.fedavg_full import full_model_state
 from fedtina.methods.registry import Method, register
 

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.serverapp.strategy import FedAvg
 
-from fedtina.federation import client_ops
-from fedtina.federation.client_call import ClientCall, scored, update
-from fedtina.federation.federation import Federation, MethodFailed, Progress
-from fedtina.federation.runtime import head_record, record_head
-from fedtina.federation.strategy import start
-from fedtina.heads import Head, selection_head
+from fedtina.client import ops as client_ops
+from fedtina.client.call import ClientCall, scored, update
+from fedtina.server.federation import Federation, MethodFailed, Progress
+from fedtina.runtime.spec import head_record, record_head
+from fedtina.server.strategy import start
+from fedtina.zoo.heads import Head, selection_head
 from fedtina.methods.registry import Method, register
 
 

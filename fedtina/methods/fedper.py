@@ -3,10 +3,10 @@ body only, the head stays with the client (`Context.state`)."""
 
 from __future__ import annotations
 
-from fedtina.federation import body
-from fedtina.federation.client_call import ClientCall, update
-from fedtina.federation.federation import Federation, Progress
-from fedtina.methods import personal
+from fedtina.client import image_model as body
+from fedtina.client.call import ClientCall, update
+from fedtina.server.federation import Federation, Progress
+from fedtina.methods.shared import personal
 from fedtina.methods.registry import Method, register
 
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 from flwr.serverapp.strategy import FedProx
 
-from fedtina.federation import body
-from fedtina.federation.federation import Federation, Progress
+from fedtina.client import image_model as body
+from fedtina.server.federation import Federation, Progress
 from fedtina.methods import fedavg_full
 from fedtina.methods.registry import Method, register
 

@@ -1,15 +1,15 @@
 """FedRep (Collins et al., 2021): each round the client first fits its personal head with the body frozen, then
 trains the body with that head frozen; the server averages the body only. The head fit runs on body features
-(fedtina.heads, `head_steps` full-batch steps)."""
+(fedtina.zoo.heads, `head_steps` full-batch steps)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from fedtina.federation import body
-from fedtina.federation.client_call import ClientCall, update
-from fedtina.federation.federation import Federation, Progress
-from fedtina.methods import personal
+from fedtina.client import image_model as body
+from fedtina.client.call import ClientCall, update
+from fedtina.server.federation import Federation, Progress
+from fedtina.methods.shared import personal
 from fedtina.methods.registry import Method, register
 
 

@@ -3,7 +3,7 @@ per-client oracle of what a client's labels alone can buy."""
 
 from __future__ import annotations
 
-from fedtina.federation.federation import Federation, Progress
+from fedtina.server.federation import Federation, Progress
 from fedtina.methods.registry import Method, register
 
 ZERO = "fits the head on the client's labels; this client has none"

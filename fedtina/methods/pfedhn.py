@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedtina.federation import client_ops
-from fedtina.federation.client_call import ClientCall, scored
-from fedtina.federation.federation import Federation, Progress
-from fedtina.federation.profiling import PhaseTimer
-from fedtina.federation.runtime import arrays_record, record_head
-from fedtina.heads import Head
+from fedtina.client import ops as client_ops
+from fedtina.client.call import ClientCall, scored
+from fedtina.server.federation import Federation, Progress
+from fedtina.report.profiling import PhaseTimer
+from fedtina.runtime.spec import arrays_record, record_head
+from fedtina.zoo.heads import Head
 from fedtina.methods.fedavg import global_head, restricted
 from fedtina.methods.registry import Method, register
 

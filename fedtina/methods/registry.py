@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any, Callable
 from fedtina.errors import FedtinaError
 
 if TYPE_CHECKING:
-    from fedtina.federation.client_call import ClientCall
-    from fedtina.federation.federation import Federation, Progress
+    from fedtina.client.call import ClientCall
+    from fedtina.server.federation import Federation, Progress
 
 # A client step: (call) -> (records for the reply, the accuracy it measured or None). The ClientApp wraps it with
 # the fault injection, the phase timer and the reply.

@@ -3,8 +3,8 @@ class with the nearest name). No training, no label: the cheap baseline every ge
 
 from __future__ import annotations
 
-from fedtina.federation.federation import Federation, Progress
-from fedtina.federation.profiling import PhaseTimer
+from fedtina.server.federation import Federation, Progress
+from fedtina.report.profiling import PhaseTimer
 from fedtina.methods.registry import Method, register
 
 

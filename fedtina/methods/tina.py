@@ -19,12 +19,12 @@ import numpy as np
 from flwr.app import Message
 
 from fedtina.errors import FedtinaError
-from fedtina.federation.checks import HeadCheckConfig, check_head, plausible_row_norm
-from fedtina.federation.federation import Federation, Progress, _mean_std
-from fedtina.federation.grid import PROGRESS_MIN
-from fedtina.federation.profiling import PhaseTimer
-from fedtina.federation.runtime import record_head
-from fedtina.heads import Head, RowBank
+from fedtina.server.gate import HeadCheckConfig, check_head, plausible_row_norm
+from fedtina.server.federation import Federation, Progress, _mean_std
+from fedtina.runtime.grid import PROGRESS_MIN
+from fedtina.report.profiling import PhaseTimer
+from fedtina.runtime.spec import record_head
+from fedtina.zoo.heads import Head, RowBank
 from fedtina.methods.registry import Method, register
 from fedtina.progress import Meter
 
@@ -73,7 +73,7 @@ def check_uploads(fed: Federation, ok: dict[int, Message], rnd: int, norm_scale:
     """Run every uploaded head through the server's gate, against the selection head and the head the server sent
     that node (`sent`): (accepted ZooEntries, number refused). The verdict and its reason also go on the client's
     tina_ft result of this round (`upload`, `upload_detail`)."""
-    from fedtina.zoo import ZooEntry
+    from fedtina.zoo.store import ZooEntry
 
     check_cfg = HeadCheckConfig(**fed.spec.checks)
     d = int(fed.assets.bank.features.shape[1])
@@ -113,7 +113,7 @@ def run_tina(fed: Federation, prog: Progress) -> None:
     accepted heads appended to the run's zoo, and a Tina refresh every `refresh_every` accepted heads. A checkpoint
     follows every cohort; a resumed run continues after the last one, with that point's zoo and Tina."""
     from fedtina.tina.train import load_checkpoint
-    from fedtina.zoo import ZooStore
+    from fedtina.zoo.store import ZooStore
 
     if prog.tina_zoo_size is not None:
         trim_run_zoo(Path(fed.spec.zoo_dir), prog.tina_zoo_size)
@@ -131,7 +131,7 @@ def trim_run_zoo(zoo_dir: Path, size: int) -> None:
     """Back to the checkpoint's zoo: a kill between a cohort's zoo append and its checkpoint leaves heads that the
     resumed cohort will upload again. The append-only store is rebuilt from its first `size` entries (same ids);
     the longer one is kept beside it, renamed."""
-    from fedtina.zoo import ZooStore
+    from fedtina.zoo.store import ZooStore
 
     with ZooStore(zoo_dir) as zoo:
         n = len(zoo)
@@ -274,7 +274,7 @@ def _validate(opts: TinaOptions, cfg: dict) -> None:
         raise FedtinaError(f"method.tina.prompt={opts.prompt} sends the class means of the clients' backbone features: "
                            f"it needs encoder.image_prompts=backbone (clients do not run the CLIP image tower)")
     from fedtina.config import from_dict
-    from fedtina.federation.partition import PartitionConfig, new_clients
+    from fedtina.data.partition import PartitionConfig, new_clients
 
     clients, rounds = cfg.get("clients"), cfg.get("rounds")
     if rounds is not None and clients is not None:

@@ -28,7 +28,7 @@ from fedtina.config import TinaConfig
 from fedtina.data.descriptions import as_text_prompt
 from fedtina.device import pick_device
 from fedtina.errors import FedtinaError, LabelSetError
-from fedtina.heads import Head
+from fedtina.zoo.heads import Head
 from fedtina.tina.diffusion import DDIMSampler, NoiseSchedule
 from fedtina.tina.layout import ParamLayout
 from fedtina.tina.model import TinaNet

@@ -1,0 +1,150 @@
+"""The shots axis of the benchmark: what n labelled images per class are worth, with and without training.
+
+For every task (the benchmark's ID and OOD sets) and n in `bench.shots`, n images per class are drawn from the
+task's zoo part (seeded by task and n, the same draws for every row; "all" = every zoo-part image). Rows:
+
+* `selection`, `tina` (name only) use no image (n = 0); `oracle` fine-tunes on every zoo-part image.
+* `tina_img` (images only) and `tina_text_img` (names and images): Tina prompted with the n shots, no training.
+* `imprint`: rows = the L2-normalised class means of the shots, scaled to the generic head's mean row norm, zero
+  bias (the classic zero-training baseline).
+* `local_ft`: the selection head fine-tuned on the shots; `tina_ft`: `tina_text_img`'s head fine-tuned on the same
+  shots. Both choose steps / lr / L2 on hold-outs of the shots (`heads.oracle_heads`; keeping the head is a
+  candidate); a task with one shot per class has nothing to hold out and keeps `bench.tina_ft`'s recipe.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+
+from fedtina.errors import FedtinaError
+from fedtina.zoo.heads import Head, finetune_heads, oracle_heads
+
+SHOT_ROWS = ("tina_img", "tina_text_img", "imprint", "local_ft", "tina_ft")
+
+
+def draw_shots(y: np.ndarray, k: int, n: int | str, rng: np.random.Generator) -> np.ndarray:
+    """Indices of n images per class (positions 0..k-1 in `y`; fewer when a class has fewer; all for "all")."""
+    idx = []
+    for c in range(k):
+        pool = np.flatnonzero(y == c)
+        idx.append(pool if n == "all" else rng.permutation(pool)[: int(n)])
+    return np.sort(np.concatenate(idx))
+
+
+def imprint_heads(names: list[tuple[str, ...]], data: list[tuple[np.ndarray, np.ndarray]], scale: float) -> list[Head]:
+    heads = []
+    for cls, (x, y) in zip(names, data):
+        means = np.stack([x[y == c].mean(0) for c in range(len(cls))]).astype(np.float32)
+        rows = scale * means / np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
+        heads.append(Head(tuple(cls), rows.astype(np.float32), np.zeros(len(cls), np.float32)))
+    return heads
+
+
+def shot_rows(assets, tasks, n: int | str, cfg, selection: list[Head], task_seed: int,
+              timed: Callable[[str, Callable[[], list[Head]]], list[Head]]) -> dict[str, list[Head]]:
+    """Every shots row's heads for `tasks` at n shots per class (see the module docstring)."""
+    draws = [draw_shots(t.train_y, len(t.class_names), n, np.random.default_rng([task_seed, i, _n_key(n)]))
+             for i, t in enumerate(tasks)]
+    data = [(t.train_x[d], t.train_y[d]) for t, d in zip(tasks, draws)]
+    names = [t.class_names for t in tasks]
+    per_set = [[t.train_p[d][t.train_y[d] == c] for c in range(len(t.class_names))] for t, d in zip(tasks, draws)]
+    scale = float(np.linalg.norm(np.asarray(assets.bank.generic_weight), axis=1).mean())
+    tune = oracle_heads if cfg.tina_ft.select else finetune_heads
+    out = {
+        "tina_img": timed("tina_img", lambda: assets.tina.generate([list(c) for c in names], shots=per_set,
+                                                                   use_names=False)),
+        "tina_text_img": timed("tina_text_img", lambda: assets.tina.generate([list(c) for c in names],
+                                                                             shots=per_set)),
+        "imprint": timed("imprint", lambda: imprint_heads(names, data, scale)),
+        "local_ft": timed("local_ft", lambda: tune(selection, data, cfg.tina_ft)),
+    }
+    out["tina_ft"] = timed("tina_ft", lambda: tune(out["tina_text_img"], data, cfg.tina_ft))
+    return out
+
+
+def check_shots(shots: list) -> None:
+    bad = [n for n in shots if n != "all" and (isinstance(n, bool) or not isinstance(n, int) or n < 1)]
+    if bad or len(set(map(str, shots))) != len(shots):
+        raise FedtinaError(f"bench.shots={shots}: need distinct positive integers or 'all'")
+
+
+def _n_key(n: int | str) -> int:
+    return 10**6 if n == "all" else int(n)
+
+
+def run_shots(assets, task_sets: dict[str, list], cfg, base_rows: dict[str, dict[str, tuple[list[Head], float]]],
+              score: Callable[[list[Head], list], np.ndarray]) -> dict[str, dict[str, dict[str, float]]]:
+    """{"<n>": {row: {id_acc, id_std, ood_acc, ood_std, personalize_s}}} for n in "0" (selection, tina) and
+    cfg.shots, plus oracle under "all"; `base_rows[set]` holds the benchmark's own heads (selection, tina,
+    oracle) for the same tasks."""
+    check_shots(list(cfg.shots))
+    out: dict[str, dict[str, dict[str, float]]] = {}
+
+    def put(n: str, row: str, set_name: str, heads: list[Head], secs: float, tasks: list) -> None:
+        acc = score(heads, tasks)
+        r = out.setdefault(n, {}).setdefault(row, {})
+        r[f"{set_name}_acc"], r[f"{set_name}_std"] = float(acc.mean()), float(acc.std())
+        r["personalize_s"] = r.get("personalize_s", 0.0) + secs / len(task_sets)
+
+    for set_name, tasks in task_sets.items():
+        base = base_rows[set_name]
+        for row in ("selection", "tina"):
+            put("0", row, set_name, *base[row], tasks)
+        for n in cfg.shots:
+            secs: dict[str, float] = {}
+
+            def timed(row: str, fn: Callable[[], list[Head]]) -> list[Head]:
+                t0 = time.perf_counter()
+                heads = fn()
+                secs[row] = (time.perf_counter() - t0) / len(tasks)
+                return heads
+
+            rows = shot_rows(assets, tasks, n, cfg, base["selection"][0], cfg.seed, timed)
+            secs["tina_ft"] += secs["tina_text_img"]   # generation + tuning
+            for row, heads in rows.items():
+                put(str(n), row, set_name, heads, secs[row], tasks)
+        if "all" in [str(n) for n in cfg.shots]:
+            put("all", "oracle", set_name, *base["oracle"], tasks)
+    return out
+
+
+def format_shots(shots: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Accuracy (%) per row and n, ID and OOD side by side."""
+    ns = list(shots)
+    rows = list(dict.fromkeys(r for n in ns for r in shots[n]))
+    lines = []
+    for set_name in ("id", "ood"):
+        lines.append(f"{set_name.upper():<14}" + "".join(f"{'n=' + n:>14}" for n in ns))
+        for row in rows:
+            cells = [f"{100 * shots[n][row][f'{set_name}_acc']:.1f} ± {100 * shots[n][row][f'{set_name}_std']:.1f}"
+                     if row in shots[n] else "" for n in ns]
+            lines.append(f"{row:<14}" + "".join(f"{c:>14}" for c in cells))
+    return "\n".join(lines)
+
+
+def plot_shots(path, shots: dict[str, dict[str, dict[str, float]]], title: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ns = [n for n in shots if n != "0"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, set_name in zip(axes, ("id", "ood")):
+        for row in SHOT_ROWS:
+            ax.plot(ns, [100 * shots[n][row][f"{set_name}_acc"] for n in ns], marker="o", label=row)
+        for row, style in (("selection", ":"), ("tina", "--")):
+            ax.axhline(100 * shots["0"][row][f"{set_name}_acc"], ls=style, color="gray", label=f"{row} (n=0)")
+        if "oracle" in shots.get("all", {}):
+            ax.axhline(100 * shots["all"]["oracle"][f"{set_name}_acc"], ls="-.", color="black", label="oracle")
+        ax.set_title(f"{title}: {set_name.upper()} tasks")
+        ax.set_xlabel("labelled images per class (n)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test accuracy (%)")
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

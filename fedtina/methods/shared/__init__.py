@@ -1,0 +1,1 @@
+"""What several methods share (not a method: the registry imports nothing from here by itself)."""
