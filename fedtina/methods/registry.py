@@ -10,7 +10,7 @@ run's checkpoint, and the ClientApp registers every client step by its message t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, is_dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from fedtina.errors import FedtinaError
@@ -57,6 +57,8 @@ REGISTRY: dict[str, Method] = {}
 def register(method: Method) -> Method:
     if method.name in REGISTRY:
         raise FedtinaError(f"method {method.name!r} is registered twice")
+    if method.state is not None and not (is_dataclass(method.state) and isinstance(method.state, type)):
+        raise FedtinaError(f"method {method.name!r}: its state must be a dataclass (the checkpoint keeps its fields)")
     steps = {t for m in REGISTRY.values() for t in m.client_steps}
     clash = steps & set(method.client_steps)
     if clash:
