@@ -159,7 +159,10 @@ def run(cfg: DictConfig | dict | None, out_dir: str | Path, assets=None, resume:
 
 
 def _run(plain: dict[str, Any], out_dir: Path, assets, resume: bool):
+    from fedtina.methods import run_plan
     from fedtina.runtime import launch
+    from fedtina.server.ledger import load_checkpoint
+    from fedtina.server.loop import state_types
 
     t0 = time.perf_counter()
     handlers = _log_file_handlers()
@@ -172,6 +175,7 @@ def _run(plain: dict[str, Any], out_dir: Path, assets, resume: bool):
             from fedtina.assets import build_assets
 
             spec = RunSpec.load(out_dir)
+            load_checkpoint(out_dir, state_types(run_plan(spec)))   # one that cannot be resumed fails here, in a line
             spec.assets = assets or build_assets(from_dict(CoreConfig, spec.core), log=log.info)
             log.info("[simulate] resuming %s", out_dir)
         else:  # a run killed before its inputs were written starts over

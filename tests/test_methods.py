@@ -69,7 +69,10 @@ def test_every_method_serves_old_and_new_clients(tiny, tmp_path):
     assert (out / "images.npy").exists()
 
 
-def test_registry_order_requirements_and_clashes():
+def test_registry_order_requirements_clashes_and_states():
+    import dataclasses
+    import json
+
     from fedtina.methods import REGISTRY, Method, plan, register
 
     assert [m.name for m in plan(["fedrep", "tina", "fedavg_ft"])] == ["tina", "fedavg", "fedavg_ft", "fedrep"]
@@ -78,6 +81,13 @@ def test_registry_order_requirements_and_clashes():
     with pytest.raises(FedtinaError, match=r"message type\(s\) \['train.fedrep'\] already taken"):
         register(Method("fedrep2", lambda fed, prog: None, client_steps={"train.fedrep": ("train", None)}))
     assert "fedrep2" not in REGISTRY
+    with pytest.raises(FedtinaError, match=r"unknown method\(s\) \['foo'\]"):
+        plan(["tina", "foo"])
+    with pytest.raises(FedtinaError, match="its state must be a dataclass"):
+        register(Method("stateful", lambda fed, state: None, state=dict))
+    for m in (m for m in REGISTRY.values() if m.state is not None):   # from its defaults, through the JSON checkpoint
+        assert m.state(**json.loads(json.dumps(dataclasses.asdict(m.state())))) == m.state(), m.name
+    assert REGISTRY["fedavg"].state is not None and "fedavg" in REGISTRY["fedavg_ft"].requires
     for m in REGISTRY.values():   # every registered message type is "<train|evaluate|query>.<action>"
         assert all(t.split(".", 1)[0] in ("train", "evaluate", "query") for t in m.client_steps), m.name
 

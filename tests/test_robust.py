@@ -14,7 +14,7 @@ from fedtina.errors import FedtinaError
 def _final_head(out) -> np.ndarray:
     from fedtina.runtime.rundir import RunDir
 
-    h = RunDir(out).checkpoint()["progress"]["fedavg_head"]
+    h = RunDir(out).checkpoint()["progress"]["states"]["fedavg"]["head"]
     return np.concatenate([np.asarray(h["weight"], np.float32).ravel(), np.asarray(h["bias"], np.float32)])
 
 

@@ -1,6 +1,6 @@
 """Run control without Ray: GuardedGrid's per-client timeouts and stop flag against a fake engine that, like
 Flower's simulation engine, runs queued messages in order on a fixed pool of workers; the run dir's lock, status
-marker and resume lookup; unique Hydra run dirs."""
+marker, resume lookup and checkpoint (each method's state by name); unique Hydra run dirs."""
 
 from __future__ import annotations
 
@@ -160,6 +160,94 @@ def test_find_resumable(tmp_path):
         find_resumable(str(root / "c"), root)
     with pytest.raises(FedtinaError, match="no killed, interrupted or failed run"):
         find_resumable("true", tmp_path / "empty")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checkpoints: the engine keeps each method's own resume state under its name
+
+
+@dataclass
+class _Cursor:
+    round: int = 0
+    scale: float | None = None
+
+
+@dataclass
+class _Head:
+    head: list | None = None
+
+
+@dataclass(frozen=True)
+class _Played:
+    name: str
+    requires: tuple[str, ...] = ()
+
+
+def test_a_checkpoint_hands_each_method_its_own_state_back(tmp_path):
+    from fedtina.report.summary import ClientResult
+    from fedtina.server.ledger import Outcome, Progress, load_checkpoint, save_checkpoint
+
+    types = {"gen": _Cursor, "avg": _Head}
+    prog = Progress.fresh(types)
+    prog.states["gen"].round, prog.states["gen"].scale = 2, 0.5
+    prog.done.append("avg")
+    out = Outcome(results=[ClientResult("gen", 0, 2, 0.75, 10, False, "ok")], rounds={"gen": 3})
+    assert load_checkpoint(tmp_path, types) is None
+    save_checkpoint(tmp_path, out, prog)
+    got_out, got = load_checkpoint(tmp_path, types)
+    assert got == prog and isinstance(got.states["gen"], _Cursor) and got.states["avg"] == _Head()
+    assert got_out.results == out.results and got_out.rounds == {"gen": 3}
+
+
+def test_a_method_reads_its_own_state_and_those_of_the_methods_it_requires():
+    from fedtina.server.ledger import Progress
+
+    prog = Progress.fresh({"avg": _Head, "gen": _Cursor})
+    prog.states["avg"].head = [1.0]
+    assert prog.state(_Played("avg_ft", requires=("avg",)), "avg").head == [1.0]
+    assert prog.state(_Played("gen"), "gen") is prog.states["gen"]
+    with pytest.raises(FedtinaError, match="gen reads the state of method 'avg', which it does not require"):
+        prog.state(_Played("gen"), "avg")
+    with pytest.raises(FedtinaError, match="method 'plain' registered no state"):
+        prog.state(_Played("plain"), "plain")
+
+
+def test_a_checkpoint_of_another_layout_fails_to_resume_in_one_line(tmp_path):
+    """A checkpoint of an older fedtina (Tina's cursor in the engine's progress) or one whose method states have
+    other fields: one error line, no traceback, and the checkpoint is left as it was."""
+    import json
+
+    from fedtina.runtime.spec import RunSpec
+    from fedtina.server.ledger import load_checkpoint
+
+    run_dir = tmp_path / "run"
+    rd = RunDir(run_dir)
+    rd.acquire()
+    rd.mark("interrupted")
+    rd.release()
+    rd.save_config({"resources": {}})
+    RunSpec(out_dir=str(run_dir), features_path="f.npy", partition_path="p.json", zoo_dir="zoo",
+            tina_path="t.safetensors", n_clients=3, rounds=2, methods=["tina", "fedavg"]).save()
+    old = {"progress": {"done": ["selection"], "timings": {}, "tina_round": 1, "tina_pending": 0,
+                        "tina_norm_scale": 1.0, "tina_zoo_size": 40, "tina_checkpoint": None, "fedavg_head": None},
+           "zoo_growth": [], "rounds": {}, "method_status": {}, "results": [], "records": [], "server_records": []}
+    (run_dir / "checkpoint.json").write_text(json.dumps(old))
+    before = (run_dir / "checkpoint.json").read_bytes()
+    proc = subprocess.run([sys.executable, "-m", "fedtina.simulate", f"resume={run_dir}",
+                           f"hydra.run.dir={tmp_path / 'hydra'}"], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    errors = [ln for ln in out.splitlines() if "checkpoint of another fedtina version" in ln]
+    assert len(errors) == 1 and "tina_round" in errors[0] and "start the run again in a new dir" in errors[0], out
+    assert (run_dir / "checkpoint.json").read_bytes() == before
+
+    old["progress"] = {"done": [], "timings": {}, "states": {"gen": {"round": 1, "cohort": 2}}}
+    (run_dir / "checkpoint.json").write_text(json.dumps(old))
+    with pytest.raises(FedtinaError, match=r"saved state of method gen \(\['cohort', 'round'\]\) does not match "
+                                           r"its _Cursor"):
+        load_checkpoint(run_dir, {"gen": _Cursor})
 
 
 def test_hydra_run_dirs_carry_the_process_id():

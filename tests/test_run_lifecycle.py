@@ -125,7 +125,8 @@ def test_sigkill_then_resume_ends_with_the_report_of_an_uninterrupted_run(tiny, 
     before = _ray_processes()
     run_dir = tmp_path / "killed"
     proc = _simulate(cache, run_dir, *args, "faults.slow_clients=[0,1,2,3,4,5]", "faults.slow_s=0.4")
-    _wait_for(lambda: _checkpoint(run_dir).get("progress", {}).get("tina_round", 0) >= 1, proc)
+    _wait_for(lambda: _checkpoint(run_dir).get("progress", {}).get("states", {}).get("tina", {}).get("round", 0) >= 1,
+              proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     done_before = _checkpoint(run_dir)["progress"]

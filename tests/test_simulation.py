@@ -168,10 +168,13 @@ def _spec(tmp_path: Path, **kw) -> RunSpec:
 
 
 def test_run_spec_validation_and_roundtrip(tmp_path):
+    from fedtina.methods import run_plan
+
     with pytest.raises(FedtinaError, match="unknown method"):
-        _spec(tmp_path, methods=["tina", "fedfoo"])
+        run_plan(_spec(tmp_path, methods=["tina", "fedfoo"]))
     with pytest.raises(FedtinaError, match=r"\['fedavg_full', 'ditto'\] train on images and need images_path"):
-        _spec(tmp_path, methods=["fedavg_full", "ditto", "pfedhn"])
+        run_plan(_spec(tmp_path, methods=["fedavg_full", "ditto", "pfedhn"]))
+    assert [m.name for m in run_plan(_spec(tmp_path, methods=["fedavg_ft"]))] == ["fedavg", "fedavg_ft"]
     with pytest.raises(FedtinaError, match="clients >= 1"):
         _spec(tmp_path, n_clients=0)
     with pytest.raises(FedtinaError, match=r"fraction_train=0.0: must be in \(0, 1\]"):

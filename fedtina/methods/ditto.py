@@ -10,7 +10,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedtina.client import image_model as body
 from fedtina.client.call import ClientCall, scored, update
-from fedtina.server.federation import Federation, Progress
+from fedtina.server.federation import Federation
 from fedtina.runtime.spec import arrays_record
 from fedtina.server.strategy import start
 from fedtina.methods.fedavg_full import full_model_state
@@ -25,7 +25,7 @@ class DittoOptions(body.LocalTraining):
     personal_epochs: int = 1      # local epochs of the personal model per round
 
 
-def run(fed: Federation, prog: Progress) -> None:
+def run(fed: Federation, state: None) -> None:
     opts = fed.options("ditto", DittoOptions)
     fed.out.rounds["ditto"] = fed.spec.rounds
     extra = {"lam": float(opts.lam), "personal_epochs": int(opts.personal_epochs)}

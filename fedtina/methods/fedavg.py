@@ -15,7 +15,8 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedtina.client import ops as client_ops
 from fedtina.client.call import ClientCall, scored, update
-from fedtina.server.federation import Federation, MethodFailed, Progress
+from fedtina.server.federation import Federation
+from fedtina.server.ledger import MethodFailed
 from fedtina.runtime.spec import head_record, record_head
 from fedtina.server.strategy import start
 from fedtina.zoo.heads import Head, selection_head
@@ -29,6 +30,11 @@ class FedAvgOptions:
     batch_size: int = 32
 
 
+@dataclass
+class FedAvgState:
+    head: dict | None = None   # {"class_names", "weight", "bias"} of the final global head (fedavg_ft starts there)
+
+
 def global_head(fed: Federation) -> Head:
     """The FedAvg starting point: a head over every class of the dataset (row i = class id i): the generic row of a
     seen class, the nearest-name seen row for an unseen one (the selection baseline's rule)."""
@@ -40,7 +46,7 @@ def restricted(head: Head, clients) -> dict[int, Head]:
     return {c.node_id: client_ops.restrict_head(head.weight, head.bias, c.class_ids, c.names) for c in clients}
 
 
-def run_fedavg(fed: Federation, prog: Progress) -> None:
+def run_fedavg(fed: Federation, state: FedAvgState) -> None:
     opts = fed.options("fedavg", FedAvgOptions)
     init = global_head(fed)
     record = "fedavg" in fed.spec.methods
@@ -54,8 +60,7 @@ def run_fedavg(fed: Federation, prog: Progress) -> None:
         raise MethodFailed(f"no FedAvg round had a client update to aggregate (every client failed in all "
                            f"{fed.spec.rounds} rounds)")
     head = record_head(result.arrays, init.class_names)
-    prog.fedavg_head = {"class_names": list(head.class_names), "weight": head.weight.tolist(),
-                        "bias": head.bias.tolist()}
+    state.head = {"class_names": list(head.class_names), "weight": head.weight.tolist(), "bias": head.bias.tolist()}
     if record:
         rnd = fed.spec.rounds
         clients = fed.usable(fed.new, ["fedavg"], rnd)
@@ -67,13 +72,13 @@ def run_fedavg(fed: Federation, prog: Progress) -> None:
 ZERO_FT = "fine-tunes the global head's rows on the client's labels; this client has none"
 
 
-def run_fedavg_ft(fed: Federation, prog: Progress) -> None:
+def run_fedavg_ft(fed: Federation, state: None) -> None:
     """The final FedAvg head's rows for each client's classes (from its description), fine-tuned locally: old and
     new clients alike."""
-    if prog.fedavg_head is None:
+    h = fed.state("fedavg").head
+    if h is None:
         why = fed.out.method_status.get("fedavg", "see the log").removeprefix("failed: ")
         raise MethodFailed(f"its FedAvg rounds failed ({why})")
-    h = prog.fedavg_head
     head = Head(tuple(h["class_names"]), np.asarray(h["weight"], np.float32), np.asarray(h["bias"], np.float32))
     rnd = fed.spec.rounds
     fed.out.rounds["fedavg_ft"] = rnd
@@ -105,6 +110,6 @@ register(Method("fedavg", run_fedavg, FedAvgOptions, ranges={"epochs": "positive
                                                                 "batch_size": "positive"},
                 client_steps={"train.fedavg": ("train", client_train), "evaluate.fedavg": ("evaluate",
                                                                                           client_evaluate)},
-                order=40, summary="Flower's FedAvg of one global head on frozen features"))
+                state=FedAvgState, order=40, summary="Flower's FedAvg of one global head on frozen features"))
 register(Method("fedavg_ft", run_fedavg_ft, requires=("fedavg",), zero_labels=ZERO_FT,
                 order=41, summary="the final FedAvg head's rows fine-tuned on the client's labels"))

@@ -9,7 +9,7 @@ from flwr.serverapp.strategy import FedAvg
 from fedtina.errors import FedtinaError
 from fedtina.client import image_model as body
 from fedtina.client.call import ClientCall, scored, update
-from fedtina.server.federation import Federation, Progress
+from fedtina.server.federation import Federation
 from fedtina.runtime.spec import arrays_record
 from fedtina.server.strategy import start
 from fedtina.methods.fedavg import global_head
@@ -36,7 +36,7 @@ def run_image_fedavg(fed: Federation, name: str, base: type, opts, **strategy_kw
     fed.serve_new(name, result.arrays, f"evaluate.{name}")
 
 
-def run(fed: Federation, prog: Progress) -> None:
+def run(fed: Federation, state: None) -> None:
     run_image_fedavg(fed, "fedavg_full", FedAvg, fed.options("fedavg_full", body.LocalTraining))
 
 

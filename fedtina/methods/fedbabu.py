@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from fedtina.client import image_model as body
 from fedtina.client.call import ClientCall, update
-from fedtina.server.federation import Federation, Progress
+from fedtina.server.federation import Federation
 from fedtina.methods.shared import personal
 from fedtina.methods.registry import Method, register
 
 
-def run(fed: Federation, prog: Progress) -> None:
+def run(fed: Federation, state: None) -> None:
     personal.run_body_method(fed, "fedbabu", fed.options("fedbabu", body.LocalTraining))
 
 

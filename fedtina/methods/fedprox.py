@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from flwr.serverapp.strategy import FedProx
 
 from fedtina.client import image_model as body
-from fedtina.server.federation import Federation, Progress
+from fedtina.server.federation import Federation
 from fedtina.methods import fedavg_full
 from fedtina.methods.registry import Method, register
 
@@ -19,7 +19,7 @@ class FedProxOptions(body.LocalTraining):
     mu: float = 0.01          # proximal weight
 
 
-def run(fed: Federation, prog: Progress) -> None:
+def run(fed: Federation, state: None) -> None:
     opts = fed.options("fedprox", FedProxOptions)
     fedavg_full.run_image_fedavg(fed, "fedprox", FedProx, opts, proximal_mu=float(opts.mu))
 

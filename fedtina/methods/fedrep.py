@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 
 from fedtina.client import image_model as body
 from fedtina.client.call import ClientCall, update
-from fedtina.server.federation import Federation, Progress
+from fedtina.server.federation import Federation
 from fedtina.methods.shared import personal
 from fedtina.methods.registry import Method, register
 
@@ -18,7 +18,7 @@ class FedRepOptions(body.LocalTraining):
     head_steps: int = 30      # head updates before the body epochs (body frozen)
 
 
-def run(fed: Federation, prog: Progress) -> None:
+def run(fed: Federation, state: None) -> None:
     opts = fed.options("fedrep", FedRepOptions)
     personal.run_body_method(fed, "fedrep", opts, head_steps=int(opts.head_steps))
 

@@ -11,7 +11,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedtina.client import image_model as body
 from fedtina.client.call import ClientCall, update
-from fedtina.server.federation import Federation, Progress
+from fedtina.server.federation import Federation
 from fedtina.runtime.spec import arrays_record
 from fedtina.server.strategy import start
 from fedtina.methods.shared import personal
@@ -19,7 +19,7 @@ from fedtina.methods.fedavg_full import full_model_state
 from fedtina.methods.registry import Method, register
 
 
-def run(fed: Federation, prog: Progress) -> None:
+def run(fed: Federation, state: None) -> None:
     opts = fed.options("fedrod", body.LocalTraining)
     fed.out.rounds["fedrod"] = fed.spec.rounds
     ft = personal.finetune_config(fed)

@@ -3,13 +3,13 @@ per-client oracle of what a client's labels alone can buy."""
 
 from __future__ import annotations
 
-from fedtina.server.federation import Federation, Progress
+from fedtina.server.federation import Federation
 from fedtina.methods.registry import Method, register
 
 ZERO = "fits the head on the client's labels; this client has none"
 
 
-def run(fed: Federation, prog: Progress) -> None:
+def run(fed: Federation, state: None) -> None:
     fed.out.rounds["local_ft"] = 1
     clients = fed.labelled("local_ft", fed.usable(fed.nodes, ["local_ft"], 1), 1, ZERO)
     heads = {c.node_id: fed.selection(c.names) for c in clients}

@@ -21,7 +21,7 @@ from torch import nn
 
 from fedtina.client import ops as client_ops
 from fedtina.client.call import ClientCall, scored
-from fedtina.server.federation import Federation, Progress
+from fedtina.server.federation import Federation
 from fedtina.report.profiling import PhaseTimer
 from fedtina.runtime.spec import arrays_record, record_head
 from fedtina.zoo.heads import Head
@@ -67,7 +67,7 @@ def _head(net: HyperNet, e: torch.Tensor, names=None) -> Head:
     return Head(tuple(names or ()), w.detach().numpy().copy(), b.detach().numpy().copy())
 
 
-def run(fed: Federation, prog: Progress) -> None:
+def run(fed: Federation, state: None) -> None:
     opts = fed.options("pfedhn", PFedHNOptions)
     spec = fed.spec
     fed.out.rounds["pfedhn"] = spec.rounds

@@ -3,12 +3,12 @@ class with the nearest name). No training, no label: the cheap baseline every ge
 
 from __future__ import annotations
 
-from fedtina.server.federation import Federation, Progress
+from fedtina.server.federation import Federation
 from fedtina.report.profiling import PhaseTimer
 from fedtina.methods.registry import Method, register
 
 
-def run(fed: Federation, prog: Progress) -> None:
+def run(fed: Federation, state: None) -> None:
     fed.out.rounds["selection"] = 1
     clients = fed.usable(fed.nodes, ["selection"], 1)
     with PhaseTimer() as t:

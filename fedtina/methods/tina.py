@@ -20,7 +20,8 @@ from flwr.app import Message
 
 from fedtina.errors import FedtinaError
 from fedtina.server.gate import HeadCheckConfig, check_head, plausible_row_norm
-from fedtina.server.federation import Federation, Progress, _mean_std
+from fedtina.server.federation import Federation
+from fedtina.server.ledger import mean_std
 from fedtina.runtime.grid import PROGRESS_MIN
 from fedtina.report.profiling import PhaseTimer
 from fedtina.runtime.spec import record_head
@@ -45,6 +46,17 @@ class TinaOptions:
                                 # feature of its labelled training images of each class)
     bank: bool = False          # serve a class no prepared zoo head holds by the mean row of the run's accepted
                                 # uploads that held it; Tina's generated row otherwise (bench_uploads' tina_bank)
+
+
+@dataclass
+class TinaState:
+    """Where Tina's cohorts stand, for `resume` (saved after every cohort)."""
+
+    round: int = 0                    # cohorts finished
+    pending: int = 0                  # accepted heads since the last refresh
+    norm_scale: float | None = None   # the gate's row-norm scale, fixed for the run
+    zoo_size: int | None = None       # the run's zoo after the last finished cohort
+    checkpoint: str | None = None     # the run's Tina after it (None: the cached one)
 
 
 def refresh_tina(fed: Federation, zoo, rnd: int) -> str:
@@ -107,7 +119,7 @@ def check_uploads(fed: Federation, ok: dict[int, Message], rnd: int, norm_scale:
     return entries, refused
 
 
-def run_tina(fed: Federation, prog: Progress) -> None:
+def run_tina(fed: Federation, state: TinaState) -> None:
     """Clients arrive in `rounds` cohorts (by client id). Per cohort: one batched generation for every usable
     description, `evaluate.head`, then (method.finetune) `train.finetune` with upload, the server's checks, the
     accepted heads appended to the run's zoo, and a Tina refresh every `refresh_every` accepted heads. A checkpoint
@@ -115,16 +127,18 @@ def run_tina(fed: Federation, prog: Progress) -> None:
     from fedtina.tina.train import load_checkpoint
     from fedtina.zoo.store import ZooStore
 
-    if prog.tina_zoo_size is not None:
-        trim_run_zoo(Path(fed.spec.zoo_dir), prog.tina_zoo_size)
-    if prog.tina_checkpoint:
-        fed.tina = load_checkpoint(prog.tina_checkpoint, fed.assets.encoder)
+    if state.round:
+        log.info("[tina] resuming after cohort %d", state.round)
+    if state.zoo_size is not None:
+        trim_run_zoo(Path(fed.spec.zoo_dir), state.zoo_size)
+    # the run's live Tina (refreshes replace it)
+    fed.tina = load_checkpoint(state.checkpoint, fed.assets.encoder) if state.checkpoint else fed.assets.tina
     with ZooStore(Path(fed.spec.zoo_dir)) as zoo:
-        if prog.tina_norm_scale is None:  # fixed for the run: the gate does not drift with what it admits
-            prog.tina_norm_scale = plausible_row_norm(zoo.entries(), fed.assets.bank.generic_weight)
-            prog.tina_zoo_size = len(zoo)
-            fed.checkpoint(prog)
-        _tina_rounds(fed, zoo, prog)
+        if state.norm_scale is None:  # fixed for the run: the gate does not drift with what it admits
+            state.norm_scale = plausible_row_norm(zoo.entries(), fed.assets.bank.generic_weight)
+            state.zoo_size = len(zoo)
+            fed.checkpoint()
+        _tina_rounds(fed, zoo, state)
 
 
 def trim_run_zoo(zoo_dir: Path, size: int) -> None:
@@ -206,16 +220,16 @@ def uploaded_rows(zoo) -> RowBank:
     return bank
 
 
-def _tina_rounds(fed: Federation, zoo, prog: Progress) -> None:
+def _tina_rounds(fed: Federation, zoo, state: TinaState) -> None:
     spec, opts = fed.spec, fed.options("tina", TinaOptions)
     bank = uploaded_rows(zoo) if opts.bank else None
-    norm_scale = prog.tina_norm_scale
+    norm_scale = state.norm_scale
     methods = ["tina", "tina_ft"] if opts.finetune else ["tina"]
     fed.out.rounds.update({m: spec.rounds for m in methods})
-    pending = prog.tina_pending  # accepted heads since the last refresh
+    pending = state.pending  # accepted heads since the last refresh
     old = [fed.client_id(n) for n in fed.old]
     for rnd, cohort in enumerate(np.array_split(np.asarray(old, dtype=np.int64), spec.rounds), start=1):
-        if rnd <= prog.tina_round:
+        if rnd <= state.round:
             continue  # finished before a resume
         clients = fed.usable(fed.cohort_nodes(cohort), methods, rnd)
         accepted = refused = 0
@@ -236,18 +250,18 @@ def _tina_rounds(fed: Federation, zoo, prog: Progress) -> None:
                 accepted = len(entries)
                 pending += accepted
                 if opts.refresh_every > 0 and pending >= opts.refresh_every:
-                    prog.tina_checkpoint = refresh_tina(fed, zoo, rnd)
+                    state.checkpoint = refresh_tina(fed, zoo, rnd)
                     pending = 0
         accs, _, _ = fed.round_accs("tina", rnd)
         fed.out.zoo_growth.append({"round": rnd, "zoo_size": zoo_at_arrival, "zoo_size_after": len(zoo),
                                    "mean_acc": float(np.mean(accs)) if accs else None,
                                    "std_acc": float(np.std(accs)) if accs else None,
                                    "accepted": accepted, "refused": refused})
-        ft = f" (after ft {_mean_std(fed.round_accs('tina_ft', rnd)[0])})" if opts.finetune else ""
+        ft = f" (after ft {mean_std(fed.round_accs('tina_ft', rnd)[0])})" if opts.finetune else ""
         fed.progress("tina", rnd, spec.rounds, f"{fed.acc_line('tina', rnd)}{ft}, {accepted} heads accepted"
                      f"{f', {refused} refused' if refused else ''}, zoo {len(zoo)}")
-        prog.tina_round, prog.tina_pending, prog.tina_zoo_size = rnd, pending, len(zoo)
-        fed.checkpoint(prog)
+        state.round, state.pending, state.zoo_size = rnd, pending, len(zoo)
+        fed.checkpoint()
     _new_clients(fed, methods, opts, bank)
 
 
@@ -285,7 +299,8 @@ def _validate(opts: TinaOptions, cfg: dict) -> None:
                                f"empty; need rounds <= {old}")
 
 
-register(Method("tina", run_tina, TinaOptions, results=("tina", "tina_ft"), check=_validate,
+register(Method("tina", run_tina, TinaOptions, results=("tina", "tina_ft"), check=_validate, state=TinaState,
+                describe=lambda fed: {"prompt": fed.options("tina", TinaOptions).prompt},
                 ranges={"refresh_every": "non_negative", "refresh_steps": "positive", "sample_steps": "non_negative"},
                 order=10,
                 summary="the server generates the head from the client's description; new clients need no label"))

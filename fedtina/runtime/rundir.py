@@ -5,8 +5,8 @@ the checkpoint that `resume=true` restarts from.
   releases it whatever killed it, so "status says running but nobody holds the lock" means killed.
 * `status.json`: {state: running | done | failed | interrupted, pid, updated, detail, resume}, written atomically at
   every change of state.
-* `checkpoint.json`: what finished so far (the ServerApp writes it after every method and every Tina cohort; see
-  `fedtina.server.federation`), written atomically, so a kill leaves the previous checkpoint whole.
+* `checkpoint.json`: what finished so far (the ServerApp writes it after every method and whenever a method saves its
+  resume state; see `fedtina.server.ledger`), written atomically, so a kill leaves the previous checkpoint whole.
 """
 
 from __future__ import annotations

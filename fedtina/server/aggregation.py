@@ -1,6 +1,5 @@
-"""The server rule of every FedAvg-family method (fedavg, fedavg_full, fedprox, fedper, fedrep, fedbabu, ditto,
-fedrod): Flower's own strategies, chosen by `aggregation.name`, and Flower's DP wrapper when `privacy.fedavg_clip`
-is set.
+"""The server rule of every method that runs a Flower strategy (fedtina.server.strategy.start): Flower's own
+strategies, chosen by `aggregation.name`, and Flower's DP wrapper when `privacy.fedavg_clip` is set.
 
 A method's strategy class (FedAvg, FedProx, BodyOnly) is combined with the rule's class by inheritance: the method
 keeps what it configures (FedProx's proximal term, BodyOnly's carried head) and the rule decides `aggregate_train`.

@@ -1,8 +1,8 @@
 """Flower's Message-API strategies, unchanged in what they compute, plus fedtina's per-client bookkeeping.
 
 `recorded(FedAvg)` / `recorded(FedProx)` is the strategy class with replies read into the Federation (results,
-profiles, failures) and messages routed to the method's own ClientApp handlers (e.g. `train.fedper`). `BodyOnly`
-is FedPer / FedRep / FedBABU's server: FedAvg of the body; the head arrays it sends are the fixed starting head
+profiles, failures) and messages routed to the method's own ClientApp handlers (e.g. `train.<method>`). `BodyOnly`
+is the server of the personal-head methods: FedAvg of the body; the head arrays it sends are the fixed starting head
 (each client keeps its own head in `Context.state`), so they are carried over, never averaged.
 """
 
@@ -120,8 +120,8 @@ def start(fed: "Federation", method: str, base: type, arrays: ArrayRecord, *, tr
     aggregation.check(rule, m)
     if privacy.fedavg and issubclass(base, BodyOnly):
         raise FedtinaError(f"privacy.fedavg_clip: {method}'s clients send back the body only, and Flower's "
-                           f"fixedclipping_mod needs every array it sent; use it with fedavg, fedavg_full, fedprox, "
-                           f"ditto or fedrod")
+                           f"fixedclipping_mod needs every array it sent; use it with methods that average the "
+                           f"whole model")
     strategy = recorded(aggregation.with_rule(base, rule))(
         fed, method, train_type=train_type, evaluate_type=evaluate_type, record_results=record_results,
         fraction_train=fed.spec.fraction_train, fraction_evaluate=1.0, min_train_nodes=m, min_evaluate_nodes=n,
