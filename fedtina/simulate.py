@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,10 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from fedtina.config import CoreConfig, HeadTrainConfig, from_dict
+from fedtina.config import FRACTION, NON_NEGATIVE, POSITIVE, CoreConfig, HeadTrainConfig, bounded, from_dict
 from fedtina.errors import FedtinaError
 from fedtina.server.aggregation import AggregationConfig
+from fedtina.server.gate import HeadCheckConfig
 from fedtina.adversary.privacy import PrivacyConfig
 from fedtina.runtime.spec import Faults, RunSpec
 from fedtina.io import atomic_write
@@ -33,6 +35,41 @@ from fedtina.validate import validate_partition, validate_simulate_config
 log = logging.getLogger("fedtina.simulate")
 
 CORE_KEYS = ("dataset", "protocol", "backbone", "encoder", "zoo", "tina", "cache_dir")
+
+
+@dataclass
+class SimulateConfig:
+    """configs/simulate.yaml's own keys (the core sections, `partition`, `method` and `resources` are composed beside
+    them); Hydra sees these defaults through fedtina/schema/simulate."""
+    clients: int = bounded(10, POSITIVE)          # simulated clients (Flower SuperNodes)
+    rounds: int = bounded(3, POSITIVE)            # tina: client cohorts; the others: federated rounds
+    fraction_train: float = bounded(1.0, FRACTION)   # share of the old clients each multi-round method samples per round
+    loggers: list = field(default_factory=list)   # per-round metrics as the run goes: [tensorboard] (<run dir>/
+                                                  # tensorboard), wandb (offline)
+    timeout_s: float = bounded(120.0, POSITIVE)   # every send_and_receive: a client that has not answered by then failed
+    node_wait_s: float = bounded(120.0, POSITIVE)   # how long the ServerApp waits for all clients to register
+    prepare_only: bool = False    # only write the run's inputs + run_spec.json (for `flwr run . --run-config ...`)
+    verbose: bool = False         # Flower's INFO and DEBUG lines on the console (INFO always goes to simulate.log)
+    resume: bool | str | None = None   # true: continue the newest killed/interrupted run under
+                                       # outputs/simulate/<dataset>/; or a run dir
+    # client-side fine-tuning (tina_ft, local_ft, fedavg_ft): steps of full-batch Adam on the client's frozen features;
+    # select: each client picks steps/lr/l2 on hold-outs of its own training images (keeping the received head is one)
+    head_ft: HeadTrainConfig = field(default_factory=lambda: HeadTrainConfig(steps=30, select=True))
+    checks: HeadCheckConfig = field(default_factory=HeadCheckConfig)        # the server's gate for uploaded heads
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)   # the FedAvg family's server rule
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)           # private uploads and updates (0 = off)
+    faults: Faults = field(default_factory=Faults)                          # fault injection (tests, attacks)
+
+
+@dataclass
+class ResourcesConfig:
+    """The `resources` group (configs/resources/): Ray resources per ClientApp actor and how Ray starts."""
+    num_cpus: float = bounded(1.0, POSITIVE)      # concurrency = floor(CPUs / num_cpus)
+    num_gpus: float = bounded(0.0, NON_NEGATIVE)
+    device: str = "auto"                          # torch device inside the ClientApps (auto: CUDA when the actor sees one)
+    ray_address: str | None = None                # null: start a local Ray; "auto" or "ray://host:10001": join a cluster
+    init_num_cpus: int | None = bounded(None, POSITIVE)   # local Ray only: CPUs Ray may use (null: all)
+    object_store_mb: int | None = bounded(None, POSITIVE)   # local Ray only: cap the object store
 
 
 def _plain(cfg: DictConfig | dict) -> dict[str, Any]:
@@ -232,6 +269,8 @@ def main(cfg: DictConfig) -> float | None:
     tina = outcome.summary["methods"].get("tina", {})
     return tina.get("acc_mean")  # for sweepers
 
+
+import fedtina.schema.simulate  # noqa: E402,F401 - the defaults Hydra composes (it imports SimulateConfig from here)
 
 if __name__ == "__main__":
     main()

@@ -454,9 +454,10 @@ class Federation:
             self.result(method, self.client_id(node, rep), rnd, float(m["acc"]), int(m["num-examples"]))
 
     def finetune_config(self, upload: bool) -> dict:
-        ft = self.spec.head_ft
-        return {"steps": int(ft.steps), "lr": float(ft.lr), "l2_to_init": float(ft.l2_to_init),
-                "weight_decay": float(ft.weight_decay), "select": bool(ft.select), "upload": bool(upload)}
+        """The clients' head fine-tuning (`head_ft`) for a message's config (`call.head_ft` on the client)."""
+        from fedtina.client.call import HEAD_FT, pack
+
+        return {**pack(self.spec.head_ft, HEAD_FT), "upload": bool(upload)}
 
 
 class NodeSubset:
