@@ -54,11 +54,11 @@ class DatasetConfig:
     """The dataset section. `name` picks a registered dataset (fedtina.data.registry); each registers its options as a
     subclass of this one that sets its own defaults (and may add fields), and `from_dict` builds that subclass by name:
     the defaults of `dataset=<name>` are its dataclass's."""
-    name: str = "shapes"              # a registered dataset: shapes (embedded, offline) | cifar100 | folder | caltech101
+    name: str = "shapes"              # a registered dataset: shapes (offline) | cifar100 | folder | caltech101
     path: str | None = None           # folder: a directory or .zip of class folders; cifar100: download root
     names_file: str | None = None     # folder: optional "id<TAB>readable name" lines
     download: bool = True             # cifar100: try torchvision's download (fails fast offline)
-    images_per_class: int = bounded(240, POSITIVE)   # shapes only
+    images_per_class: int = bounded(240, POSITIVE)  # shapes only
     seed: int = 0                     # shapes: generation seed
     descriptions: str | None = None   # a sentence per class as an alternative text prompt: "generated" (shapes) or
                                       # a file of "name<TAB>sentence" lines (fedtina/data/descriptions.py)
@@ -82,7 +82,7 @@ class ProtocolConfig:
 @dataclass
 class BackboneConfig:
     arch: str = "resnet20"
-    width: int = bounded(16, POSITIVE)                   # channels of the first stage (16 -> 64-d features for ResNet-20)
+    width: int = bounded(16, POSITIVE)  # channels of the first stage (16 -> 64-d features for ResNet-20)
     epochs: int = bounded(15, POSITIVE)
     batch_size: int = bounded(128, POSITIVE)
     lr: float = bounded(0.1, POSITIVE)
@@ -108,7 +108,7 @@ class HeadTrainConfig:
     """Fine-tuning a linear head on frozen features (zoo heads, oracle, clients)."""
     steps: int = bounded(100, POSITIVE)
     lr: float = bounded(0.05, POSITIVE)
-    l2_to_init: float = bounded(1e-3, NON_NEGATIVE)          # pull toward the initial (generic) rows
+    l2_to_init: float = bounded(1e-3, NON_NEGATIVE)  # pull toward the initial (generic) rows
     weight_decay: float = bounded(0.0, NON_NEGATIVE)
     select: bool = False              # client fine-tuning only: pick steps/lr/l2 on a hold-out of the client's own
                                       # training images (heads.oracle_search; keeping the received head is a candidate)
@@ -117,7 +117,7 @@ class HeadTrainConfig:
 @dataclass
 class ZooConfig:
     num_tasks: int = bounded(600, POSITIVE)
-    k_min: int = bounded(10, POSITIVE)                   # classes per task, sampled uniformly in [k_min, k_max]
+    k_min: int = bounded(10, POSITIVE)  # classes per task, sampled uniformly in [k_min, k_max]
     k_max: int = bounded(10, POSITIVE)
     seed: int = 0
     # select: per-task steps/lr/l2 picked on hold-outs of the task's own zoo images (fedtina.zoo.heads.oracle_heads)
@@ -126,50 +126,54 @@ class ZooConfig:
 
 @dataclass
 class TinaConfig:
-    max_classes: int = bounded(20, POSITIVE)             # largest label set Tina generates (tokens are masked beyond k)
-    d_model: int = bounded(128, POSITIVE)                # sized so training takes ~2-3 min on 2 CPU cores (fedtina/tina/train.py)
+    max_classes: int = bounded(20, POSITIVE)  # largest label set Tina generates (tokens are masked beyond k)
+    d_model: int = bounded(128, POSITIVE)  # sized so training takes ~2-3 min on 2 CPU cores (fedtina/tina/train.py)
     depth: int = bounded(4, POSITIVE)
     num_heads: int = bounded(4, POSITIVE)
     mlp_ratio: float = bounded(4.0, POSITIVE)
-    timesteps: int = bounded(1000, POSITIVE)             # DDPM training steps
-    sample_steps: int = bounded(20, POSITIVE)            # DDIM steps at generation time
+    timesteps: int = bounded(1000, POSITIVE)  # DDPM training steps
+    sample_steps: int = bounded(20, POSITIVE)  # DDIM steps at generation time
     train_steps: int = bounded(1500, POSITIVE)
-    batch_size: int = bounded(64, POSITIVE)              # tasks per step
+    batch_size: int = bounded(64, POSITIVE)  # tasks per step
     lr: float = bounded(1e-3, POSITIVE)
     seed: int = 0
     device: str = "auto"
     schedule: str = "cosine"          # noise schedule: cosine | linear
     prediction: str = "x0"            # network target: x0 | v | eps (x0 samples best in few DDIM steps)
-    ema_decay: float = bounded(0.999, BELOW_ONE)          # EMA of weights, used for sampling (warmed up: min(decay, (1+s)/(10+s)))
-    warmup_steps: int = bounded(100, NON_NEGATIVE)           # linear LR warmup, then cosine decay to 0
-    weight_decay: float = bounded(0.0, NON_NEGATIVE)         # AdamW
-    grad_clip: float = bounded(1.0, NON_NEGATIVE)            # max grad norm (0 = off)
-    subset_prob: float = bounded(0.5, UNIT)          # augmentation: P(train on a random sub-head of k' in [1, k] classes)
-    log_every: int = bounded(100, POSITIVE)              # steps between loss logs
-    cpu_threads: int = bounded(0, NON_NEGATIVE)              # torch intra-op threads while training on CPU (0 = torch's default); 1 is
-                                      # ~3.7x faster than 2 when the 2 cores are shared with other processes
-    prompt_text: float = bounded(0.4, UNIT)          # training mix of class prompts (fedtina/tina/prompt.py): P(name only),
-    prompt_images: float = bounded(0.3, UNIT)        # P(example images only) and P(both), per class token; image prompts are the
-    prompt_both: float = bounded(0.3, UNIT)          # mean of n in 1..max_shots zoo-part images' features
+    ema_decay: float = bounded(0.999, BELOW_ONE)  # EMA of weights, used for sampling (warmed up: min(decay,
+                                                  # (1+s)/(10+s)))
+    warmup_steps: int = bounded(100, NON_NEGATIVE)  # linear LR warmup, then cosine decay to 0
+    weight_decay: float = bounded(0.0, NON_NEGATIVE)  # AdamW
+    grad_clip: float = bounded(1.0, NON_NEGATIVE)  # max grad norm (0 = off)
+    subset_prob: float = bounded(0.5, UNIT)  # augmentation: P(train on a random sub-head of k' in [1, k] classes)
+    log_every: int = bounded(100, POSITIVE)  # steps between loss logs
+    cpu_threads: int = bounded(0, NON_NEGATIVE)  # torch intra-op threads while training on CPU (0 = torch's default); 1
+                                                 # is ~3.7x faster than 2 when the 2 cores are shared with other
+                                                 # processes
+    # training mix of class prompts (fedtina/tina/prompt.py), per class token: P(name only), P(example images only)
+    # and P(both); image prompts are the mean of n in 1..max_shots zoo-part images' features
+    prompt_text: float = bounded(0.4, UNIT)
+    prompt_images: float = bounded(0.3, UNIT)
+    prompt_both: float = bounded(0.3, UNIT)
     max_shots: int = bounded(16, POSITIVE)
     objective: str = "diffusion"      # diffusion | regress (the same network fit by plain regression of the head
                                       # on the prompt: one forward pass, no noise; the bench's tina_regress)
-    prompt_sentences: float = bounded(0.0, UNIT)     # P(a text prompt in training is the class's description instead of its name;
-                                      # needs dataset.descriptions)
+    prompt_sentences: float = bounded(0.0, UNIT)  # P(a text prompt in training is the class's description instead of
+                                                  # its name; needs dataset.descriptions)
 
 
 @dataclass
 class BenchConfig:
-    num_tasks: int = bounded(100, POSITIVE)   # per task set (ID and OOD)
-    k: int = bounded(10, POSITIVE)            # classes per task
-    ood_unseen: int = bounded(3, NON_NEGATIVE)   # unseen classes in each OOD task
+    num_tasks: int = bounded(100, POSITIVE)  # per task set (ID and OOD)
+    k: int = bounded(10, POSITIVE)    # classes per task
+    ood_unseen: int = bounded(3, NON_NEGATIVE)  # unseen classes in each OOD task
     # Tina's head + local fine-tuning on the task's zoo images; select: hyper-parameters picked on hold-outs of those
     # images, as for the oracle (keeping Tina's head is a candidate)
     tina_ft: HeadTrainConfig = field(default_factory=lambda: HeadTrainConfig(steps=10, select=True))
     seed: int = 1                     # task sampling (different from the zoo's seed)
     shots: list = field(default_factory=lambda: [1, 2, 5, 10, "all"])   # labelled images per class from each task's
                                       # zoo part (fedtina/experiments/shots.py); [] = off
-    samples: int = bounded(8, POSITIVE)   # tina_best_of_n / tina_mean_of_n: generation seeds per task
+    samples: int = bounded(8, POSITIVE)  # tina_best_of_n / tina_mean_of_n: generation seeds per task
 
 
 @dataclass

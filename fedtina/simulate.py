@@ -43,11 +43,12 @@ class SimulateConfig:
     them); Hydra sees these defaults through fedtina/schema/simulate."""
     clients: int = bounded(10, POSITIVE)          # simulated clients (Flower SuperNodes)
     rounds: int = bounded(3, POSITIVE)            # tina: client cohorts; the others: federated rounds
-    fraction_train: float = bounded(1.0, FRACTION)   # share of the old clients each multi-round method samples per round
+    fraction_train: float = bounded(1.0, FRACTION)  # share of the old clients each multi-round method samples per round
     loggers: list = field(default_factory=list)   # per-round metrics as the run goes: [tensorboard] (<run dir>/
                                                   # tensorboard), wandb (offline)
-    timeout_s: float = bounded(120.0, POSITIVE)   # every send_and_receive: a client that has not answered by then failed
-    node_wait_s: float = bounded(120.0, POSITIVE)   # how long the ServerApp waits for all clients to register
+    timeout_s: float = bounded(120.0, POSITIVE)  # every send_and_receive: a client that has not answered by then failed
+    node_wait_s: float = bounded(120.0, POSITIVE)                           # how long the ServerApp waits for all
+                                                                            # clients to register
     prepare_only: bool = False    # only write the run's inputs + run_spec.json (for `flwr run . --run-config ...`)
     verbose: bool = False         # Flower's INFO and DEBUG lines on the console (INFO always goes to simulate.log)
     resume: bool | str | None = None   # true: continue the newest killed/interrupted run under
@@ -64,12 +65,12 @@ class SimulateConfig:
 @dataclass
 class ResourcesConfig:
     """The `resources` group (configs/resources/): Ray resources per ClientApp actor and how Ray starts."""
-    num_cpus: float = bounded(1.0, POSITIVE)      # concurrency = floor(CPUs / num_cpus)
+    num_cpus: float = bounded(1.0, POSITIVE)                                # concurrency = floor(CPUs / num_cpus)
     num_gpus: float = bounded(0.0, NON_NEGATIVE)
-    device: str = "auto"                          # torch device inside the ClientApps (auto: CUDA when the actor sees one)
-    ray_address: str | None = None                # null: start a local Ray; "auto" or "ray://host:10001": join a cluster
-    init_num_cpus: int | None = bounded(None, POSITIVE)   # local Ray only: CPUs Ray may use (null: all)
-    object_store_mb: int | None = bounded(None, POSITIVE)   # local Ray only: cap the object store
+    device: str = "auto"                          # torch device inside the ClientApps (auto: CUDA if the actor has one)
+    ray_address: str | None = None                # null: start a local Ray; "auto" or "ray://host:10001": join one
+    init_num_cpus: int | None = bounded(None, POSITIVE)  # local Ray only: CPUs Ray may use (null: all)
+    object_store_mb: int | None = bounded(None, POSITIVE)  # local Ray only: cap the object store
 
 
 def _plain(cfg: DictConfig | dict) -> dict[str, Any]:

@@ -25,11 +25,13 @@ from fedtina.zoo.heads import Head
 
 @dataclass
 class PrivacyConfig:
-    upload_clip: float = bounded(0.0, NON_NEGATIVE)     # zoo uploads: L2 bound on (uploaded - received head); 0 = uploads are not private
-    upload_noise: float = bounded(0.0, NON_NEGATIVE)    # noise multiplier: std = upload_noise * upload_clip
-    fedavg_clip: float = bounded(0.0, NON_NEGATIVE)     # FedAvg-family updates: Flower's fixedclipping_mod norm; 0 = off
-    fedavg_noise: float = bounded(0.0, NON_NEGATIVE)    # noise multiplier of Flower's DP strategy wrapper on the aggregate
-    delta: float = bounded(1.0e-5, Range(0, 1, open_lo=True, open_hi=True))        # the delta every epsilon is reported at
+    upload_clip: float = bounded(0.0, NON_NEGATIVE)  # zoo uploads: L2 bound on (uploaded - received head); 0 = uploads
+                                                     # are not private
+    upload_noise: float = bounded(0.0, NON_NEGATIVE)  # noise multiplier: std = upload_noise * upload_clip
+    fedavg_clip: float = bounded(0.0, NON_NEGATIVE)  # FedAvg-family updates: Flower's fixedclipping_mod norm; 0 = off
+    fedavg_noise: float = bounded(0.0, NON_NEGATIVE)  # noise multiplier of Flower's DP strategy wrapper on the
+                                                      # aggregate
+    delta: float = bounded(1.0e-5, Range(0, 1, open_lo=True, open_hi=True))  # the delta every epsilon is reported at
 
     @property
     def uploads(self) -> bool:

@@ -31,8 +31,8 @@ HEAD_KEYS = ("fc.weight", "fc.bias")
 class LocalTraining:
     """A round's local training on images (the options every image method starts from)."""
 
-    epochs: int = bounded(1, POSITIVE)           # local epochs per round
-    lr: float = bounded(0.05, POSITIVE)          # SGD, momentum 0.9, weight decay 5e-4
+    epochs: int = bounded(1, POSITIVE)  # local epochs per round
+    lr: float = bounded(0.05, POSITIVE)  # SGD, momentum 0.9, weight decay 5e-4
     batch_size: int = bounded(32, POSITIVE)
 
     def kwargs(self) -> dict:

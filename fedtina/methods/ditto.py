@@ -22,8 +22,8 @@ ZERO = "personalises the global model on the client's labels; this client has no
 
 @dataclass
 class DittoOptions(body.LocalTraining):
-    lam: float = bounded(0.1, NON_NEGATIVE)              # pull of the personal model toward the global one
-    personal_epochs: int = bounded(1, POSITIVE)      # local epochs of the personal model per round
+    lam: float = bounded(0.1, NON_NEGATIVE)  # pull of the personal model toward the global one
+    personal_epochs: int = bounded(1, POSITIVE)  # local epochs of the personal model per round
 
 
 def run(fed: Federation, prog: Progress) -> None:

@@ -25,7 +25,7 @@ from fedtina.methods.registry import Method, register
 
 @dataclass
 class FedAvgOptions:
-    epochs: int = bounded(5, POSITIVE)          # local epochs per round (SGD on frozen features)
+    epochs: int = bounded(5, POSITIVE)  # local epochs per round (SGD on frozen features)
     lr: float = bounded(0.1, POSITIVE)
     batch_size: int = bounded(32, POSITIVE)
 

@@ -17,7 +17,7 @@ from fedtina.methods.registry import Method, register
 
 @dataclass
 class FedProxOptions(body.LocalTraining):
-    mu: float = bounded(0.01, NON_NEGATIVE)          # proximal weight
+    mu: float = bounded(0.01, NON_NEGATIVE)  # proximal weight
 
 
 def run(fed: Federation, prog: Progress) -> None:
@@ -25,6 +25,7 @@ def run(fed: Federation, prog: Progress) -> None:
     fedavg_full.run_image_fedavg(fed, "fedprox", FedProx, opts, proximal_mu=float(opts.mu))
 
 
-register(Method("fedprox", run, FedProxOptions, needs_images=True, client_steps={"train.fedprox": ("train", fedavg_full.client_train),
-                                                 "evaluate.fedprox": ("evaluate", fedavg_full.client_evaluate)},
+register(Method("fedprox", run, FedProxOptions, needs_images=True,
+                client_steps={"train.fedprox": ("train", fedavg_full.client_train),
+                              "evaluate.fedprox": ("evaluate", fedavg_full.client_evaluate)},
                 order=60, summary="Flower's FedProx: FedAvg of the whole model with a proximal term"))

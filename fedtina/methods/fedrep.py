@@ -16,7 +16,7 @@ from fedtina.methods.registry import Method, register
 
 @dataclass
 class FedRepOptions(body.LocalTraining):
-    head_steps: int = bounded(30, POSITIVE)      # head updates before the body epochs (body frozen)
+    head_steps: int = bounded(30, POSITIVE)  # head updates before the body epochs (body frozen)
 
 
 def run(fed: Federation, prog: Progress) -> None:

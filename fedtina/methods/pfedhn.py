@@ -37,10 +37,11 @@ ZERO = "fits a new client embedding on the client's labels; this client has none
 class PFedHNOptions:
     embed_dim: int = bounded(32, POSITIVE)
     hidden: int = bounded(128, POSITIVE)
-    lr: float = bounded(0.01, POSITIVE)            # Adam on the hypernetwork and the embeddings (server)
-    inner_steps: int = bounded(30, POSITIVE)       # the client's fine-tuning of the generated head (full-batch Adam on features)
+    lr: float = bounded(0.01, POSITIVE)  # Adam on the hypernetwork and the embeddings (server)
+    inner_steps: int = bounded(30, POSITIVE)  # the client's fine-tuning of the generated head (full-batch Adam on
+                                              # features)
     inner_lr: float = bounded(0.05, POSITIVE)
-    embed_steps: int = bounded(100, POSITIVE)      # a new client's fit of its embedding
+    embed_steps: int = bounded(100, POSITIVE)  # a new client's fit of its embedding
     embed_lr: float = bounded(0.05, POSITIVE)
     seed: int = 0
 

@@ -2,10 +2,10 @@
 
 A method is one module under `fedtina/methods/` that calls `register(Method(...))`: its options dataclass (defaults
 and ranges; Hydra's ConfigStore gets them as `fedtina/method/<name>`, which `configs/method/<name>.yaml` places at
-`method.<name>`), its server step and its client steps (they get the options as `call.options`, fedtina.client.call). Every module of the
-package is imported (fedtina/methods/__init__.py), the ServerApp plays the requested methods by `order`, and the
-ClientApp registers every client step by its message type (`"<train|evaluate|query>.<action>"`). Nothing else needs
-an edit to add a method.
+`method.<name>`), its server step and its client steps (they get the options as `call.options`, fedtina.client.call).
+Every module of the package is imported (fedtina/methods/__init__.py), the ServerApp plays the requested methods by
+`order`, and the ClientApp registers every client step by its message type (`"<train|evaluate|query>.<action>"`).
+Nothing else needs an edit to add a method.
 """
 
 from __future__ import annotations
@@ -67,7 +67,3 @@ def plan(names: list[str]) -> list[Method]:
     """The requested methods and those they require, in registration order."""
     wanted = set(names) | {r for n in names if n in REGISTRY for r in REGISTRY[n].requires}
     return [m for m in REGISTRY.values() if m.name in wanted]
-
-
-def client_steps() -> dict[str, tuple[str, ClientStep]]:
-    return {t: s for m in REGISTRY.values() for t, s in m.client_steps.items()}

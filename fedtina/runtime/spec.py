@@ -41,10 +41,10 @@ class Faults:
     poison_clients: list[int] = field(default_factory=list)         # training replies poisoned (attack_mod)
     poison_kind: str = "nan"                                        # fedtina/adversary/attacks.py HEAD_ATTACKS;
                                                                     # updates: sign_flip | scale | random
-    poison_factor: float = bounded(Attack.factor, NON_NEGATIVE)                            # scale / sign_flip multiplier, random's norm
+    poison_factor: float = bounded(Attack.factor, NON_NEGATIVE)     # scale / sign_flip multiplier, random's norm
     poison_target: int = Attack.target                              # targeted: position of the attacked class
     poison_collude: bool = Attack.collude                           # every attacker shares one seed (random)
-    mislabel_share: float = bounded(Attack.share, UNIT)                            # mislabeled: share of training labels moved
+    mislabel_share: float = bounded(Attack.share, UNIT)             # mislabeled: share of training labels moved
     unknown_class_clients: list[int] = field(default_factory=list)  # describe adds a class the dataset lacks
     slow_clients: list[int] = field(default_factory=list)           # sleep slow_s in work handlers (timeouts)
     slow_s: float = bounded(0.0, NON_NEGATIVE)
