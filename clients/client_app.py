@@ -29,7 +29,7 @@ from fedtina.adversary.attacks import mislabel
 from fedtina.adversary.mods import attack_mod, fedavg_clip_mod, upload_privacy_mod
 from fedtina.data.partition import client_spec
 from fedtina.report.profiling import PhaseTimer, to_config
-from fedtina.client.call import ClientCall
+from fedtina.client.call import HEAD_FT, ClientCall, unpack
 from fedtina.runtime.spec import arrays_record, head_record, record_head
 
 # outermost first: an attacker replaces what it sends after any clipping (fedtina/adversary/mods.py)
@@ -108,8 +108,7 @@ def finetune(msg: Message, ctx: Context) -> Message:
         records["prof_received"] = _prof(cfg, cid, "evaluate", t_eval, res["acc"])
     with PhaseTimer() as t:
         data = _data(cfg, cid)
-        ft = HeadTrainConfig(steps=int(cfg["steps"]), lr=float(cfg["lr"]), l2_to_init=float(cfg["l2_to_init"]),
-                             weight_decay=float(cfg["weight_decay"]), select=bool(cfg.get("select", False)))
+        ft = unpack(HeadTrainConfig, cfg, HEAD_FT)
         tuned = client_ops.finetune_local(received, data, ft)
         res = client_ops.evaluate_head(tuned, data)
     records["metrics"] = _metrics(res["acc"], res["num-examples"])
@@ -123,11 +122,12 @@ def finetune(msg: Message, ctx: Context) -> Message:
     return _reply(msg, cfg, cid, "finetune", t, records, res["acc"])
 
 
-def _handler(message_type: str, phase: str, step):
-    """A registered method's client step as a ClientApp handler: faults, timer, reply."""
+def _handler(message_type: str, phase: str, step, options: type | None):
+    """A registered method's client step as a ClientApp handler: faults, timer, reply; the step gets the method's
+    `options` dataclass as `call.options`."""
     def handler(msg: Message, ctx: Context) -> Message:
         cfg, cid = _setup(msg, ctx)
-        call = ClientCall(msg.content, cfg, cid, ctx.state)
+        call = ClientCall(msg.content, cfg, cid, ctx.state, options_cls=options)
         with PhaseTimer() as t:
             records, acc = step(call)
         return _reply(msg, cfg, cid, phase, t, records, acc, call.note)
@@ -135,10 +135,11 @@ def _handler(message_type: str, phase: str, step):
     return handler
 
 
-for _type, (_phase, _step) in methods.client_steps().items():
-    _category, _action = _type.split(".", 1)
-    _fn = _handler(_type, _phase, _step)
-    # a module attribute, so the ClientApp (pickled with every message) refers to it by name instead of pickling
-    # the closure by value
-    globals()[_fn.__name__] = _fn
-    getattr(app, _category)(_action)(_fn)
+for _method in methods.REGISTRY.values():
+    for _type, (_phase, _step) in _method.client_steps.items():
+        _category, _action = _type.split(".", 1)
+        _fn = _handler(_type, _phase, _step, _method.options)
+        # a module attribute, so the ClientApp (pickled with every message) refers to it by name instead of pickling
+        # the closure by value
+        globals()[_fn.__name__] = _fn
+        getattr(app, _category)(_action)(_fn)

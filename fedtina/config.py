@@ -1,27 +1,78 @@
-"""Typed configuration shared by every stage. Hydra YAML under `configs/` mirrors these dataclasses field for field;
-`from_dict` turns a (resolved) Hydra node into them and rejects unknown keys by name."""
+"""Typed configuration shared by every stage: every default and every range is written once, here (and in the
+options dataclasses of the methods, the datasets and the simulation). Hydra composes them from its ConfigStore
+(fedtina/schema/); the YAML under `configs/` only chooses. `from_dict` turns a resolved Hydra node into a dataclass:
+unknown keys, a wrong type or a value out of its field's range end in one FedtinaError line naming the key."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Union
 
 from fedtina.errors import FedtinaError
+
+MISSING = "???"  # Hydra's mandatory value, left as this string by OmegaConf.to_container
+
+
+@dataclass(frozen=True)
+class Range:
+    """The interval a number must lie in; written as in the error lines ("> 0", "in [0, 1)")."""
+    lo: float = -math.inf
+    hi: float = math.inf
+    open_lo: bool = False
+    open_hi: bool = False
+
+    def __contains__(self, v: float) -> bool:
+        return (self.lo < v if self.open_lo else self.lo <= v) and (v < self.hi if self.open_hi else v <= self.hi)
+
+    def __str__(self) -> str:
+        if self.hi == math.inf:
+            return f"{'>' if self.open_lo else '>='} {self.lo:g}"
+        return f"in {'(' if self.open_lo else '['}{self.lo:g}, {self.hi:g}{')' if self.open_hi else ']'}"
+
+
+POSITIVE = Range(0, open_lo=True)
+NON_NEGATIVE = Range(0)
+UNIT = Range(0, 1)
+BELOW_ONE = Range(0, 1, open_hi=True)
+FRACTION = Range(0, 1, open_lo=True)
+
+
+def bounded(default: Any, rng: Range) -> Any:
+    """A dataclass field with its default and the range `from_dict` holds its value to."""
+    return field(default=default, metadata={"range": rng})
+
+
+DATASETS: dict[str, type] = {}   # dataset name -> its options dataclass, filled as each dataset module registers
 
 
 @dataclass
 class DatasetConfig:
-    name: str = "shapes"              # shapes (embedded, offline) | cifar100 | folder
+    """The dataset section. `name` picks a registered dataset (fedtina.data.registry); each registers its options as a
+    subclass of this one that sets its own defaults (and may add fields), and `from_dict` builds that subclass by name:
+    the defaults of `dataset=<name>` are its dataclass's."""
+    name: str = "shapes"              # a registered dataset: shapes (offline) | cifar100 | folder | caltech101
     path: str | None = None           # folder: a directory or .zip of class folders; cifar100: download root
     names_file: str | None = None     # folder: optional "id<TAB>readable name" lines
     download: bool = True             # cifar100: try torchvision's download (fails fast offline)
-    images_per_class: int = 240       # shapes only
+    images_per_class: int = bounded(240, POSITIVE)  # shapes only
     seed: int = 0                     # shapes: generation seed
     descriptions: str | None = None   # a sentence per class as an alternative text prompt: "generated" (shapes) or
                                       # a file of "name<TAB>sentence" lines (fedtina/data/descriptions.py)
+
+    @classmethod
+    def variant(cls, data: dict[str, Any]) -> type:
+        """The registered options dataclass of the dataset `data` names (fedtina.data.registry fills DATASETS)."""
+        name = data.get("name", cls.name)
+        if name not in DATASETS:
+            raise FedtinaError(f"dataset.name={name!r} is invalid; valid: {sorted(DATASETS)}")
+        return DATASETS[name]
 
 
 @dataclass
@@ -35,11 +86,11 @@ class ProtocolConfig:
 @dataclass
 class BackboneConfig:
     arch: str = "resnet20"
-    width: int = 16                   # channels of the first stage (16 -> 64-d features for ResNet-20)
-    epochs: int = 15
-    batch_size: int = 128
-    lr: float = 0.1
-    weight_decay: float = 5e-4
+    width: int = bounded(16, POSITIVE)  # channels of the first stage (16 -> 64-d features for ResNet-20)
+    epochs: int = bounded(15, POSITIVE)
+    batch_size: int = bounded(128, POSITIVE)
+    lr: float = bounded(0.1, POSITIVE)
+    weight_decay: float = bounded(5e-4, NON_NEGATIVE)
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"           # auto (bf16 where the CPU/GPU runs it natively) | fp32 | bf16
@@ -59,66 +110,74 @@ class EncoderConfig:
 @dataclass
 class HeadTrainConfig:
     """Fine-tuning a linear head on frozen features (zoo heads, oracle, clients)."""
-    steps: int = 100
-    lr: float = 0.05
-    l2_to_init: float = 1e-3          # pull toward the initial (generic) rows
-    weight_decay: float = 0.0
+    steps: int = bounded(100, POSITIVE)
+    lr: float = bounded(0.05, POSITIVE)
+    l2_to_init: float = bounded(1e-3, NON_NEGATIVE)  # pull toward the initial (generic) rows
+    weight_decay: float = bounded(0.0, NON_NEGATIVE)
     select: bool = False              # client fine-tuning only: pick steps/lr/l2 on a hold-out of the client's own
                                       # training images (heads.oracle_search; keeping the received head is a candidate)
 
 
 @dataclass
 class ZooConfig:
-    num_tasks: int = 600
-    k_min: int = 10                   # classes per task, sampled uniformly in [k_min, k_max]
-    k_max: int = 10
+    num_tasks: int = bounded(600, POSITIVE)
+    k_min: int = bounded(10, POSITIVE)  # classes per task, sampled uniformly in [k_min, k_max]
+    k_max: int = bounded(10, POSITIVE)
     seed: int = 0
-    finetune: HeadTrainConfig = field(default_factory=HeadTrainConfig)
+    # select: per-task steps/lr/l2 picked on hold-outs of the task's own zoo images (fedtina.zoo.heads.oracle_heads)
+    finetune: HeadTrainConfig = field(default_factory=lambda: HeadTrainConfig(select=True))
 
 
 @dataclass
 class TinaConfig:
-    max_classes: int = 20             # largest label set Tina generates (tokens are masked beyond k)
-    d_model: int = 128                # sized so training takes ~2-3 min on 2 CPU cores (fedtina/tina/train.py)
-    depth: int = 4
-    num_heads: int = 4
-    mlp_ratio: float = 4.0
-    timesteps: int = 1000             # DDPM training steps
-    sample_steps: int = 20            # DDIM steps at generation time
-    train_steps: int = 1500
-    batch_size: int = 64              # tasks per step
-    lr: float = 1e-3
+    max_classes: int = bounded(20, POSITIVE)  # largest label set Tina generates (tokens are masked beyond k)
+    d_model: int = bounded(128, POSITIVE)  # sized so training takes ~2-3 min on 2 CPU cores (fedtina/tina/train.py)
+    depth: int = bounded(4, POSITIVE)
+    num_heads: int = bounded(4, POSITIVE)
+    mlp_ratio: float = bounded(4.0, POSITIVE)
+    timesteps: int = bounded(1000, POSITIVE)  # DDPM training steps
+    sample_steps: int = bounded(20, POSITIVE)  # DDIM steps at generation time
+    train_steps: int = bounded(1500, POSITIVE)
+    batch_size: int = bounded(64, POSITIVE)  # tasks per step
+    lr: float = bounded(1e-3, POSITIVE)
     seed: int = 0
     device: str = "auto"
     schedule: str = "cosine"          # noise schedule: cosine | linear
     prediction: str = "x0"            # network target: x0 | v | eps (x0 samples best in few DDIM steps)
-    ema_decay: float = 0.999          # EMA of weights, used for sampling (warmed up: min(decay, (1+s)/(10+s)))
-    warmup_steps: int = 100           # linear LR warmup, then cosine decay to 0
-    weight_decay: float = 0.0         # AdamW
-    grad_clip: float = 1.0            # max grad norm (0 = off)
-    subset_prob: float = 0.5          # augmentation: P(train on a random sub-head of k' in [1, k] classes)
-    log_every: int = 100              # steps between loss logs
-    cpu_threads: int = 0              # torch intra-op threads while training on CPU (0 = torch's default); 1 is
-                                      # ~3.7x faster than 2 when the 2 cores are shared with other processes
-    prompt_text: float = 0.4          # training mix of class prompts (fedtina/tina/prompt.py): P(name only),
-    prompt_images: float = 0.3        # P(example images only) and P(both), per class token; image prompts are the
-    prompt_both: float = 0.3          # mean of n in 1..max_shots zoo-part images' features
-    max_shots: int = 16
+    ema_decay: float = bounded(0.999, BELOW_ONE)  # EMA of weights, used for sampling (warmed up: min(decay,
+                                                  # (1+s)/(10+s)))
+    warmup_steps: int = bounded(100, NON_NEGATIVE)  # linear LR warmup, then cosine decay to 0
+    weight_decay: float = bounded(0.0, NON_NEGATIVE)  # AdamW
+    grad_clip: float = bounded(1.0, NON_NEGATIVE)  # max grad norm (0 = off)
+    subset_prob: float = bounded(0.5, UNIT)  # augmentation: P(train on a random sub-head of k' in [1, k] classes)
+    log_every: int = bounded(100, POSITIVE)  # steps between loss logs
+    cpu_threads: int = bounded(0, NON_NEGATIVE)  # torch intra-op threads while training on CPU (0 = torch's default); 1
+                                                 # is ~3.7x faster than 2 when the 2 cores are shared with other
+                                                 # processes
+    # training mix of class prompts (fedtina/tina/prompt.py), per class token: P(name only), P(example images only)
+    # and P(both); image prompts are the mean of n in 1..max_shots zoo-part images' features
+    prompt_text: float = bounded(0.4, UNIT)
+    prompt_images: float = bounded(0.3, UNIT)
+    prompt_both: float = bounded(0.3, UNIT)
+    max_shots: int = bounded(16, POSITIVE)
     objective: str = "diffusion"      # diffusion | regress (the same network fit by plain regression of the head
                                       # on the prompt: one forward pass, no noise; the bench's tina_regress)
-    prompt_sentences: float = 0.0     # P(a text prompt in training is the class's description instead of its name;
-                                      # needs dataset.descriptions)
+    prompt_sentences: float = bounded(0.0, UNIT)  # P(a text prompt in training is the class's description instead of
+                                                  # its name; needs dataset.descriptions)
 
 
 @dataclass
 class BenchConfig:
-    num_tasks: int = 100              # per task set (ID and OOD)
-    k: int = 10
-    ood_unseen: int = 3               # unseen classes in each OOD task
-    tina_ft: HeadTrainConfig = field(default_factory=lambda: HeadTrainConfig(steps=10))
-    seed: int = 1
-    shots: list = field(default_factory=lambda: [1, 2, 5, 10, "all"])   # labelled images per class (bench_shots)
-    samples: int = 8                  # tina_best_of_n / tina_mean_of_n: generation seeds per task
+    num_tasks: int = bounded(100, POSITIVE)  # per task set (ID and OOD)
+    k: int = bounded(10, POSITIVE)    # classes per task
+    ood_unseen: int = bounded(3, NON_NEGATIVE)  # unseen classes in each OOD task
+    # Tina's head + local fine-tuning on the task's zoo images; select: hyper-parameters picked on hold-outs of those
+    # images, as for the oracle (keeping Tina's head is a candidate)
+    tina_ft: HeadTrainConfig = field(default_factory=lambda: HeadTrainConfig(steps=10, select=True))
+    seed: int = 1                     # task sampling (different from the zoo's seed)
+    shots: list = field(default_factory=lambda: [1, 2, 5, 10, "all"])   # labelled images per class from each task's
+                                      # zoo part (fedtina/experiments/shots.py); [] = off
+    samples: int = bounded(8, POSITIVE)  # tina_best_of_n / tina_mean_of_n: generation seeds per task
 
 
 @dataclass
@@ -131,13 +190,13 @@ class AnalysisConfig:
 @dataclass
 class CoreConfig:
     """Everything `build_assets` needs: dataset -> split -> backbone -> features -> zoo -> Tina."""
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    dataset: DatasetConfig = field(default_factory=lambda: from_dict(DatasetConfig, {}))   # the default dataset's
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     zoo: ZooConfig = field(default_factory=ZooConfig)
     tina: TinaConfig = field(default_factory=TinaConfig)
-    cache_dir: str | None = None
+    cache_dir: str | None = None      # default: $FEDTINA_CACHE or ~/.cache/fedtina
 
     @property
     def cache_path(self) -> Path:
@@ -159,18 +218,83 @@ def resolve_cache_dir(cache_dir: str | None) -> Path:
 T = TypeVar("T")
 
 
-def from_dict(cls: type[T], data: dict[str, Any] | None) -> T:
-    """Build dataclass `cls` from a plain dict, recursing into nested dataclasses; unknown keys are an error."""
-    data = dict(data or {})
+def from_dict(cls: type[T], data: dict[str, Any] | None, key: str = "") -> T:
+    """Build dataclass `cls` from a plain dict (the section at dotted `key`), recursing into nested dataclasses. Every
+    value is checked against its field's type and range; unknown keys are an error. A class with a `variant(data)`
+    classmethod is built as the subclass it names (DatasetConfig: the registered dataset's options)."""
+    prefix = f"{key}." if key else ""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        names = sorted(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+        raise FedtinaError(f"{key or cls.__name__}={show(data)} is invalid: must be a section of options {names}")
+    if hasattr(cls, "variant"):
+        cls = cls.variant(data)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise FedtinaError(f"unknown {cls.__name__} option(s) {unknown}; valid: {sorted(fields)}")
+        raise FedtinaError(f"unknown {key or cls.__name__} option(s) {unknown}; valid: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():
-        default = fields[name].default_factory() if fields[name].default_factory is not dataclasses.MISSING else None
-        kwargs[name] = from_dict(type(default), value) if dataclasses.is_dataclass(default) else value
+        tp, where = hints[name], f"{prefix}{name}"
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = from_dict(tp, value, where)
+        else:
+            kwargs[name] = check_value(where, value, tp, fields[name].metadata.get("range"))
     return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# One value against its type: bools are not numbers here (clients=true must not run as 1 client)
+
+_KINDS: dict[Any, tuple[str, Any]] = {
+    bool: ("true or false", lambda v: isinstance(v, bool)),
+    int: ("an integer", lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)),
+    float: ("a finite number", lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)),
+    str: ("a string", lambda v: isinstance(v, str)),
+    type(None): ("null", lambda v: v is None),
+}
+
+
+def _alternatives(tp: Any) -> tuple:
+    return typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else (tp,)
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    if len(_alternatives(tp)) > 1:
+        return any(_fits(value, a) for a in _alternatives(tp))
+    if tp is list or typing.get_origin(tp) is list:
+        return isinstance(value, list) and all(_fits(v, a) for a in typing.get_args(tp)[:1] for v in value)
+    return tp not in _KINDS or _KINDS[tp][1](value)   # Any and other types: not checked here
+
+
+def _describe(tp: Any, rng: Range | None = None) -> str:
+    """What a valid value is, in words: "an integer > 0", "a string or null", "a list of integers"."""
+    if len(_alternatives(tp)) > 1:
+        return " or ".join(_describe(a, rng) for a in _alternatives(tp))
+    if typing.get_origin(tp) is list:
+        return f"a list of {_describe(typing.get_args(tp)[0]).removeprefix('a ').removeprefix('an ')}s"
+    what = _KINDS[tp][0] if tp in _KINDS else "a list" if tp is list else str(tp)
+    return f"{what} {rng}" if rng and tp in (int, float) else what
+
+
+def show(value: Any) -> str:
+    """A value as it would be written in a Hydra override (true, null, 'abc', 2.5)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "null" if value is None else repr(value)
+
+
+def check_value(key: str, value: Any, tp: Any, rng: Range | None = None) -> Any:
+    """`value` (at dotted `key`) if it has type `tp` and, when a number, lies in `rng`; else one FedtinaError line.
+    Values are returned as given (an int stays an int in a float field: the cache keys hash them as written)."""
+    if isinstance(value, str) and value == MISSING:
+        raise FedtinaError(f"{key} is required (it is ??? in the config): set it, e.g. {key}=...")
+    in_range = rng is None or not isinstance(value, numbers.Real) or isinstance(value, bool) or value in rng
+    if not _fits(value, tp) or not in_range:
+        raise FedtinaError(f"{key}={show(value)} is invalid: must be {_describe(tp, rng)}")
+    return value
 
 
 def _register_resolvers() -> None:

@@ -178,6 +178,8 @@ def _compose(overrides: list[str]) -> dict:
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
 
+    import fedtina.schema  # noqa: F401 - the dataclasses' defaults into Hydra's ConfigStore
+
     config_dir = Path(__file__).resolve().parents[1] / "configs"
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):

@@ -22,11 +22,11 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from fedtina.config import CoreConfig, HeadTrainConfig, from_dict
+from fedtina.config import CoreConfig, from_dict
 from fedtina.errors import FedtinaError
-from fedtina.server.aggregation import AggregationConfig
 from fedtina.adversary.privacy import PrivacyConfig
 from fedtina.runtime.spec import Faults, RunSpec
+from fedtina.server.aggregation import AggregationConfig
 from fedtina.io import atomic_write
 from fedtina.validate import validate_partition, validate_simulate_config
 
@@ -236,6 +236,8 @@ def main(cfg: DictConfig) -> float | None:
     tina = outcome.summary["methods"].get("tina", {})
     return tina.get("acc_mean")  # for sweepers
 
+
+import fedtina.schema.simulate  # noqa: E402,F401 - the defaults Hydra composes
 
 if __name__ == "__main__":
     main()

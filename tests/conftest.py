@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+import fedtina.schema.simulate  # noqa: F401 - the dataclasses' defaults into Hydra's ConfigStore, for every compose
+
 
 @pytest.fixture(scope="module")
 def one_thread():

@@ -122,12 +122,42 @@ def test_a_build_waiting_on_the_lock_reads_what_the_holder_wrote(tmp_path, monke
 
 
 def test_load_dataset_rejects_unknown_names_and_missing_paths(tmp_path):
-    with pytest.raises(FedtinaError, match="unknown dataset 'imagenet'.*shapes.*cifar100.*folder.*caltech101"):
+    with pytest.raises(FedtinaError, match=r"^dataset.name='imagenet' is invalid; valid: \['shapes', 'caltech101', "
+                                           r"'cifar100', 'folder'\]$"):
         load_dataset(DatasetConfig(name="imagenet"), tmp_path)
     with pytest.raises(FedtinaError, match="dataset.path"):
         load_dataset(DatasetConfig(name="folder"), tmp_path)
     with pytest.raises(DatasetUnavailableError, match="nowhere"):
         load_dataset(DatasetConfig(name="caltech101", path=str(tmp_path / "nowhere.zip")), tmp_path)
+
+
+def test_a_dataset_is_one_registered_module(tmp_path, monkeypatch):
+    """A module that registers a name, an options dataclass and a loader is loadable by name, built from a config
+    section by its name (its own fields and defaults), and named in the error for an unknown one."""
+    from dataclasses import dataclass
+
+    from fedtina.config import CoreConfig, from_dict
+    from fedtina.data import registry
+
+    @dataclass
+    class TinyConfig(DatasetConfig):
+        name: str = "tiny"
+        colours: int = 3
+
+    def load(cfg, cache_dir):
+        return ImageDataset("tiny", np.zeros((cfg.colours, 32, 32, 3), np.uint8), np.arange(cfg.colours),
+                            [f"c{i}" for i in range(cfg.colours)])
+
+    monkeypatch.setattr(registry, "REGISTRY", dict(registry.REGISTRY))
+    registry.register(registry.Dataset("tiny", TinyConfig, load))
+    core = from_dict(CoreConfig, {"dataset": {"name": "tiny", "colours": 4}})
+    assert core.dataset == TinyConfig(colours=4) and load_dataset(core.dataset, tmp_path).num_classes == 4
+    with pytest.raises(FedtinaError, match=r"^unknown dataset option\(s\) \['colours'\]"):
+        from_dict(CoreConfig, {"dataset": {"name": "shapes", "colours": 4}})
+    with pytest.raises(FedtinaError, match=r"^dataset.name='mnist' is invalid; valid: \[.*'tiny'\]$"):
+        from_dict(CoreConfig, {"dataset": {"name": "mnist"}})
+    with pytest.raises(FedtinaError, match="registered twice"):
+        registry.register(registry.Dataset("tiny", TinyConfig, load))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -665,24 +665,6 @@ def test_check_head_accepts_honest_finetuned_and_refuses_mislabeled_heads(run_di
         assert not res.accepted and ("swapped" in res.reason or "accuracy" in res.reason), (spec.client_id, res)
 
 
-def test_simulate_yaml_matches_the_gate_and_fault_defaults():
-    """configs/simulate.yaml spells out every gate and fault option (so each can be overridden on the command line)
-    with the dataclasses' defaults."""
-    from dataclasses import asdict
-
-    from omegaconf import OmegaConf
-
-    from fedtina.server.aggregation import AggregationConfig
-    from fedtina.adversary.privacy import PrivacyConfig
-    from fedtina.runtime.spec import Faults
-
-    yaml = OmegaConf.to_container(OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "simulate.yaml"))
-    assert yaml["checks"] == asdict(HeadCheckConfig())
-    assert yaml["faults"] == asdict(Faults())
-    assert yaml["aggregation"] == asdict(AggregationConfig())
-    assert yaml["privacy"] == asdict(PrivacyConfig())
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # profiling
 

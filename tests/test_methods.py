@@ -92,25 +92,32 @@ def test_registry_order_requirements_clashes_and_states():
         assert all(t.split(".", 1)[0] in ("train", "evaluate", "query") for t in m.client_steps), m.name
 
 
-def test_method_yaml_blocks_match_the_options_dataclasses():
-    """configs/method/<name>.yaml holds exactly its method's options, with the dataclass defaults."""
+def test_options_travel_to_the_client_step_as_the_same_dataclass():
+    """pack (server) -> the message's one ConfigRecord -> unpack (client): every method's options, changed from their
+    defaults, arrive equal, beside the head fine-tuning and the message's other entries (no key clash: the body's
+    `lr` and head_ft's `lr` both travel)."""
     import dataclasses
 
-    import yaml
+    from flwr.app import ConfigRecord, RecordDict
 
+    from fedtina.client.call import HEAD_FT, ClientCall, pack, unpack
+    from fedtina.config import HeadTrainConfig
     from fedtina.methods import REGISTRY
-    from simkit import CONFIGS
 
+    ft = HeadTrainConfig(steps=7, lr=0.2, l2_to_init=0.5, weight_decay=0.01, select=False)
     for m in REGISTRY.values():
-        if m.name == "fedavg_ft":
-            continue   # plays fedavg's rounds with fedavg's options
-        doc = yaml.safe_load((CONFIGS / "method" / f"{m.name}.yaml").read_text())
-        assert doc["names"] == [m.name]
         if m.options is None:
-            assert set(doc) == {"names"}, m.name
             continue
-        defaults = {f.name: f.default for f in dataclasses.fields(m.options)}
-        assert doc[m.name] == defaults, m.name
+        changed = {f.name: (not f.default if isinstance(f.default, bool) else f.default + 1
+                            if isinstance(f.default, (int, float)) else f.default) for f in dataclasses.fields(m.options)}
+        opts = m.options(**changed)
+        assert opts != m.options(), m.name
+        record = ConfigRecord({**pack(opts), **pack(ft, HEAD_FT), "features": "/x.npy", "lr": 99.0})
+        call = ClientCall(RecordDict(), record, 0, RecordDict(), options_cls=m.options)
+        assert call.options == opts and call.head_ft == ft, m.name
+        assert unpack(m.options, record) == opts
+    with pytest.raises(FedtinaError, match=r"^options.lr=-1.0 is invalid: must be a finite number > 0$"):
+        unpack(REGISTRY["fedavg"].options, ConfigRecord({"options.lr": -1.0}))
 
 
 def test_context_state_round_trip_and_note():

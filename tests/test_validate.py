@@ -138,10 +138,79 @@ def test_boundary_values_pass(base, key, value):
     validate_simulate_config(cfg)
 
 
-def test_every_range_rule_names_a_real_field():
-    """A renamed option must not leave its range rule behind, silently unchecked."""
-    for cls, rules in validate.RANGES.items():
-        assert set(rules) <= {f.name for f in dataclasses.fields(cls)}, cls
+def test_a_range_violation_names_the_key_the_value_and_the_range(base):
+    """The range is the dataclass field's own (fedtina.config.bounded), for core, simulate and method options alike."""
+    cases = [("tina__ema_decay", 1.5, r"^tina.ema_decay=1.5 is invalid: must be a finite number in \[0, 1\)$"),
+             ("method__fedavg__lr", -0.5, r"^method.fedavg.lr=-0.5 is invalid: must be a finite number > 0$"),
+             ("aggregation__beta", 0.5, r"^aggregation.beta=0.5 is invalid: must be a finite number in \[0, 0.5\)$"),
+             ("privacy__delta", 0, r"^privacy.delta=0 is invalid: must be a finite number in \(0, 1\)$"),
+             ("resources__init_num_cpus", 0, r"^resources.init_num_cpus=0 is invalid: must be an integer > 0 or null$")]
+    for key, value, match in cases:
+        with pytest.raises(FedtinaError, match=match):
+            validate_simulate_config(_with(base, **{key: value}))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# defaults written once: the composed config is the dataclasses' defaults, key for key
+
+
+def _defaults(cls) -> dict:
+    return dataclasses.asdict(cls())
+
+
+def test_the_composed_configs_are_the_dataclass_defaults():
+    """Every key Hydra composes for simulate, bench and analyses (with the default groups) is a dataclass field at its
+    default, and every field is there to override: YAML and dataclass cannot drift apart again."""
+    from fedtina.config import AnalysisConfig, BenchConfig, CoreConfig
+    from fedtina.data.partition import PartitionConfig
+    from fedtina.methods import REGISTRY
+    from fedtina.runtime.options import ResourcesConfig, SimulateConfig
+
+    cfg = _compose("method=pfl")
+    core = {k: v for k, v in _defaults(CoreConfig).items()}
+    assert {k: cfg[k] for k in core} == core
+    assert {k: cfg[k] for k in _defaults(SimulateConfig)} == _defaults(SimulateConfig)
+    assert cfg["partition"] == _defaults(PartitionConfig)
+    assert cfg["resources"] == _defaults(ResourcesConfig)
+    assert set(cfg["method"]) == {"names", *[n for n, m in REGISTRY.items() if m.options]}
+    for name, m in REGISTRY.items():
+        if m.options:
+            assert cfg["method"][name] == _defaults(m.options), name
+    assert set(cfg) == {*core, *_defaults(SimulateConfig), "partition", "resources", "method"}
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        bench = OmegaConf.to_container(compose("analyses"), resolve=True)
+    assert bench["bench"] == _defaults(BenchConfig) | {"shots": []}   # analyses.yaml's choice: zero-shot rows only
+    assert bench["analysis"] == _defaults(AnalysisConfig)
+
+
+@pytest.mark.parametrize("name", ["shapes", "folder", "cifar100", "caltech101"])
+def test_each_dataset_group_is_its_registered_options(name):
+    from fedtina.data.registry import dataset
+
+    assert _compose(f"dataset={name}")["dataset"] == _defaults(dataset(name).options)
+
+
+def test_code_built_from_defaults_builds_what_hydra_builds():
+    """`CoreConfig()` (python -m fedtina.experiments.gpu_check) is the CoreConfig of every Hydra command's defaults,
+    so both get the same cache keys (the zoo's hashes every ZooConfig field, finetune.select included)."""
+    from fedtina.config import CoreConfig, core_config
+
+    assert core_config(_compose()) == CoreConfig()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        for name in ("bench", "generate"):
+            assert core_config(OmegaConf.to_container(compose(name), resolve=True)) == CoreConfig(), name
+
+
+def test_group_overrides_reach_the_stored_defaults():
+    cfg = _compose("method.tina.prompt=both", "zoo.seed=1", "dataset=caltech101", "dataset.names_file=/n.tsv",
+                   "encoder=clip", "encoder.pretrained=openai", "partition.alpha=0.1", "head_ft.steps=5")
+    assert cfg["method"]["tina"]["prompt"] == "both" and cfg["zoo"]["seed"] == 1
+    assert cfg["dataset"]["name"] == "caltech101" and cfg["dataset"]["names_file"] == "/n.tsv"
+    assert cfg["backbone"]["epochs"] == 60                       # the caltech101 group's choice
+    assert cfg["encoder"]["name"] == "clip" and cfg["encoder"]["pretrained"] == "openai"
+    assert cfg["partition"]["alpha"] == 0.1 and cfg["head_ft"]["steps"] == 5
+    with pytest.raises(Exception, match="zoo.sed"):              # an unknown key: Hydra refuses it, naming it
+        _compose("zoo.sed=1")
 
 
 def test_unknown_options_are_named(base):

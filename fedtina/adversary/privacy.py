@@ -19,16 +19,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedtina.config import NON_NEGATIVE, Range, bounded
 from fedtina.zoo.heads import Head
 
 
 @dataclass
 class PrivacyConfig:
-    upload_clip: float = 0.0     # zoo uploads: L2 bound on (uploaded - received head); 0 = uploads are not private
-    upload_noise: float = 0.0    # noise multiplier: std = upload_noise * upload_clip
-    fedavg_clip: float = 0.0     # FedAvg-family updates: Flower's fixedclipping_mod norm; 0 = off
-    fedavg_noise: float = 0.0    # noise multiplier of Flower's DP strategy wrapper on the aggregate
-    delta: float = 1.0e-5        # the delta every epsilon is reported at
+    upload_clip: float = bounded(0.0, NON_NEGATIVE)  # zoo uploads: L2 bound on (uploaded - received head); 0 = uploads
+                                                     # are not private
+    upload_noise: float = bounded(0.0, NON_NEGATIVE)  # noise multiplier: std = upload_noise * upload_clip
+    fedavg_clip: float = bounded(0.0, NON_NEGATIVE)  # FedAvg-family updates: Flower's fixedclipping_mod norm; 0 = off
+    fedavg_noise: float = bounded(0.0, NON_NEGATIVE)  # noise multiplier of Flower's DP strategy wrapper on the
+                                                      # aggregate
+    delta: float = bounded(1.0e-5, Range(0, 1, open_lo=True, open_hi=True))  # the delta every epsilon is reported at
 
     @property
     def uploads(self) -> bool:

@@ -1,4 +1,6 @@
-"""What a client step receives: the message's records, its config, the client's id and its persistent state.
+"""What a client step receives: the message's records, its config, the client's id and its persistent state; and
+the method's options as its own dataclass (`call.options`). Options travel in the message's one ConfigRecord as
+`<prefix>.<field>` entries: `pack` on the server, `unpack` on the client, nothing else reads them.
 
 `state` is the node's `Context.state` (a RecordDict): Flower keeps it in the driver between messages and ships it to
 whichever actor runs the node, so personal models (FedPer's head, Ditto's model) survive across rounds there.
@@ -7,13 +9,49 @@ Data is loaded lazily and cached per actor process (fedtina.client.ops).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from fedtina.client import ops as client_ops
+from fedtina.config import HeadTrainConfig, from_dict
 from fedtina.data.partition import ClientSpec, client_spec
+from fedtina.errors import FedtinaError
+
+OPTIONS = "options"   # the prefix of the method's own options in a message's config
+HEAD_FT = "head_ft"   # the prefix of the clients' head fine-tuning (HeadTrainConfig) beside them
+
+T = TypeVar("T")
+
+
+def pack(options: Any, prefix: str = OPTIONS) -> dict[str, Any]:
+    """A dataclass as ConfigRecord entries `<prefix>.<field>` (a nested dataclass: `<prefix>.<field>.<sub>`), to go
+    into a message's config beside the other entries; `unpack` reads it back."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(options):
+        value, key = getattr(options, f.name), f"{prefix}.{f.name}"
+        if dataclasses.is_dataclass(value):
+            out.update(pack(value, key))
+        elif value is None:   # a ConfigRecord holds no null: an option that may be null cannot reach a client
+            raise FedtinaError(f"{key}=null cannot travel in a message config")
+        else:
+            out[key] = value
+    return out
+
+
+def unpack(cls: type[T], record: Any, prefix: str = OPTIONS) -> T:
+    """The dataclass `cls` that `pack(options, prefix)` put into `record` (a ConfigRecord or a dict)."""
+    tree: dict[str, Any] = {}
+    for key, value in record.items():
+        if key.startswith(f"{prefix}."):
+            *path, last = key[len(prefix) + 1:].split(".")
+            node = tree
+            for p in path:
+                node = node.setdefault(p, {})
+            node[last] = list(value) if isinstance(value, list) else value
+    return from_dict(cls, tree, prefix)
 
 
 @dataclass
@@ -23,6 +61,17 @@ class ClientCall:
     cid: int              # partition id
     state: Any            # Context.state (RecordDict), persistent per node
     note: str = field(default="")   # goes into the phase record's detail (e.g. which state the step started from)
+    options_cls: type | None = None   # the method's options dataclass (`options`)
+
+    @property
+    def options(self) -> Any:
+        """The method's options, as the server packed them (its own dataclass)."""
+        return unpack(self.options_cls, self.cfg) if self.options_cls is not None else None
+
+    @property
+    def head_ft(self) -> HeadTrainConfig:
+        """The clients' head fine-tuning, as the server packed it (Federation.finetune_config)."""
+        return unpack(HeadTrainConfig, self.cfg, HEAD_FT)
 
     @property
     def round(self) -> int:

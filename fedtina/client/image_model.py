@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fedtina.config import POSITIVE, bounded
 from fedtina.config import BackboneConfig
 from fedtina.errors import FedtinaError, UnknownClassError
 from fedtina.zoo.heads import Head
@@ -30,20 +31,12 @@ HEAD_KEYS = ("fc.weight", "fc.bias")
 class LocalTraining:
     """A round's local training on images (the options every image method starts from)."""
 
-    epochs: int = 1           # local epochs per round
-    lr: float = 0.05          # SGD, momentum 0.9, weight decay 5e-4
-    batch_size: int = 32
+    epochs: int = bounded(1, POSITIVE)  # local epochs per round
+    lr: float = bounded(0.05, POSITIVE)  # SGD, momentum 0.9, weight decay 5e-4
+    batch_size: int = bounded(32, POSITIVE)
 
     def kwargs(self) -> dict:
         return {"epochs": int(self.epochs), "lr": float(self.lr), "batch_size": int(self.batch_size)}
-
-
-def local_training(cfg) -> dict:
-    """The LocalTraining fields from a message's config."""
-    return {"epochs": int(cfg["epochs"]), "lr": float(cfg["lr"]), "batch_size": int(cfg["batch_size"])}
-
-
-TRAINING_RANGES = {"epochs": "positive", "lr": "positive", "batch_size": "positive"}
 
 
 def split(state: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], Head]:

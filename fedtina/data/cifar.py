@@ -8,14 +8,16 @@ The merged arrays are cached as .npz, so later loads need neither torchvision no
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from fedtina import net
-from fedtina.config import resolve_cache_dir
+from fedtina.config import DatasetConfig, resolve_cache_dir
 from fedtina.data.base import ImageDataset, clean_class_name
 from fedtina.data.folder import cached_dataset
+from fedtina.data.registry import Dataset, register
 from fedtina.errors import DatasetUnavailableError
 
 log = logging.getLogger(__name__)
@@ -80,3 +82,11 @@ def _read_cifar100(root: Path, download: bool) -> ImageDataset:
         labels=np.concatenate([np.asarray(p.targets, dtype=np.int64) for p in parts]),
         class_names=[clean_class_name(c) for c in parts[0].classes],
     )
+
+
+@dataclass
+class Cifar100Config(DatasetConfig):
+    name: str = "cifar100"            # path: the download root (offline: put cifar-100-python.tar.gz there)
+
+
+register(Dataset("cifar100", Cifar100Config, lambda cfg, cache_dir: load_cifar100(cfg.path, cfg.download, cache_dir)))

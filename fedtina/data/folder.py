@@ -26,7 +26,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from fedtina.config import DatasetConfig
 from fedtina.data.base import ImageDataset, clean_class_name
+from fedtina.data.registry import Dataset, register
 from fedtina.errors import DatasetUnavailableError, FedtinaError
 from fedtina.io import atomic_write, cache_lock
 
@@ -269,3 +271,17 @@ def _read_classes(src: _Source, path: Path, names: dict[str, str], name: str) ->
     images = [decode_image(src.read(f), f"{path}:{f}") for fs in files for f in fs]
     labels = np.repeat(np.arange(len(ids), dtype=np.int64), [len(fs) for fs in files])
     return ImageDataset(name=name, images=np.stack(images), labels=labels, class_names=class_names)
+
+
+@dataclass
+class FolderConfig(DatasetConfig):
+    name: str = "folder"              # path (required): a directory or .zip with one folder per class
+
+
+def _load_folder(cfg: DatasetConfig, cache_dir: Path) -> ImageDataset:
+    if not cfg.path:
+        raise FedtinaError("dataset=folder needs dataset.path: a directory or .zip with one folder per class")
+    return load_class_folder(cfg.path, cfg.names_file, cache_dir)
+
+
+register(Dataset("folder", FolderConfig, _load_folder))

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fedtina.config import BELOW_ONE, NON_NEGATIVE, POSITIVE, UNIT, bounded
 from fedtina.data.base import ImageDataset
 from fedtina.errors import CorruptFileError, FedtinaError
 from fedtina.data.partitioners import SCHEMES, deal_seen
@@ -43,19 +44,20 @@ def _empty_ids() -> np.ndarray:
 class PartitionConfig:
     scheme: str = "fedtina"             # who deals the seen classes: fedtina | dirichlet | inner_dirichlet |
                                         # pathological (flwr-datasets, partitioners.py)
-    k_min: int = 5                      # fedtina: k uniform in [k_min, k_max]; pathological: k_max each; dirichlet and
-    k_max: int = 10                     # inner_dirichlet: at most k_max (a client's largest classes)
-    alpha: float = 0.5                  # Dirichlet concentration: a class's images over its holders (fedtina), a
-                                        # client's classes (dirichlet, inner_dirichlet)
-    unseen_share: float = 0.2           # share of clients that hold unseen classes
-    unseen_per_client: int = 2
-    test_fraction_server: float = 0.2   # of each class's test-part images, kept by the server for its checks
+    k_min: int = bounded(5, POSITIVE)   # fedtina: k uniform in [k_min, k_max]; pathological: k_max each; dirichlet and
+    k_max: int = bounded(10, POSITIVE)  # inner_dirichlet: at most k_max (a client's largest classes)
+    alpha: float = bounded(0.5, POSITIVE)  # Dirichlet concentration: a class's images over its holders (fedtina), a
+                                           # client's classes (dirichlet, inner_dirichlet)
+    unseen_share: float = bounded(0.2, UNIT)  # share of clients that hold unseen classes
+    unseen_per_client: int = bounded(2, NON_NEGATIVE)
+    test_fraction_server: float = bounded(0.2, BELOW_ONE)  # of each class's test-part images, kept by the server for
+                                                           # its checks
     description: str = "names"          # names | sentence
     template: str = "a model for: {names}"
     seed: int = 0
     labels_per_class: list[int] | None = None   # label budgets, client i gets [i % len]: at most this many labelled
                                                 # training images per class (0: it can only describe); None: all
-    new_share: float = 0.2              # share of clients that never train: they arrive after the last round
+    new_share: float = bounded(0.2, BELOW_ONE)  # share of clients that never train: they arrive after the last round
     new_labels_per_class: list[int] | None = None   # label budgets of the new clients, new client j gets [j % len]
                                                 # (-1: all it holds); None: as labels_per_class
 

@@ -25,6 +25,7 @@ import numpy as np
 from fedtina.config import DatasetConfig
 from fedtina.data.base import ImageDataset
 from fedtina.data.folder import cached_dataset
+from fedtina.data.registry import Dataset, register
 from fedtina.errors import FedtinaError
 
 log = logging.getLogger(__name__)
@@ -380,3 +381,13 @@ def load_shapes(cfg: DatasetConfig, cache_dir: Path) -> ImageDataset:
         return make_shapes(cfg.images_per_class, cfg.seed)
 
     return cached_dataset(path, "shapes", build)
+
+
+@dataclass
+class ShapesConfig(DatasetConfig):
+    name: str = "shapes"
+    descriptions: str | None = "generated"   # a sentence per class ("a shape with three corners, coloured red, ..."),
+                                             # for sentence prompts
+
+
+register(Dataset("shapes", ShapesConfig, load_shapes))

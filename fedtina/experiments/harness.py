@@ -18,6 +18,8 @@ def hydra_entry(config_name: str, run: Callable[[dict, Path], object], log: logg
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import DictConfig, OmegaConf
 
+    import fedtina.schema.simulate  # noqa: F401 - the dataclasses' defaults into Hydra's ConfigStore
+
     @hydra.main(version_base="1.3", config_path=str(CONFIGS), config_name=config_name)
     def main(cfg: DictConfig) -> None:
         try:

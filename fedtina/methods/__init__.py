@@ -4,9 +4,9 @@ each registers itself (fedtina.methods.registry): adding a method is adding a mo
 import importlib
 import pkgutil
 
-from fedtina.methods.registry import REGISTRY, Method, client_steps, plan, register, run_plan
+from fedtina.methods.registry import REGISTRY, Method, plan, register, run_plan
 
 for _mod in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_mod.name}")
 
-__all__ = ["REGISTRY", "Method", "client_steps", "plan", "register", "run_plan"]
+__all__ = ["REGISTRY", "Method", "plan", "register", "run_plan"]

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.serverapp.strategy import FedAvg
 
+from fedtina.config import POSITIVE, bounded
 from fedtina.client import ops as client_ops
-from fedtina.client.call import ClientCall, scored, update
+from fedtina.client.call import ClientCall, pack, scored, update
 from fedtina.server.federation import Federation
 from fedtina.server.ledger import MethodFailed
 from fedtina.runtime.spec import head_record, record_head
@@ -25,9 +26,9 @@ from fedtina.methods.registry import Method, register
 
 @dataclass
 class FedAvgOptions:
-    epochs: int = 5          # local epochs per round (SGD on frozen features)
-    lr: float = 0.1
-    batch_size: int = 32
+    epochs: int = bounded(5, POSITIVE)  # local epochs per round (SGD on frozen features)
+    lr: float = bounded(0.1, POSITIVE)
+    batch_size: int = bounded(32, POSITIVE)
 
 
 @dataclass
@@ -55,7 +56,7 @@ def run_fedavg(fed: Federation, state: FedAvgState) -> None:
     # with fedavg_ft alone, the FedAvg rounds are part of fedavg_ft's cost (and progress lines)
     result = start(fed, "fedavg" if record else "fedavg_ft", FedAvg, head_record(init), train_type="train.fedavg",
                    evaluate_type="evaluate.fedavg", record_results=record,
-                   train_config={"epochs": opts.epochs, "lr": opts.lr, "batch_size": opts.batch_size})
+                   train_config=pack(opts))
     if "weight" not in result.arrays:  # Flower keeps the initial arrays out of its Result until a round aggregates
         raise MethodFailed(f"no FedAvg round had a client update to aggregate (every client failed in all "
                            f"{fed.spec.rounds} rounds)")
@@ -91,9 +92,9 @@ def run_fedavg_ft(fed: Federation, state: None) -> None:
 
 def client_train(call: ClientCall):
     """FedAvg's local step on the global head (row c = dataset class c) over the client's frozen features."""
-    arrays, data = call.content["arrays"], call.data
-    w, b = client_ops.fedavg_local_train(arrays["weight"].numpy(), arrays["bias"].numpy(), data,
-                                         int(call.cfg["epochs"]), float(call.cfg["lr"]), int(call.cfg["batch_size"]))
+    arrays, data, opts = call.content["arrays"], call.data, call.options
+    w, b = client_ops.fedavg_local_train(arrays["weight"].numpy(), arrays["bias"].numpy(), data, opts.epochs, opts.lr,
+                                         opts.batch_size)
     return update({"weight": w, "bias": b}, len(data.train_y))
 
 
@@ -106,8 +107,7 @@ def client_evaluate(call: ClientCall):
     return scored(res["acc"], res["num-examples"])
 
 
-register(Method("fedavg", run_fedavg, FedAvgOptions, ranges={"epochs": "positive", "lr": "positive",
-                                                                "batch_size": "positive"},
+register(Method("fedavg", run_fedavg, FedAvgOptions,
                 client_steps={"train.fedavg": ("train", client_train), "evaluate.fedavg": ("evaluate",
                                                                                           client_evaluate)},
                 state=FedAvgState, order=40, summary="Flower's FedAvg of one global head on frozen features"))

@@ -8,7 +8,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedtina.errors import FedtinaError
 from fedtina.client import image_model as body
-from fedtina.client.call import ClientCall, scored, update
+from fedtina.client.call import ClientCall, pack, scored, update
 from fedtina.server.federation import Federation
 from fedtina.runtime.spec import arrays_record
 from fedtina.server.strategy import start
@@ -32,7 +32,7 @@ def run_image_fedavg(fed: Federation, name: str, base: type, opts, **strategy_kw
     """Flower strategy `base` over the full model for `rounds` rounds on the old clients, then the new clients."""
     fed.out.rounds[name] = fed.spec.rounds
     result = start(fed, name, base, arrays_record(full_model_state(fed)), train_type=f"train.{name}",
-                   evaluate_type=f"evaluate.{name}", train_config=body.LocalTraining.kwargs(opts), **strategy_kwargs)
+                   evaluate_type=f"evaluate.{name}", train_config=pack(opts), **strategy_kwargs)
     fed.serve_new(name, result.arrays, f"evaluate.{name}")
 
 
@@ -46,7 +46,7 @@ def client_train(call: ClientCall):
     state, imgs = call.arrays(), call.images()
     mu = float(call.cfg.get("proximal-mu", 0.0))
     new = body.train(state, imgs.train_x, imgs.train_global_y, mu=mu, anchor=state if mu > 0 else None,
-                     device=call.device, **body.local_training(call.cfg))
+                     device=call.device, **call.options.kwargs())
     return update(new, len(imgs.train_y))
 
 
@@ -57,7 +57,7 @@ def client_evaluate(call: ClientCall):
                   len(imgs.test_y))
 
 
-register(Method("fedavg_full", run, body.LocalTraining, ranges=body.TRAINING_RANGES, needs_images=True,
+register(Method("fedavg_full", run, body.LocalTraining, needs_images=True,
                 client_steps={"train.fedavg_full": ("train", client_train),
                               "evaluate.fedavg_full": ("evaluate", client_evaluate)},
                 order=50, summary="Flower's FedAvg of the whole ResNet-20 on images"))

@@ -20,11 +20,11 @@ def client_train(call: ClientCall):
     head = personal.start_head(call, received, None)   # the shared frozen head's rows, never a personal one
     body_state, _ = body.split(received)
     state = body.train(body.join(body_state, head), imgs.train_x, imgs.train_y, train_head=False,
-                       device=call.device, **body.local_training(call.cfg))
+                       device=call.device, **call.options.kwargs())
     return update(body.split(state)[0], len(imgs.train_y))
 
 
-register(Method("fedbabu", run, body.LocalTraining, ranges=body.TRAINING_RANGES, needs_images=True,
+register(Method("fedbabu", run, body.LocalTraining, needs_images=True,
                 zero_labels=personal.ZERO,
                 client_steps={"train.fedbabu": ("train", client_train),
                               "evaluate.fedbabu": ("evaluate", personal.evaluate_step(None, finetune=True))},

@@ -19,13 +19,13 @@ def client_train(call: ClientCall):
     head = personal.start_head(call, received, "fedper")
     body_state, _ = body.split(received)
     state = body.train(body.join(body_state, head), imgs.train_x, imgs.train_y, device=call.device,
-                       **body.local_training(call.cfg))
+                       **call.options.kwargs())
     new_body, new_head = body.split(state)
     call.save_state("fedper", {"weight": new_head.weight, "bias": new_head.bias})
     return update(new_body, len(imgs.train_y))
 
 
-register(Method("fedper", run, body.LocalTraining, ranges=body.TRAINING_RANGES, needs_images=True,
+register(Method("fedper", run, body.LocalTraining, needs_images=True,
                 zero_labels=personal.ZERO,
                 client_steps={"train.fedper": ("train", client_train),
                               "evaluate.fedper": ("evaluate", personal.evaluate_step("fedper", finetune=False))},

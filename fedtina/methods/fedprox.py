@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from flwr.serverapp.strategy import FedProx
 
+from fedtina.config import NON_NEGATIVE, bounded
 from fedtina.client import image_model as body
 from fedtina.server.federation import Federation
 from fedtina.methods import fedavg_full
@@ -16,7 +17,7 @@ from fedtina.methods.registry import Method, register
 
 @dataclass
 class FedProxOptions(body.LocalTraining):
-    mu: float = 0.01          # proximal weight
+    mu: float = bounded(0.01, NON_NEGATIVE)  # proximal weight
 
 
 def run(fed: Federation, state: None) -> None:
@@ -24,7 +25,7 @@ def run(fed: Federation, state: None) -> None:
     fedavg_full.run_image_fedavg(fed, "fedprox", FedProx, opts, proximal_mu=float(opts.mu))
 
 
-register(Method("fedprox", run, FedProxOptions, ranges={**body.TRAINING_RANGES, "mu": "non_negative"},
-                needs_images=True, client_steps={"train.fedprox": ("train", fedavg_full.client_train),
-                                                 "evaluate.fedprox": ("evaluate", fedavg_full.client_evaluate)},
+register(Method("fedprox", run, FedProxOptions, needs_images=True,
+                client_steps={"train.fedprox": ("train", fedavg_full.client_train),
+                              "evaluate.fedprox": ("evaluate", fedavg_full.client_evaluate)},
                 order=60, summary="Flower's FedProx: FedAvg of the whole model with a proximal term"))

@@ -10,7 +10,7 @@ import numpy as np
 from flwr.serverapp.strategy import FedAvg
 
 from fedtina.client import image_model as body
-from fedtina.client.call import ClientCall, update
+from fedtina.client.call import ClientCall, pack, update
 from fedtina.server.federation import Federation
 from fedtina.runtime.spec import arrays_record
 from fedtina.server.strategy import start
@@ -22,9 +22,9 @@ from fedtina.methods.registry import Method, register
 def run(fed: Federation, state: None) -> None:
     opts = fed.options("fedrod", body.LocalTraining)
     fed.out.rounds["fedrod"] = fed.spec.rounds
-    ft = personal.finetune_config(fed)
+    ft = fed.finetune_config(upload=False)
     result = start(fed, "fedrod", FedAvg, arrays_record(full_model_state(fed)), train_type="train.fedrod",
-                   evaluate_type="evaluate.fedrod", train_config=opts.kwargs(), evaluate_config=ft)
+                   evaluate_type="evaluate.fedrod", train_config=pack(opts), evaluate_config=ft)
     fed.serve_new("fedrod", result.arrays, "evaluate.fedrod", **ft)
 
 
@@ -33,7 +33,7 @@ def client_train(call: ClientCall):
     count = np.bincount(imgs.train_global_y, minlength=len(received["fc.bias"]))
     adjust = np.where(count > 0, np.log(np.maximum(count, 1)), -1e4).astype(np.float32)   # balanced softmax
     new = body.train(received, imgs.train_x, imgs.train_global_y, logit_adjust=adjust, device=call.device,
-                     **body.local_training(call.cfg))
+                     **call.options.kwargs())
     return update(new, len(imgs.train_y))
 
 
@@ -46,7 +46,7 @@ def client_evaluate(call: ClientCall):
     return personal.score(head, data)
 
 
-register(Method("fedrod", run, body.LocalTraining, ranges=body.TRAINING_RANGES, needs_images=True,
+register(Method("fedrod", run, body.LocalTraining, needs_images=True,
                 client_steps={"train.fedrod": ("train", client_train),
                               "evaluate.fedrod": ("evaluate", client_evaluate)},
                 order=110, summary="shared body + balanced-softmax generic head, personal offset per client"))

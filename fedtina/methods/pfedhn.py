@@ -19,8 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedtina.config import POSITIVE, bounded
 from fedtina.client import ops as client_ops
-from fedtina.client.call import ClientCall, scored
+from fedtina.client.call import HEAD_FT, ClientCall, pack, scored
+from fedtina.config import HeadTrainConfig
 from fedtina.server.federation import Federation
 from fedtina.report.profiling import PhaseTimer
 from fedtina.runtime.spec import arrays_record, record_head
@@ -33,13 +35,14 @@ ZERO = "fits a new client embedding on the client's labels; this client has none
 
 @dataclass
 class PFedHNOptions:
-    embed_dim: int = 32
-    hidden: int = 128
-    lr: float = 0.01            # Adam on the hypernetwork and the embeddings (server)
-    inner_steps: int = 30       # the client's fine-tuning of the generated head (full-batch Adam on features)
-    inner_lr: float = 0.05
-    embed_steps: int = 100      # a new client's fit of its embedding
-    embed_lr: float = 0.05
+    embed_dim: int = bounded(32, POSITIVE)
+    hidden: int = bounded(128, POSITIVE)
+    lr: float = bounded(0.01, POSITIVE)  # Adam on the hypernetwork and the embeddings (server)
+    inner_steps: int = bounded(30, POSITIVE)  # the client's fine-tuning of the generated head (full-batch Adam on
+                                              # features)
+    inner_lr: float = bounded(0.05, POSITIVE)
+    embed_steps: int = bounded(100, POSITIVE)  # a new client's fit of its embedding
+    embed_lr: float = bounded(0.05, POSITIVE)
     seed: int = 0
 
 
@@ -78,8 +81,8 @@ def run(fed: Federation, state: None) -> None:
     index = {c.node_id: i for i, c in enumerate(old)}
     emb = nn.Parameter(torch.randn(max(len(old), 1), opts.embed_dim) * 0.1)
     optim = torch.optim.Adam([*net.parameters(), emb], lr=opts.lr)
-    inner = {"steps": opts.inner_steps, "lr": opts.inner_lr, "l2_to_init": 0.0, "weight_decay": 0.0,
-             "select": False, "upload": True}
+    inner = {**pack(HeadTrainConfig(steps=opts.inner_steps, lr=opts.inner_lr, l2_to_init=0.0, weight_decay=0.0,
+                                    select=False), HEAD_FT), "upload": True}
 
     def heads_for(clients) -> dict[int, Head]:
         with torch.no_grad():
@@ -112,10 +115,8 @@ def run(fed: Federation, state: None) -> None:
     clients = fed.labelled("pfedhn", fed.usable(fed.new, ["pfedhn"], rnd), rnd, ZERO)
     state = {k: v.detach().numpy() for k, v in net.state_dict().items()}
     state["init_embedding"] = emb.detach().mean(0).numpy()
-    cfg = {"embed_steps": opts.embed_steps, "embed_lr": opts.embed_lr, "embed_dim": opts.embed_dim,
-           "hidden": opts.hidden}
     ok = fed.send("train.pfedhn_embed", {c.node_id: {"arrays": arrays_record(state)} for c in clients}, "pfedhn",
-                  rnd, "finetune", fail=["pfedhn"], **cfg)
+                  rnd, "finetune", fail=["pfedhn"], **pack(opts))
     fed.score(ok, "pfedhn", rnd)
     if fed.new:
         fed.progress("pfedhn", None, rnd, f"new clients: {fed.acc_line('pfedhn', rnd, new=True)}")
@@ -144,15 +145,12 @@ def fit_embedding(state: dict[str, np.ndarray], data: client_ops.ClientData, emb
 
 
 def client_embed(call: ClientCall):
-    data = call.data
-    head = fit_embedding(call.arrays(), data, int(call.cfg["embed_dim"]), int(call.cfg["hidden"]),
-                         int(call.cfg["embed_steps"]), float(call.cfg["embed_lr"]))
+    data, opts = call.data, call.options
+    head = fit_embedding(call.arrays(), data, opts.embed_dim, opts.hidden, opts.embed_steps, opts.embed_lr)
     res = client_ops.evaluate_head(head, data)
     return scored(res["acc"], res["num-examples"])
 
 
 register(Method("pfedhn", run, PFedHNOptions, zero_labels=ZERO,
-                ranges={"embed_dim": "positive", "hidden": "positive", "lr": "positive", "inner_steps": "positive",
-                        "inner_lr": "positive", "embed_steps": "positive", "embed_lr": "positive"},
                 client_steps={"train.pfedhn_embed": ("finetune", client_embed)},
                 order=120, summary="a server hypernetwork maps a learned client embedding to its head"))

@@ -1,16 +1,17 @@
 """The method registry: what the server plays, in which order, and which ClientApp handler serves which message.
 
-A method is one module under `fedtina/methods/` that calls `register(Method(...))`: its options dataclass (the
-`configs/method/<name>.yaml` block of the same name), its server step, its resume state and its client steps. Every
-module of the package is imported (fedtina/methods/__init__.py), the ServerApp hands the requested methods (`plan`)
-to the engine (fedtina.server.loop.run_all), which plays them by `order` and keeps each one's `state` in the
-run's checkpoint, and the ClientApp registers every client step by its message type
+A method is one module under `fedtina/methods/` that calls `register(Method(...))`: its options dataclass (defaults
+and ranges; Hydra's ConfigStore gets them as `fedtina/method/<name>`, which `configs/method/<name>.yaml` places at
+`method.<name>`), its server step, its resume state and its client steps (they get the options as `call.options`,
+fedtina.client.call). Every module of the package is imported (fedtina/methods/__init__.py), the ServerApp hands the
+requested methods (`run_plan`) to the engine (fedtina.server.loop.run_all), which plays them by `order` and keeps
+each one's `state` in the run's checkpoint, and the ClientApp registers every client step by its message type
 (`"<train|evaluate|query>.<action>"`). Nothing else needs an edit to add a method.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from fedtina.errors import FedtinaError
@@ -31,7 +32,6 @@ class Method:
     run: Callable[["Federation", Any], None]          # the server loop (fed, its state), on every client (old
                                                       # and new ones)
     options: type | None = None                       # dataclass of its options (None: it has none)
-    ranges: dict[str, str] = field(default_factory=dict)      # option -> positive | non_negative | unit | fraction
     check: Callable[[Any, dict], None] | None = None  # (its options, the whole plain config) -> raise FedtinaError
     client_steps: dict[str, tuple[str, ClientStep]] = field(default_factory=dict)  # message type -> (phase, step)
     results: tuple[str, ...] = ()                     # the result rows it writes (default: its name)
@@ -64,6 +64,10 @@ def register(method: Method) -> Method:
     if clash:
         raise FedtinaError(f"method {method.name!r} registers message type(s) {sorted(clash)} already taken")
     REGISTRY[method.name] = method
+    if method.options is not None:
+        from hydra.core.config_store import ConfigStore
+
+        ConfigStore.instance().store(group="fedtina/method", name=method.name, node=asdict(method.options()))
     for name in sorted(REGISTRY, key=lambda n: (REGISTRY[n].order, n)):   # keep REGISTRY in play order
         REGISTRY[name] = REGISTRY.pop(name)
     return method
@@ -85,7 +89,3 @@ def run_plan(spec: "RunSpec") -> list[Method]:
     if images and not spec.images_path:
         raise FedtinaError(f"method(s) {images} train on images and need images_path (the driver writes images.npy)")
     return methods
-
-
-def client_steps() -> dict[str, tuple[str, ClientStep]]:
-    return {t: s for m in REGISTRY.values() for t, s in m.client_steps.items()}

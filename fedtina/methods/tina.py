@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Message
 
+from fedtina.config import NON_NEGATIVE, POSITIVE, bounded
 from fedtina.errors import FedtinaError
 from fedtina.server.gate import HeadCheckConfig, check_head, plausible_row_norm
 from fedtina.server.federation import Federation
@@ -37,11 +38,12 @@ ZERO_FT = "tina_ft fine-tunes on the client's labels; this client has none (its 
 @dataclass
 class TinaOptions:
     finetune: bool = True       # clients fine-tune the generated head and upload it (-> tina_ft, zoo growth)
-    refresh_every: int = 20     # refresh Tina after this many accepted heads (0 = never)
-    refresh_steps: int = 30     # training steps per refresh (warm start on the grown zoo)
+    refresh_every: int = bounded(20, NON_NEGATIVE)  # refresh Tina after this many accepted heads (0 = never)
+    refresh_steps: int = bounded(30, POSITIVE)  # training steps per refresh (warm start on the grown zoo)
     gen_seed: int = 0           # generation noise seed
-    sample_steps: int = 0       # DDIM steps per generated head; 0: the Tina's own (tina.sample_steps). Cost is linear
-                                # in it; `analyses analysis=sample_steps` measured 2-5 steps as accurate as 20
+    sample_steps: int = bounded(0, NON_NEGATIVE)  # DDIM steps per generated head; 0: the Tina's own
+                                                  # (tina.sample_steps). Cost is linear in it; `analyses
+                                                  # analysis=sample_steps` measured 2-5 steps as accurate as 20
     prompt: str = "text"        # what a client describes its classes by: text | images | both (images: the mean
                                 # feature of its labelled training images of each class)
     bank: bool = False          # serve a class no prepared zoo head holds by the mean row of the run's accepted
@@ -301,6 +303,5 @@ def _validate(opts: TinaOptions, cfg: dict) -> None:
 
 register(Method("tina", run_tina, TinaOptions, results=("tina", "tina_ft"), check=_validate, state=TinaState,
                 describe=lambda fed: {"prompt": fed.options("tina", TinaOptions).prompt},
-                ranges={"refresh_every": "non_negative", "refresh_steps": "positive", "sample_steps": "non_negative"},
                 order=10,
                 summary="the server generates the head from the client's description; new clients need no label"))

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from fedtina.config import NON_NEGATIVE, UNIT, bounded
 from fedtina.config import HeadTrainConfig, from_dict
 from fedtina.errors import FedtinaError
 from fedtina.server.aggregation import AggregationConfig
@@ -40,13 +41,13 @@ class Faults:
     poison_clients: list[int] = field(default_factory=list)         # training replies poisoned (attack_mod)
     poison_kind: str = "nan"                                        # fedtina/adversary/attacks.py HEAD_ATTACKS;
                                                                     # updates: sign_flip | scale | random
-    poison_factor: float = Attack.factor                            # scale / sign_flip multiplier, random's norm
+    poison_factor: float = bounded(Attack.factor, NON_NEGATIVE)     # scale / sign_flip multiplier, random's norm
     poison_target: int = Attack.target                              # targeted: position of the attacked class
     poison_collude: bool = Attack.collude                           # every attacker shares one seed (random)
-    mislabel_share: float = Attack.share                            # mislabeled: share of training labels moved
+    mislabel_share: float = bounded(Attack.share, UNIT)             # mislabeled: share of training labels moved
     unknown_class_clients: list[int] = field(default_factory=list)  # describe adds a class the dataset lacks
     slow_clients: list[int] = field(default_factory=list)           # sleep slow_s in work handlers (timeouts)
-    slow_s: float = 0.0
+    slow_s: float = bounded(0.0, NON_NEGATIVE)
 
     @property
     def any(self) -> bool:
@@ -70,7 +71,7 @@ class RunSpec:
     options: dict[str, dict[str, Any]] = field(default_factory=dict)   # per method: its options (configs/method)
     fraction_train: float = 1.0     # share of the old clients sampled per round by the multi-round methods
     loggers: list[str] = field(default_factory=list)   # per-round metrics: tensorboard, wandb (federation/loggers.py)
-    head_ft: HeadTrainConfig = field(default_factory=lambda: HeadTrainConfig(steps=30))
+    head_ft: HeadTrainConfig = field(default_factory=lambda: HeadTrainConfig(steps=30, select=True))   # as simulate's
     checks: dict[str, Any] = field(default_factory=dict)   # HeadCheckConfig fields
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)   # FedAvg-family server rule
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)   # clipping + noise of uploads and updates

@@ -14,6 +14,7 @@ from functools import lru_cache
 
 from flwr.serverapp.strategy import Bulyan, FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum
 
+from fedtina.config import NON_NEGATIVE, Range, bounded
 from fedtina.errors import FedtinaError
 
 RULES = {"fedavg": FedAvg, "median": FedMedian, "trimmed_mean": FedTrimmedAvg, "krum": Krum,
@@ -23,9 +24,11 @@ RULES = {"fedavg": FedAvg, "median": FedMedian, "trimmed_mean": FedTrimmedAvg, "
 @dataclass
 class AggregationConfig:
     name: str = "fedavg"        # fedavg | median | trimmed_mean | krum | multikrum | bulyan (Flower's strategies)
-    num_malicious: int = 0      # krum, multikrum, bulyan: the number of bad updates f they are built to withstand
-    beta: float = 0.2           # trimmed_mean: share of the values cut at each end, per coordinate
-    select: int = 0             # multikrum: updates averaged (0: m - f, m = updates per round)
+    num_malicious: int = bounded(0, NON_NEGATIVE)  # krum, multikrum, bulyan: the number of bad updates f they are built
+                                                   # to withstand
+    beta: float = bounded(0.2, Range(0, 0.5, open_hi=True))  # trimmed_mean: share of the values cut at each end, per
+                                                             # coordinate
+    select: int = bounded(0, NON_NEGATIVE)  # multikrum: updates averaged (0: m - f, m = updates per round)
 
 
 def check(cfg: AggregationConfig, sampled: int) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedtina.config import NON_NEGATIVE, POSITIVE, bounded
 from fedtina.errors import FedtinaError
 from fedtina.client.ops import align_head, head_accuracy, to_positions
 from fedtina.zoo.heads import Head
@@ -26,11 +27,11 @@ from fedtina.zoo.heads import Head
 
 @dataclass
 class HeadCheckConfig:
-    max_row_norm_ratio: float = 10.0  # vs the mean row norm of plausible heads (the zoo's)
-    max_acc_drop: float = 0.15        # below selection on the server's held-out features
+    max_row_norm_ratio: float = bounded(10.0, POSITIVE)  # vs the mean row norm of plausible heads (the zoo's)
+    max_acc_drop: float = bounded(0.15, NON_NEGATIVE)  # below selection on the server's held-out features
     max_class_drop: float = 0.4       # a class pair's AUC below the better reference's AUC for it
     min_class_images: int = 5         # held-out images each class of a pair needs for the pair to be checked
-    max_bytes: int = 1_000_000
+    max_bytes: int = bounded(1_000_000, POSITIVE)
 
 
 @dataclass

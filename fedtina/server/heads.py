@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedtina.client.call import HEAD_FT, pack
 from fedtina.config import HeadTrainConfig
 from fedtina.server.gate import server_val_data
 from fedtina.zoo.heads import Head, generic_rows, selection_head
@@ -32,7 +33,6 @@ class ServerHeads:
         return server_val_data(self.assets.bank.features, self.assets.dataset.labels, self.server_val_idx, class_ids)
 
     def finetune_config(self, upload: bool) -> dict:
-        """The clients' head fine-tuning (`head_ft`) as message config; `upload`: they send the head back."""
-        ft = self.head_ft
-        return {"steps": int(ft.steps), "lr": float(ft.lr), "l2_to_init": float(ft.l2_to_init),
-                "weight_decay": float(ft.weight_decay), "select": bool(ft.select), "upload": bool(upload)}
+        """The clients' head fine-tuning (`head_ft`) as message config (`call.head_ft` on the client); `upload`: they
+        send the head back."""
+        return {**pack(self.head_ft, HEAD_FT), "upload": bool(upload)}

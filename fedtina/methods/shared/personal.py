@@ -12,7 +12,7 @@ import numpy as np
 from fedtina.config import HeadTrainConfig
 from fedtina.client import image_model as body
 from fedtina.client import ops as client_ops
-from fedtina.client.call import ClientCall, scored
+from fedtina.client.call import ClientCall, pack, scored
 from fedtina.server.federation import Federation
 from fedtina.runtime.spec import arrays_record
 from fedtina.server.strategy import BodyOnly, start
@@ -22,25 +22,13 @@ from fedtina.methods.fedavg_full import full_model_state
 ZERO = "fits a head on the client's labels over the shared body; this client has none"
 
 
-def run_body_method(fed: Federation, name: str, opts: body.LocalTraining, **train_config) -> None:
+def run_body_method(fed: Federation, name: str, opts: body.LocalTraining) -> None:
     """`rounds` of FedAvg of the body on the old clients, then the new clients (head fitted on their labels)."""
     fed.out.rounds[name] = fed.spec.rounds
-    ft = finetune_config(fed)
+    ft = fed.finetune_config(upload=False)
     result = start(fed, name, BodyOnly, arrays_record(full_model_state(fed)), train_type=f"train.{name}",
-                   evaluate_type=f"evaluate.{name}", train_config={**opts.kwargs(), **ft, **train_config},
-                   evaluate_config=ft)
+                   evaluate_type=f"evaluate.{name}", train_config={**pack(opts), **ft}, evaluate_config=ft)
     fed.serve_new(name, result.arrays, f"evaluate.{name}", zero=ZERO, **ft)
-
-
-def finetune_config(fed: Federation) -> dict:
-    """The clients' head fine-tuning (`head_ft`), prefixed `ft_` beside the body's own `lr` and `epochs`."""
-    return {f"ft_{k}": v for k, v in fed.finetune_config(upload=False).items() if k != "upload"}
-
-
-def head_config(cfg) -> HeadTrainConfig:
-    """`head_ft` from a message's config (see `finetune_config`)."""
-    return HeadTrainConfig(steps=int(cfg["ft_steps"]), lr=float(cfg["ft_lr"]), l2_to_init=float(cfg["ft_l2_to_init"]),
-                           weight_decay=float(cfg["ft_weight_decay"]), select=bool(cfg["ft_select"]))
 
 
 def start_head(call: ClientCall, received: dict[str, np.ndarray], key: str | None) -> Head:
@@ -65,7 +53,7 @@ def feature_data(call: ClientCall, body_state: dict[str, np.ndarray], imgs, trai
 
 
 def fit_head(call: ClientCall, head: Head, data: client_ops.ClientData, cfg: HeadTrainConfig | None = None) -> Head:
-    return client_ops.finetune_local(head, data, cfg or head_config(call.cfg))
+    return client_ops.finetune_local(head, data, cfg or call.head_ft)
 
 
 def score(head: Head, data: client_ops.ClientData):
