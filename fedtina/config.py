@@ -71,7 +71,7 @@ class DatasetConfig:
         """The registered options dataclass of the dataset `data` names (fedtina.data.registry fills DATASETS)."""
         name = data.get("name", cls.name)
         if name not in DATASETS:
-            raise FedtinaError(f"dataset.name={name!r} is invalid; valid: {sorted(DATASETS)}")
+            raise FedtinaError(f"dataset.name={name!r} is invalid; valid: {sorted(DATASETS, key=lambda n: (n != cls.name, n))}")
         return DATASETS[name]
 
 
