@@ -129,6 +129,15 @@ class AnalysisConfig:
 
 
 @dataclass
+class LimitsConfig:
+    """Bounds on what a user, a client or a file hands fedtina, checked where the input is read: past them a hostile
+    or mistaken input would cost minutes or gigabytes before failing (or never fail)."""
+    max_name_chars: int = 200               # one class name (dataset folders, names files, label-set descriptions)
+    max_description_chars: int = 10_000     # one free-text description (a label set, or a class's sentence)
+    max_clients: int = 1_000_000            # simulate's clients; the driver holds ~37 KB per client (simulate.py)
+
+
+@dataclass
 class CoreConfig:
     """Everything `build_assets` needs: dataset -> split -> backbone -> features -> zoo -> Tina."""
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
@@ -137,6 +146,7 @@ class CoreConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     zoo: ZooConfig = field(default_factory=ZooConfig)
     tina: TinaConfig = field(default_factory=TinaConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     cache_dir: str | None = None
 
     @property

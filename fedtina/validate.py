@@ -27,7 +27,8 @@ import types
 import typing
 from typing import Any, Callable, Union
 
-from fedtina.config import BackboneConfig, CoreConfig, DatasetConfig, HeadTrainConfig, TinaConfig, ZooConfig, from_dict
+from fedtina.config import (BackboneConfig, CoreConfig, DatasetConfig, HeadTrainConfig, LimitsConfig, ProtocolConfig,
+                            TinaConfig, ZooConfig, from_dict)
 from fedtina.errors import FedtinaError
 from fedtina.server.aggregation import AggregationConfig
 from fedtina.server.gate import HeadCheckConfig
@@ -45,20 +46,23 @@ BELOW_ONE: Range = (lambda v: 0 <= v < 1, "in [0, 1)")
 
 # Per dataclass and field: the range a value must lie in (types come from the dataclass itself).
 RANGES: dict[type, dict[str, Range]] = {
-    DatasetConfig: {"images_per_class": POSITIVE},
+    DatasetConfig: {"images_per_class": POSITIVE, "seed": NON_NEGATIVE},   # seeds: numpy refuses negative ones
+    ProtocolConfig: {"seed": NON_NEGATIVE},
+    LimitsConfig: {"max_name_chars": POSITIVE, "max_description_chars": POSITIVE, "max_clients": POSITIVE},
     BackboneConfig: {"width": POSITIVE, "epochs": POSITIVE, "batch_size": POSITIVE, "lr": POSITIVE,
-                     "weight_decay": NON_NEGATIVE},
+                     "weight_decay": NON_NEGATIVE, "seed": NON_NEGATIVE},
     HeadTrainConfig: {"steps": POSITIVE, "lr": POSITIVE, "l2_to_init": NON_NEGATIVE, "weight_decay": NON_NEGATIVE},
-    ZooConfig: {"num_tasks": POSITIVE, "k_min": POSITIVE, "k_max": POSITIVE},
+    ZooConfig: {"seed": NON_NEGATIVE, "num_tasks": POSITIVE, "k_min": POSITIVE, "k_max": POSITIVE},
     TinaConfig: {"max_classes": POSITIVE, "d_model": POSITIVE, "depth": POSITIVE, "num_heads": POSITIVE,
                  "mlp_ratio": POSITIVE, "timesteps": POSITIVE, "sample_steps": POSITIVE, "train_steps": POSITIVE,
                  "batch_size": POSITIVE, "lr": POSITIVE, "ema_decay": BELOW_ONE, "warmup_steps": NON_NEGATIVE,
                  "weight_decay": NON_NEGATIVE, "grad_clip": NON_NEGATIVE, "subset_prob": UNIT,
                  "log_every": POSITIVE, "cpu_threads": NON_NEGATIVE,
                  "prompt_text": UNIT, "prompt_images": UNIT, "prompt_both": UNIT, "max_shots": POSITIVE,
-                 "prompt_sentences": UNIT},
+                 "prompt_sentences": UNIT, "seed": NON_NEGATIVE},
     PartitionConfig: {"k_min": POSITIVE, "k_max": POSITIVE, "alpha": POSITIVE, "unseen_share": UNIT,
-                      "unseen_per_client": NON_NEGATIVE, "test_fraction_server": BELOW_ONE, "new_share": BELOW_ONE},
+                      "unseen_per_client": NON_NEGATIVE, "test_fraction_server": BELOW_ONE, "new_share": BELOW_ONE,
+                      "seed": NON_NEGATIVE},
     HeadCheckConfig: {"max_row_norm_ratio": POSITIVE, "max_acc_drop": NON_NEGATIVE, "max_bytes": POSITIVE},
     Faults: {"slow_s": NON_NEGATIVE, "poison_factor": NON_NEGATIVE, "mislabel_share": UNIT},
     PrivacyConfig: {"upload_clip": NON_NEGATIVE, "upload_noise": NON_NEGATIVE, "fedavg_clip": NON_NEGATIVE,
@@ -238,6 +242,7 @@ def validate_simulate_config(cfg: dict[str, Any]) -> None:
     for key, cls in SECTIONS.items():
         check_section(key, cls, cfg.get(key))
     clients = cfg.get("clients")
+    _check_clients(clients, from_dict(LimitsConfig, cfg.get("limits")))
     part = from_dict(PartitionConfig, cfg.get("partition"))
     check_config(part, int(clients) if clients is not None else 1)
     _check_methods(cfg)
@@ -248,6 +253,21 @@ def validate_simulate_config(cfg: dict[str, Any]) -> None:
         raise FedtinaError(f"partition.k_max={part.k_max} exceeds tina.max_classes={max_classes} (the largest label "
                            "set Tina generates)")
     _check_resources(cfg.get("resources") or {})
+
+
+# The driver's memory per client: README's scale section measured a 3.7 GB driver at 100,000 clients (tina +
+# selection), i.e. ~37 KB each (start-up's fixed ~1 GB included, so an upper estimate of the marginal cost).
+DRIVER_BYTES_PER_CLIENT = 37_000
+
+
+def _check_clients(clients: int | None, limits: LimitsConfig) -> None:
+    """`clients` within `limits.max_clients`, checked before anything is built: 100,000,000 clients ran 180 s
+    silently, at 3.1 GB, before failing."""
+    if clients is not None and clients > limits.max_clients:
+        gb = clients * DRIVER_BYTES_PER_CLIENT / 1e9
+        raise FedtinaError(f"clients={clients:,} exceeds limits.max_clients={limits.max_clients:,} (the driver alone "
+                           f"would need ~{gb:,.0f} GB at ~{DRIVER_BYTES_PER_CLIENT // 1000} KB per client); raise "
+                           "limits.max_clients to run it anyway")
 
 
 def _check_attacks(cfg: dict[str, Any], part: PartitionConfig) -> None:
