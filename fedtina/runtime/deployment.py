@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedtina.errors import FedtinaError
+from fedtina.io import write_private
 
 PROFILE = "fedtina-local"
 
@@ -74,8 +75,8 @@ def make_certificates(out: Path, host: str = "127.0.0.1") -> dict[str, Path]:
     paths = {"ca": out / "ca.pem", "cert": out / "server.pem", "key": out / "server.key"}
     paths["ca"].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     paths["cert"].write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
-    paths["key"].write_bytes(server_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                      serialization.NoEncryption()))
+    write_private(paths["key"], server_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
     return paths
 
 
