@@ -157,5 +157,5 @@ def test_control_characters_in_folder_names_never_reach_a_name(tmp_path):
 
 def test_a_class_name_past_the_limit_is_refused(tmp_path):
     path = _zip(tmp_path / "d.zip", {**GOOD, "x" * 201 + "/a.png": _png()})
-    with pytest.raises(FedtinaError, match=r"gives a class name of 201 characters, more than limits.max_name_chars=200"):
+    with pytest.raises(FedtinaError, match=r"a class name of 201 characters, more than limits.max_name_chars=200"):
         load_class_folder(path)

@@ -14,7 +14,7 @@ from fedtina.errors import UnknownClassError
 
 def printable(text: str) -> str:
     """`text` without control and format characters (an ESC sequence in a folder name would drive the terminal that
-    logs it): each run of them becomes one space."""
+    logs it): each becomes a space."""
     return "".join(" " if unicodedata.category(c)[0] == "C" else c for c in text)
 
 

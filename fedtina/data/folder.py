@@ -274,7 +274,8 @@ def _class_files(src: _Source, where: Path) -> tuple[list[str], list[list[PurePo
                     ", ".join(map(repr, empty)))
     ids = sorted(c for c, fs in by_class.items() if fs)
     if len(ids) < 2:
-        raise FedtinaError(f"{where}: found {len(ids)} class folder(s) with images ({', '.join(map(repr, ids)) or 'none'}); a "
+        found = ", ".join(map(repr, ids)) or "none"
+        raise FedtinaError(f"{where}: found {len(ids)} class folder(s) with images ({found}); a "
                            f"class-folder dataset needs >= 2 folders of {'/'.join(sorted(IMAGE_EXTENSIONS))} images")
     return ids, [sorted(by_class[c]) for c in ids]
 
