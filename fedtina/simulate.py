@@ -32,7 +32,7 @@ from fedtina.validate import validate_partition, validate_simulate_config
 
 log = logging.getLogger("fedtina.simulate")
 
-CORE_KEYS = ("dataset", "protocol", "backbone", "encoder", "zoo", "tina", "cache_dir")
+CORE_KEYS = ("dataset", "protocol", "backbone", "encoder", "zoo", "tina", "limits", "cache_dir")
 
 
 def _plain(cfg: DictConfig | dict) -> dict[str, Any]:

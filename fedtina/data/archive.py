@@ -1,7 +1,9 @@
 """Archive members checked before anything is written or decoded: a crafted archive must not write outside its
 folder (`../../x`, `/etc/x`, a link), fill the disk, or make us read gigabytes (a 600 MB entry of zeros compresses
-to 600 KB). Every archive fedtina opens (CIFAR-100's tar.gz, a class-folder .zip) goes through `check_member` for
-each member, then reads with `read_bounded`; a refusal is one FedtinaError naming the archive and the member."""
+to 600 KB). Every archive fedtina opens is checked member by member: CIFAR-100's tar.gz by `extract_tar` (paths,
+types, declared sizes, before anything is written), a class-folder .zip by `check_zip_member` and `SizeCheck` in
+fedtina.data.folder before any member is read, each read bounded by `read_bounded`. A refusal is one FedtinaError
+naming the archive and the member."""
 
 from __future__ import annotations
 
