@@ -155,7 +155,7 @@ def build_assets(cfg: CoreConfig, log: Callable[[str], None] = print, with_tina:
     bank = build_feature_bank(ds, split, cfg.backbone, cache, log=log)
     timings["backbone_features_s"] = time.perf_counter() - t0
 
-    encoder = make_encoder(cfg.encoder, cache)
+    encoder = make_encoder(cfg.encoder, cache, cfg.limits.max_description_chars)
     zoo_dir = cache / "zoo" / zoo_key(cfg, ds, split)
     t0 = time.perf_counter()
     zoo = build_zoo(zoo_dir, bank, split, ds.class_names, ds.labels, cfg.zoo, log=log)  # checked (sha256) every time

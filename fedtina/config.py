@@ -62,7 +62,7 @@ class DatasetConfig:
     names_file: str | None = None     # folder: optional "id<TAB>readable name" lines
     download: bool = True             # cifar100: try torchvision's download (fails fast offline)
     images_per_class: int = bounded(240, POSITIVE)  # shapes only
-    seed: int = 0                     # shapes: generation seed
+    seed: int = bounded(0, NON_NEGATIVE)  # shapes: generation seed
     descriptions: str | None = None   # a sentence per class as an alternative text prompt: "generated" (shapes) or
                                       # a file of "name<TAB>sentence" lines (fedtina/data/descriptions.py)
 
@@ -80,7 +80,7 @@ class ProtocolConfig:
     seen_fraction: float = 0.8        # classes the generic model and the zoo may use
     backbone_fraction: float = 0.5    # per class: images for the generic model
     zoo_fraction: float = 0.25        # per class: images for zoo heads and clients; the rest is test
-    seed: int = 0
+    seed: int = bounded(0, NON_NEGATIVE)
 
 
 @dataclass
@@ -91,7 +91,7 @@ class BackboneConfig:
     batch_size: int = bounded(128, POSITIVE)
     lr: float = bounded(0.1, POSITIVE)
     weight_decay: float = bounded(5e-4, NON_NEGATIVE)
-    seed: int = 0
+    seed: int = bounded(0, NON_NEGATIVE)
     device: str = "auto"
     precision: str = "auto"           # auto (bf16 where the CPU/GPU runs it natively) | fp32 | bf16
 
@@ -123,7 +123,7 @@ class ZooConfig:
     num_tasks: int = bounded(600, POSITIVE)
     k_min: int = bounded(10, POSITIVE)  # classes per task, sampled uniformly in [k_min, k_max]
     k_max: int = bounded(10, POSITIVE)
-    seed: int = 0
+    seed: int = bounded(0, NON_NEGATIVE)
     # select: per-task steps/lr/l2 picked on hold-outs of the task's own zoo images (fedtina.zoo.heads.oracle_heads)
     finetune: HeadTrainConfig = field(default_factory=lambda: HeadTrainConfig(select=True))
 
@@ -140,7 +140,7 @@ class TinaConfig:
     train_steps: int = bounded(1500, POSITIVE)
     batch_size: int = bounded(64, POSITIVE)  # tasks per step
     lr: float = bounded(1e-3, POSITIVE)
-    seed: int = 0
+    seed: int = bounded(0, NON_NEGATIVE)
     device: str = "auto"
     schedule: str = "cosine"          # noise schedule: cosine | linear
     prediction: str = "x0"            # network target: x0 | v | eps (x0 samples best in few DDIM steps)
@@ -174,7 +174,7 @@ class BenchConfig:
     # Tina's head + local fine-tuning on the task's zoo images; select: hyper-parameters picked on hold-outs of those
     # images, as for the oracle (keeping Tina's head is a candidate)
     tina_ft: HeadTrainConfig = field(default_factory=lambda: HeadTrainConfig(steps=10, select=True))
-    seed: int = 1                     # task sampling (different from the zoo's seed)
+    seed: int = bounded(1, NON_NEGATIVE)  # task sampling (different from the zoo's seed)
     shots: list = field(default_factory=lambda: [1, 2, 5, 10, "all"])   # labelled images per class from each task's
                                       # zoo part (fedtina/experiments/shots.py); [] = off
     samples: int = bounded(8, POSITIVE)  # tina_best_of_n / tina_mean_of_n: generation seeds per task
@@ -188,6 +188,15 @@ class AnalysisConfig:
 
 
 @dataclass
+class LimitsConfig:
+    """Bounds on what a user, a client or a file hands fedtina, checked where the input is read: past them a hostile
+    or mistaken input would cost minutes or gigabytes before failing (or never fail)."""
+    max_name_chars: int = bounded(200, POSITIVE)  # one class name (dataset folders, names files, label-set descriptions)
+    max_description_chars: int = bounded(10_000, POSITIVE)  # one free-text description (a label set, or a class's sentence)
+    max_clients: int = bounded(1_000_000, POSITIVE)  # simulate's clients; the driver holds ~37 KB per client (simulate.py)
+
+
+@dataclass
 class CoreConfig:
     """Everything `build_assets` needs: dataset -> split -> backbone -> features -> zoo -> Tina."""
     dataset: DatasetConfig = field(default_factory=lambda: from_dict(DatasetConfig, {}))   # the default dataset's
@@ -196,6 +205,7 @@ class CoreConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     zoo: ZooConfig = field(default_factory=ZooConfig)
     tina: TinaConfig = field(default_factory=TinaConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     cache_dir: str | None = None      # default: $FEDTINA_CACHE or ~/.cache/fedtina
 
     @property

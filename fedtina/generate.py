@@ -137,7 +137,7 @@ def check_out_path(path: Path) -> None:
 
 def generate_heads(assets: Assets, descriptions: list[str], seed: int = 0) -> list[GeneratedModel]:
     """One batched Tina call for many descriptions ("a model for: x, y and z", "x, y, z", one name per line)."""
-    label_sets = [parse_label_text(d) for d in descriptions]
+    label_sets = [parse_label_text(d, assets.cfg.limits) for d in descriptions]
     heads = assets.tina.generate(label_sets, seed=seed)
     return [GeneratedModel(d, h) for d, h in zip(descriptions, heads)]
 
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         seed = int(cfg.pop("seed", 0))
         core = from_dict(CoreConfig, cfg)
         description = read_description(args.description)
-        check_label_set(parse_label_text(description), core.tina.max_classes)
+        check_label_set(parse_label_text(description, core.limits), core.tina.max_classes)
         assets = build_assets(core, log=lambda m: print(m, file=sys.stderr))
         (model,) = generate_heads(assets, [description], seed=seed)
         unknown = [n for n in model.head.class_names if n not in set(assets.dataset.class_names)]

@@ -5,11 +5,14 @@ runs under `cache_lock`, so two processes building the same product end with one
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
+
+from fedtina.errors import FedtinaError
 
 
 def _umask() -> int:
@@ -22,23 +25,40 @@ def _umask() -> int:
 FILE_MODE = 0o666 & ~_umask()
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], fsync: bool = False) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], fsync: bool = False,
+                 mode: int = FILE_MODE) -> Path:
     """Call `write(tmp)` on a temporary file beside `path`, then rename it onto `path` (os.replace is atomic on one
-    filesystem). The file gets the normal mode (0o666 & ~umask) whatever mode `write` created it with. `fsync` also
-    flushes the data to disk before the rename (checkpoints)."""
+    filesystem). The file gets `mode` (default: the normal 0o666 & ~umask) whatever mode `write` created it with (a
+    private file's writer creates it private: `write_private`). `fsync` also flushes the data to disk before the
+    rename (checkpoints). A full disk is one FedtinaError naming the file; the old file stays as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
-        os.chmod(tmp, FILE_MODE)
+        os.chmod(tmp, mode)
         if fsync:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise FedtinaError(f"cannot write {path}: no space left on its device ({e.strerror}); free some space "
+                               "and run again (the previous file, if any, is intact)") from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def write_private(path: str | os.PathLike, data: bytes) -> Path:
+    """Atomically write `data` to a file only its owner may read (0600 from its creation on: keys)."""
+    def write(tmp: Path) -> None:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+
+    return atomic_write(path, write, mode=0o600)
 
 
 def write_json_lists(path: str | os.PathLike, doc: Mapping[str, Any], lists: Mapping[str, Iterable[Any]],

@@ -32,7 +32,7 @@ from fedtina.validate import validate_partition, validate_simulate_config
 
 log = logging.getLogger("fedtina.simulate")
 
-CORE_KEYS = ("dataset", "protocol", "backbone", "encoder", "zoo", "tina", "cache_dir")
+CORE_KEYS = ("dataset", "protocol", "backbone", "encoder", "zoo", "tina", "limits", "cache_dir")
 
 
 def _plain(cfg: DictConfig | dict) -> dict[str, Any]:
@@ -128,32 +128,33 @@ def run(cfg: DictConfig | dict | None, out_dir: str | Path, assets=None, resume:
     The run dir is held by this process (a second one is refused) and marked running / done / failed /
     interrupted. `resume=True` continues a killed, failed or interrupted run in `out_dir` from its checkpoint,
     with the config it was started with (`cfg` is ignored)."""
-    from fedtina.runtime.rundir import RunDir
+    from fedtina.runtime.rundir import RunDir, sigterm_interrupts
 
     out_dir = Path(out_dir)
     rd = RunDir(out_dir)
     rd.acquire()
     try:
-        if resume:
-            plain = rd.config()
-        else:
-            plain = _plain(cfg)
-            validate_simulate_config(plain)  # before anything costly: a bad value fails in a second, naming its key
-            if rd.status() is not None:
-                raise FedtinaError(f"{out_dir} already holds a run ({rd.state()}); start in a new dir, or continue "
-                                   f"it with resume={out_dir}")
-            rd.save_config(plain)
-        rd.mark("running")
-        try:
-            outcome = _run(plain, out_dir, assets, resume)
-        except KeyboardInterrupt:
-            rd.mark("interrupted", "KeyboardInterrupt")
-            raise
-        except BaseException as e:
-            rd.mark("failed", f"{type(e).__name__}: {e}")
-            raise
-        rd.mark("interrupted" if outcome.interrupted else "done", outcome.interrupted)
-        return outcome
+        with sigterm_interrupts():
+            if resume:
+                plain = rd.config()
+            else:
+                plain = _plain(cfg)
+                validate_simulate_config(plain)  # before anything costly: a bad value fails in a second, naming its key
+                if rd.status() is not None:
+                    raise FedtinaError(f"{out_dir} already holds a run ({rd.state()}); start in a new dir, or continue "
+                                       f"it with resume={out_dir}")
+                rd.save_config(plain)
+            rd.mark("running")
+            try:
+                outcome = _run(plain, out_dir, assets, resume)
+            except KeyboardInterrupt as e:   # Ctrl-C, or SIGTERM (rundir.Terminated)
+                rd.mark("interrupted", str(e) or "KeyboardInterrupt")
+                raise
+            except BaseException as e:
+                rd.mark("failed", f"{type(e).__name__}: {e}")
+                raise
+            rd.mark("interrupted" if outcome.interrupted else "done", outcome.interrupted)
+            return outcome
     finally:
         rd.release()
 
@@ -217,10 +218,11 @@ def main(cfg: DictConfig) -> float | None:
     except FedtinaError as e:
         log.error("%s", e)
         raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        log.error("interrupted; %s", f"resume with: {resume_command(out_dir)}" if (out_dir / "status.json").exists()
+    except KeyboardInterrupt as e:   # Ctrl-C, or SIGTERM during run (rundir.Terminated: exit status 143)
+        log.error("interrupted%s; %s", f" ({e})" if str(e) else "",
+                  f"resume with: {resume_command(out_dir)}" if (out_dir / "status.json").exists()
                   else "nothing was run")
-        raise SystemExit(130) from None
+        raise SystemExit(getattr(e, "exit_code", 130)) from None
     print(format_table(outcome.summary))
     for group in ("old_clients", "new_clients"):
         if by_labels := format_by_labels(outcome.summary, group):

@@ -1,11 +1,17 @@
 """Flower's deployment runtime on loopback: a SuperLink and 3 SuperNodes as real processes, `flwr run` against them;
 the per-client results equal the simulation's on the same clients and seeds. Every process is stopped, also when
-the run fails."""
+the run fails or the deploy is sent SIGTERM. With auth, a SuperNode without a registered key is refused."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 from simkit import compose, summary
@@ -60,7 +66,7 @@ def test_deployment_runtime_gives_the_simulations_results(tiny, prepared, tmp_pa
     # with TLS (a selection-only run, to keep CI short): the results of its simulation
     cache, assets = tiny
     small, simulated = _prepare(cache, assets, tmp_path, "method.names=[selection]")
-    doc = replay(small, tmp_path / "replay_tls", tls=True, timeout_s=600)
+    doc = replay(small, tmp_path / "replay_tls", tls=True, auth=True, timeout_s=600)
     assert _accs(doc) == _accs(simulated) and len(_accs(doc)) == 3
     assert (tmp_path / "replay_tls" / "deployment" / "certs" / "ca.pem").exists()
 
@@ -90,3 +96,76 @@ def test_a_superlink_that_refuses_is_named_at_once(tmp_path):
     with pytest.raises(FedtinaError, match="replay dir .* exists already"):
         (tmp_path / "x").mkdir()
         fresh_replay(tmp_path, tmp_path / "x")
+
+
+def _in_dir(work: Path) -> list[int]:
+    """Live processes whose working dir is inside `work` (a Deployment's SuperLink, SuperNodes and the apps they
+    start all run there)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and Path(os.readlink(entry / "cwd")).is_relative_to(work) and \
+                    _alive(int(entry.name)):
+                pids.append(int(entry.name))
+        except OSError:   # gone meanwhile, or not ours to read
+            continue
+    return pids
+
+
+def _wait_for(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_every_process_with_one_line(prepared, tmp_path):
+    prepared_dir, _ = prepared
+    out = tmp_path / "replay"
+    proc = subprocess.Popen([sys.executable, "-m", "fedtina.deploy", f"run_dir={prepared_dir}", f"out={out}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    try:
+        work = (out / "deployment").resolve()
+        _wait_for(lambda: (work / "flwr_run.log").exists() or proc.poll() is not None, 120, "flwr run to start")
+        started = _in_dir(work)
+        proc.send_signal(signal.SIGTERM)
+        text, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert len(started) >= 4, started   # the SuperLink and 3 SuperNodes at least
+    assert proc.returncode == 143, text
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert lines == ["interrupted (SIGTERM): the SuperLink and SuperNodes were stopped"], text
+    assert _in_dir(work) == [] and not any(_alive(pid) for pid in started)
+
+
+def test_a_supernode_without_a_registered_key_is_refused(tmp_path):
+    """SuperNode authentication (on by default in fedtina.deploy): a rogue SuperNode with an unknown key, or with
+    none, is refused at once and never counted; every key file is readable by its owner only."""
+    from fedtina.runtime.deployment import make_node_keys
+
+    with Deployment(tmp_path / "d", 1, tls=True, auth=True) as d:
+        (rogue_key, _), = make_node_keys(tmp_path / "rogue", 1)
+        rogues = [d._spawn("rogue_key", ["flower-supernode", *d.node_args(rogue_key)])[0],
+                  d._spawn("rogue_nokey", ["flower-supernode", *d.node_args()])[0]]
+        _wait_for(lambda: all(r.poll() is not None for r in rogues), 60, "the rogue SuperNodes to be refused")
+        assert [r.returncode for r in rogues] != [0, 0]
+        assert "registered via the CLI" in (tmp_path / "d" / "rogue_nokey.log").read_text()
+        nodes = json.loads(d.flwr("list", "supernode", "list", "--format", "json", "fedtina-local"))["nodes"]
+        assert len(nodes) == 1
+        keys = [*(tmp_path / "d" / "keys").glob("supernode_*"), tmp_path / "d" / "certs" / "server.key"]
+        private = {p.name: oct(p.stat().st_mode & 0o777) for p in keys if p.suffix != ".pub"}
+        assert private == {"supernode_0": "0o600", "server.key": "0o600"}
+
+
+def test_deploy_options_are_key_value_and_checked(tmp_path, capsys):
+    from fedtina.deploy import main
+
+    for argv, match in ([[str(tmp_path)], "arguments are key=value"], [["run_dir=x", "tls=maybe"], "tls='maybe' is "
+                         "invalid: must be true or false"], [["run_dir=x", "port=3"], "unknown option 'port'"],
+                        [[], "run_dir is required"], [[f"run_dir={tmp_path}", "tls=false"], "auth=true needs tls=true"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and match in err, (argv, err)

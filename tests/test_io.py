@@ -92,3 +92,35 @@ def test_cache_lock_has_one_holder_at_a_time(tmp_path):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free once the first holder left
     with cache_lock(target):          # free again for the next build; the lock file stays
         assert lock_file.is_file()
+
+
+def test_a_full_disk_is_one_error_line_and_the_old_file_stays(tmp_path):
+    import errno
+
+    from fedtina.errors import FedtinaError
+
+    path = tmp_path / "cache.npz"
+    atomic_write(path, lambda tmp: tmp.write_bytes(b"old"))
+
+    def full(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"ha")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))   # what write(2) says on a full disk
+
+    with pytest.raises(FedtinaError, match=rf"^cannot write {path}: no space left on its device \(No space left on "
+                                           r"device\); free some space and run again \(the previous file, if any, is "
+                                           r"intact\)$"):
+        atomic_write(path, full)
+    assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["cache.npz"]
+    with pytest.raises(PermissionError):   # other OS errors are not dressed up
+        atomic_write(path, lambda tmp: (_ for _ in ()).throw(PermissionError(errno.EACCES, "denied")))
+
+
+def test_a_private_file_is_never_readable_by_others(tmp_path, monkeypatch):
+    from fedtina.io import write_private
+
+    seen, real_open = [], os.open
+    monkeypatch.setattr(os, "open", lambda p, flags, mode=0o777: (seen.append(oct(mode)), real_open(p, flags, mode))[1])
+    path = write_private(tmp_path / "key", b"secret")
+    monkeypatch.undo()
+    assert seen == [oct(0o600)] and os.stat(path).st_mode & 0o777 == 0o600 and path.read_bytes() == b"secret"

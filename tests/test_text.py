@@ -193,3 +193,54 @@ def test_make_encoder(tmp_path, no_network):
     assert isinstance(enc, tx.CachedTextEncoder) and enc.dim == 384 and enc.id.startswith("minilm-l6-v2-")
     assert enc.encoder._model is None  # lazy: nothing loaded until the first encode
     assert tx.make_encoder(EncoderConfig(name="clip"), None).encoder.id == "clip-ViT-B-32-random-seed0"
+
+
+def test_the_cache_stores_texts_compactly_and_refuses_overlong_ones(tmp_path):
+    """A numpy string array is as wide as its longest text: one 200,000-character name grew a 134 KB cache to 67 MB.
+    Texts are stored as a UTF-8 blob; a text past the limit never reaches the encoder or the cache."""
+    short = [f"class {i}" for i in range(100)]
+    enc = tx.CachedTextEncoder(CountingEncoder(), cache_dir=tmp_path)
+    enc.embed_names(short)
+    small = enc.path.stat().st_size
+    enc.embed_names(["x" * 10_000])                       # the longest text allowed
+    assert enc.path.stat().st_size < small + 12_000       # fixed width: 101 x 10,000 x 4 bytes = 4 MB
+    fake = CountingEncoder()
+    again = tx.CachedTextEncoder(fake, cache_dir=tmp_path)
+    assert np.array_equal(again.embed_names(short + ["x" * 10_000]), enc.embed_names(short + ["x" * 10_000]))
+    assert fake.calls == []
+    with pytest.raises(FedtinaError, match=r"^text 'yyyy.*'\.\.\. has 10,001 characters, more than "
+                                           r"limits.max_description_chars=10,000 a class name or description may "
+                                           r"have$"):
+        again.embed_names(["ok", "y" * 10_001])
+    assert fake.calls == [] and len(tx.CachedTextEncoder(CountingEncoder(), cache_dir=tmp_path)._memory) == 101
+
+
+def test_a_cache_in_the_old_string_array_format_is_read_then_rewritten(tmp_path):
+    enc = tx.CachedTextEncoder(CountingEncoder(), cache_dir=tmp_path)
+    vectors = CountingEncoder().encode(["a photo of a oak.", "a photo of a élan."])
+    np.savez(enc.path.parent.mkdir(parents=True) or enc.path, names=np.array(["oak", "élan"]), vectors=vectors)
+    fake = CountingEncoder()
+    old = tx.CachedTextEncoder(fake, cache_dir=tmp_path)
+    assert np.array_equal(old.embed_names(["oak", "élan"]), vectors) and fake.calls == []
+    old.embed_names(["pine"])                              # rewritten in the compact format, old names kept
+    with np.load(old.path) as z:
+        assert "names" not in z.files and tx.unpack_texts(z) == ["oak", "pine", "élan"]
+
+
+def test_a_full_disk_while_caching_is_one_error_line_and_the_cache_stays(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    enc = tx.CachedTextEncoder(CountingEncoder(), cache_dir=tmp_path)
+    enc.embed_names(["oak"])
+    before = enc.path.read_bytes()
+
+    def full(f, **arrays):
+        f.write(b"PK")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(np, "savez", full)
+    with pytest.raises(FedtinaError, match=rf"^cannot write {enc.path}: no space left on its device"):
+        enc.embed_names(["pine"])
+    assert enc.path.read_bytes() == before
+    assert {p.name for p in enc.path.parent.iterdir()} == {enc.path.name, f".{enc.path.name}.lock"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -11,9 +12,16 @@ import numpy as np
 from fedtina.errors import UnknownClassError
 
 
+def printable(text: str) -> str:
+    """`text` without control and format characters (an ESC sequence in a folder name would drive the terminal that
+    logs it): each becomes a space."""
+    return "".join(" " if unicodedata.category(c)[0] == "C" else c for c in text)
+
+
 def clean_class_name(raw: str) -> str:
-    """Folder name -> text a text encoder reads well: `cougar_body` -> "cougar body", `Faces_easy` -> "faces easy"."""
-    text = re.sub(r"^\d+[._-]", "", raw.strip())          # "001.ak47" style numeric prefixes
+    """Folder name -> text a text encoder reads well: `cougar_body` -> "cougar body", `Faces_easy` -> "faces easy";
+    control characters are dropped (`printable`)."""
+    text = re.sub(r"^\d+[._-]", "", printable(raw).strip())   # "001.ak47" style numeric prefixes
     text = re.sub(r"[_\-.]+", " ", text)
     text = re.sub(r"(?<=[a-z])(?=[A-Z])", " ", text)        # camelCase -> camel case
     return re.sub(r"\s+", " ", text).strip().lower()

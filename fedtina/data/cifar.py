@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 
 from fedtina import net
 from fedtina.config import DatasetConfig, resolve_cache_dir
+from fedtina.data.archive import CIFAR_LIMITS, extract_tar
 from fedtina.data.base import ImageDataset, clean_class_name
 from fedtina.data.folder import cached_dataset
 from fedtina.data.registry import Dataset, register
@@ -25,6 +28,7 @@ log = logging.getLogger(__name__)
 CIFAR_HOST = "www.cs.toronto.edu"
 CIFAR_URL = f"https://{CIFAR_HOST}/~kriz/cifar-100-python.tar.gz"
 ARCHIVE = "cifar-100-python.tar.gz"
+CIFAR_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"   # torchvision's checksum of the archive
 FOLDER = "cifar-100-python"
 CIFAR_VERSION = 1
 
@@ -37,24 +41,38 @@ def _root(root: str | Path | None, cache_dir: str | Path | None) -> Path:
     return path.parent if path.name == FOLDER else path
 
 
-def _ensure_files(root: Path, download: bool) -> bool:
-    """Make `root/cifar-100-python/` exist if possible offline (extract a present archive); return whether to let
-    torchvision download. Raise DatasetUnavailableError at once when the files are absent and cannot be fetched."""
+def _ensure_files(root: Path, download: bool) -> None:
+    """Make `root/cifar-100-python/` exist: extract a present archive, else download it first when `download` and
+    the host answers. Raise DatasetUnavailableError at once when the files are absent and cannot be fetched."""
     if (root / FOLDER).is_dir():
-        return False
-    if (root / ARCHIVE).is_file():
-        from torchvision.datasets.utils import extract_archive
+        return
+    if not (root / ARCHIVE).is_file():
+        if not (download and net.can_reach(CIFAR_HOST)):
+            why = "downloading is off (dataset.download=false)" if not download else f"{CIFAR_HOST} cannot be reached"
+            raise DatasetUnavailableError(
+                f"CIFAR-100 is not in {root} and {why}. Put {ARCHIVE} (from {CIFAR_URL}) or its extracted {FOLDER}/ "
+                f"folder in {root} (or point dataset.path at the folder holding it); or use dataset=shapes, which "
+                "works offline.")
+        from torchvision.datasets.utils import download_url
 
-        log.info("extracting %s", root / ARCHIVE)
-        extract_archive(str(root / ARCHIVE), str(root))
-        return False
-    if download and net.can_reach(CIFAR_HOST):
-        return True
-    why = "downloading is off (dataset.download=false)" if not download else f"{CIFAR_HOST} cannot be reached"
-    raise DatasetUnavailableError(
-        f"CIFAR-100 is not in {root} and {why}. Put {ARCHIVE} (from {CIFAR_URL}) or its extracted {FOLDER}/ folder "
-        f"in {root} (or point dataset.path at the folder holding it); or use dataset=shapes, which works offline."
-    )
+        download_url(CIFAR_URL, str(root), ARCHIVE, CIFAR_MD5)
+    _extract(root)
+
+
+def _extract(root: Path) -> None:
+    """`root/cifar-100-python.tar.gz` -> `root/cifar-100-python/`, every member checked before anything is written
+    (fedtina.data.archive), through a temporary folder: a refused or broken archive leaves nothing behind."""
+    log.info("extracting %s", root / ARCHIVE)
+    tmp = root / f".{FOLDER}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        extract_tar(root / ARCHIVE, tmp, CIFAR_LIMITS)
+        if not (tmp / FOLDER).is_dir():
+            raise DatasetUnavailableError(f"{root / ARCHIVE} holds no {FOLDER}/ folder; replace it with a fresh "
+                                          f"{ARCHIVE} from {CIFAR_URL}")
+        os.replace(tmp / FOLDER, root / FOLDER)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_cifar100(root: str | Path | None, download: bool, cache_dir: str | Path | None) -> ImageDataset:
@@ -65,14 +83,13 @@ def load_cifar100(root: str | Path | None, download: bool, cache_dir: str | Path
 
 def _read_cifar100(root: Path, download: bool) -> ImageDataset:
     """The original archive under `root` (downloaded first when `download` and the host is reachable)."""
-    fetch = _ensure_files(root, download)
+    _ensure_files(root, download)
     try:
         from torchvision.datasets import CIFAR100
     except ImportError as e:
         raise DatasetUnavailableError(f"dataset=cifar100 needs torchvision ({e}); use dataset=shapes") from None
-    root.mkdir(parents=True, exist_ok=True)
     try:
-        parts = [CIFAR100(str(root), train=train, download=fetch) for train in (True, False)]
+        parts = [CIFAR100(str(root), train=train, download=False) for train in (True, False)]
     except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
         raise DatasetUnavailableError(f"CIFAR-100 in {root / FOLDER} is incomplete or corrupted ({e}); replace it "
                                       f"with a fresh {ARCHIVE} from {CIFAR_URL}") from None

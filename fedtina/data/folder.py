@@ -18,6 +18,7 @@ import hashlib
 import io
 import logging
 import os
+import stat
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -26,8 +27,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from fedtina.config import DatasetConfig
-from fedtina.data.base import ImageDataset, clean_class_name
+from fedtina.config import DatasetConfig, LimitsConfig
+from fedtina.data.archive import IMAGE_LIMITS, SizeCheck, check_zip_member, read_bounded
+from fedtina.data.base import ImageDataset, clean_class_name, printable
 from fedtina.data.registry import Dataset, register
 from fedtina.errors import DatasetUnavailableError, FedtinaError
 from fedtina.io import atomic_write, cache_lock
@@ -109,6 +111,7 @@ def _is_image(p: PurePosixPath) -> bool:
 @contextmanager
 def _dir_source(root: Path) -> Iterator[_Source]:
     files, dirs, stamp = [], set(), hashlib.sha256()
+    sizes = SizeCheck(root, IMAGE_LIMITS)
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         rel = PurePosixPath(Path(dirpath).relative_to(root).as_posix())
@@ -121,30 +124,48 @@ def _dir_source(root: Path) -> Iterator[_Source]:
             p = rel / fn
             if _is_image(p) and not _hidden(p.parts):
                 st = os.stat(os.path.join(dirpath, fn))
+                if not stat.S_ISREG(st.st_mode):   # a link to /dev/zero would be read for ever
+                    raise FedtinaError(f"{root}: {str(p)!r} is not a regular file (a device or a fifo); remove it")
+                sizes.add(str(p), st.st_size)
                 stamp.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
                 files.append(p)
-    yield _Source(files, dirs, lambda p: (root / p).read_bytes(), stamp.hexdigest())
+
+    def read(p: PurePosixPath) -> bytes:
+        with open(root / p, "rb") as f:
+            return read_bounded(f, IMAGE_LIMITS.member, root, str(p))
+
+    yield _Source(files, dirs, read, stamp.hexdigest())
 
 
 @contextmanager
 def _zip_source(path: Path) -> Iterator[_Source]:
+    """A zip's images, every member checked before any is read (fedtina.data.archive): safe paths, no links, each
+    image's declared size and their total within IMAGE_LIMITS; reads are bounded by the declared size."""
     try:
         zf = zipfile.ZipFile(path)
-    except zipfile.BadZipFile as e:
+    except (zipfile.BadZipFile, OSError) as e:
         raise FedtinaError(f"{path} is not a readable zip file ({e})") from None
     with zf:
-        files, dirs = [], set()
+        files, dirs, infos = [], set(), {}
+        sizes = SizeCheck(path, IMAGE_LIMITS)
         for info in zf.infolist():
-            p = PurePosixPath(info.filename.rstrip("/"))
+            p = check_zip_member(path, info)
             if not p.parts or _hidden(p.parts):
                 continue
             dirs.update(p.parents[:-1])       # every ancestor but "."
             if info.is_dir():
                 dirs.add(p)
             elif _is_image(p):
+                sizes.add(info.filename, info.file_size)
                 files.append(p)
+                infos[p] = info
+
+        def read(p: PurePosixPath) -> bytes:
+            with zf.open(infos[p]) as f:
+                return read_bounded(f, infos[p].file_size, path, infos[p].filename)
+
         st = path.stat()
-        yield _Source(sorted(files), dirs, lambda p: zf.read(str(p)), f"{st.st_size}:{st.st_mtime_ns}")
+        yield _Source(sorted(files), dirs, read, f"{st.st_size}:{st.st_mtime_ns}")
 
 
 def _find_class_root(src: _Source, where: Path) -> PurePosixPath:
@@ -183,7 +204,7 @@ def read_names_file(path: str | Path) -> dict[str, str]:
         parts = line.split("\t")
         if len(parts) != 2 or not parts[0].strip() or not parts[1].strip():
             raise FedtinaError(f"names file {path} line {n}: expected 'id<TAB>readable name', got {line!r}")
-        key, value = parts[0].strip(), " ".join(parts[1].split())
+        key, value = parts[0].strip(), " ".join(printable(parts[1]).split())
         if key in names:
             raise FedtinaError(f"names file {path} line {n}: id {key!r} is given twice")
         names[key] = value
@@ -197,7 +218,7 @@ def decode_image(data: bytes, where: str) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.draft("RGB", (IMAGE_SIZE * 2, IMAGE_SIZE * 2))   # JPEG: decode big images at a reduced scale
-            rgb = img.convert("RGB")
+            rgb = _to_rgb(img)
     except Exception as e:
         raise FedtinaError(f"cannot decode image {where}: {e}") from None
     if rgb.size != (IMAGE_SIZE, IMAGE_SIZE):
@@ -205,12 +226,27 @@ def decode_image(data: bytes, where: str) -> np.ndarray:
     return np.asarray(rgb, dtype=np.uint8)
 
 
-def _readable_names(ids: list[str], names: dict[str, str], where: Path) -> list[str]:
+def _to_rgb(img):
+    """A Pillow image -> RGB. 16-bit greyscale (PNG's "I;16" modes, or "I") is scaled to 8 bits: Pillow's own
+    conversion clips every value above 255, so a 16-bit image came out pure white."""
+    from PIL import Image
+
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        grey = np.asarray(img, dtype=np.float64) / 257.0     # 65535 -> 255
+        img = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
+
+
+def _readable_names(ids: list[str], names: dict[str, str], where: Path,
+                    max_chars: int = LimitsConfig.max_name_chars) -> list[str]:
     readable = [names.get(i) or clean_class_name(i) for i in ids]
     owner: dict[str, str] = {}
     for i, r in zip(ids, readable):
         if not r:
             raise FedtinaError(f"{where}: class folder {i!r} gives an empty class name; name it in a names file")
+        if len(r) > max_chars:
+            raise FedtinaError(f"{where}: class folder {i[:40]!r}... gives a class name of {len(r):,} characters, "
+                               f"more than limits.max_name_chars={max_chars}; name it in a names file")
         if r in owner:
             raise FedtinaError(f"{where}: class folders {owner[r]!r} and {i!r} both map to the class name {r!r}; "
                                "rename one or give it a distinct name in a names file")
@@ -235,10 +271,12 @@ def _class_files(src: _Source, where: Path) -> tuple[list[str], list[list[PurePo
             by_class.setdefault(rel.parts[0], []).append(f)
     empty = sorted(c for c, fs in by_class.items() if not fs)
     if empty:
-        log.warning("%s: skipping %d class folder(s) without images: %s", where, len(empty), ", ".join(empty))
+        log.warning("%s: skipping %d class folder(s) without images: %s", where, len(empty),
+                    ", ".join(map(repr, empty)))
     ids = sorted(c for c, fs in by_class.items() if fs)
     if len(ids) < 2:
-        raise FedtinaError(f"{where}: found {len(ids)} class folder(s) with images ({', '.join(ids) or 'none'}); a "
+        found = ", ".join(map(repr, ids)) or "none"
+        raise FedtinaError(f"{where}: found {len(ids)} class folder(s) with images ({found}); a "
                            f"class-folder dataset needs >= 2 folders of {'/'.join(sorted(IMAGE_EXTENSIONS))} images")
     return ids, [sorted(by_class[c]) for c in ids]
 

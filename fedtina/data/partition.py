@@ -54,7 +54,7 @@ class PartitionConfig:
                                                            # its checks
     description: str = "names"          # names | sentence
     template: str = "a model for: {names}"
-    seed: int = 0
+    seed: int = bounded(0, NON_NEGATIVE)
     labels_per_class: list[int] | None = None   # label budgets, client i gets [i % len]: at most this many labelled
                                                 # training images per class (0: it can only describe); None: all
     new_share: float = bounded(0.2, BELOW_ONE)  # share of clients that never train: they arrive after the last round

@@ -20,7 +20,7 @@ from typing import Callable, Protocol, runtime_checkable
 
 import numpy as np
 
-from fedtina.config import EncoderConfig
+from fedtina.config import EncoderConfig, LimitsConfig
 from fedtina.device import pick_device
 from fedtina.errors import CorruptFileError, EncoderUnavailableError, FedtinaError
 from fedtina.io import atomic_write, cache_lock
@@ -235,13 +235,32 @@ def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
     atomic_write(path, write)
 
 
+def pack_texts(texts: list[str]) -> dict[str, np.ndarray]:
+    """Texts as one UTF-8 blob plus offsets (`text_bytes`, `text_offsets`): a numpy string array is as wide as its
+    longest text times 4 bytes, so one 200,000-character name grew a 134 KB cache to 67 MB."""
+    encoded = [t.encode("utf-8") for t in texts]
+    offsets = np.zeros(len(encoded) + 1, np.int64)
+    np.cumsum([len(b) for b in encoded], out=offsets[1:])
+    return {"text_bytes": np.frombuffer(b"".join(encoded), np.uint8), "text_offsets": offsets}
+
+
+def unpack_texts(z) -> list[str]:
+    """The texts `pack_texts` stored in the open npz `z`; a cache written before it holds a string array `names`."""
+    if "names" in z.files:
+        return [str(n) for n in z["names"]]
+    blob, offsets = z["text_bytes"].tobytes(), z["text_offsets"]
+    return [blob[a:b].decode("utf-8") for a, b in zip(offsets[:-1], offsets[1:])]
+
+
 class CachedTextEncoder:
     """Prompt template + per-name embedding cache (memory, and `cache_dir/text/<encoder id>-<template hash>.npz`).
 
     `embed_names(["maple tree"])` encodes "a photo of a maple tree." once; later calls, in this process or another,
-    read the cached vector."""
+    read the cached vector. Texts (class names, or class descriptions) longer than `max_chars` are refused before
+    they reach the encoder or the cache."""
 
-    def __init__(self, encoder: TextEncoder, template: str = "a photo of a {}.", cache_dir: Path | str | None = None):
+    def __init__(self, encoder: TextEncoder, template: str = "a photo of a {}.", cache_dir: Path | str | None = None,
+                 max_chars: int = LimitsConfig.max_description_chars):
         if "{}" not in template:
             raise FedtinaError(f"prompt template {template!r} must contain '{{}}' where the class name goes, "
                                "e.g. 'a photo of a {}.'")
@@ -249,7 +268,7 @@ class CachedTextEncoder:
             template.format("x")
         except (IndexError, KeyError, ValueError) as e:
             raise FedtinaError(f"prompt template {template!r} has braces other than one '{{}}' ({e})") from e
-        self.encoder, self.template = encoder, template
+        self.encoder, self.template, self.max_chars = encoder, template, max_chars
         self.template_hash = hashlib.sha256(template.encode()).hexdigest()[:8]
         self.path = Path(cache_dir) / "text" / f"{encoder.id}-{self.template_hash}.npz" if cache_dir else None
         self._memory: dict[str, np.ndarray] = {}
@@ -270,7 +289,10 @@ class CachedTextEncoder:
             return {}
         try:
             with np.load(self.path, allow_pickle=False) as z:
-                disk = dict(zip(z["names"].tolist(), z["vectors"].astype(np.float32)))
+                names, vectors = unpack_texts(z), z["vectors"].astype(np.float32)
+            if len(names) != len(vectors):
+                raise ValueError(f"{len(names)} texts but {len(vectors)} vectors")
+            disk = dict(zip(names, vectors))
         except Exception as e:
             if not quiet:
                 warnings.warn(f"ignoring unreadable text-embedding cache {self.path} ({type(e).__name__}: {e})")
@@ -286,7 +308,7 @@ class CachedTextEncoder:
             self._read_disk(quiet=True)
             names = sorted(self._memory)
             vectors = np.stack([self._memory[n] for n in names]) if names else np.zeros((0, self.dim), np.float32)
-            _save_npz_atomic(self.path, names=np.array(names, dtype=str), vectors=vectors)
+            _save_npz_atomic(self.path, **pack_texts(names), vectors=vectors)
 
     def prompts(self, names: list[str]) -> list[str]:
         return [self.template.format(n) for n in names]
@@ -294,6 +316,10 @@ class CachedTextEncoder:
     def embed_names(self, names: list[str]) -> np.ndarray:
         """Class names -> float32 [len(names), dim], row i for names[i]; only names not cached are encoded."""
         names = list(names)
+        long = next((n for n in names if len(n) > self.max_chars), None)
+        if long is not None:
+            raise FedtinaError(f"text {long[:40]!r}... has {len(long):,} characters, more than "
+                               f"limits.max_description_chars={self.max_chars:,} a class name or description may have")
         missing = list(dict.fromkeys(n for n in names if n not in self._memory))
         if missing:
             vectors = np.asarray(self.encoder.encode(self.prompts(missing)), dtype=np.float32)
@@ -314,8 +340,9 @@ ENCODERS: dict[str, Callable[[EncoderConfig], TextEncoder]] = {
 }
 
 
-def make_encoder(cfg: EncoderConfig, cache_dir: Path | str | None = None) -> CachedTextEncoder:
+def make_encoder(cfg: EncoderConfig, cache_dir: Path | str | None = None,
+                 max_chars: int = LimitsConfig.max_description_chars) -> CachedTextEncoder:
     """The configured encoder wrapped with its prompt template and embedding cache."""
     if cfg.name not in ENCODERS:
         raise FedtinaError(f"unknown text encoder {cfg.name!r}; valid: {sorted(ENCODERS)}")
-    return CachedTextEncoder(ENCODERS[cfg.name](cfg), cfg.template, cache_dir)
+    return CachedTextEncoder(ENCODERS[cfg.name](cfg), cfg.template, cache_dir, max_chars)

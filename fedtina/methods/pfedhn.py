@@ -19,10 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedtina.config import POSITIVE, bounded
+from fedtina.config import NON_NEGATIVE, POSITIVE, HeadTrainConfig, bounded
 from fedtina.client import ops as client_ops
 from fedtina.client.call import HEAD_FT, ClientCall, pack, scored
-from fedtina.config import HeadTrainConfig
 from fedtina.server.federation import Federation
 from fedtina.report.profiling import PhaseTimer
 from fedtina.runtime.spec import arrays_record, record_head
@@ -43,7 +42,7 @@ class PFedHNOptions:
     inner_lr: float = bounded(0.05, POSITIVE)
     embed_steps: int = bounded(100, POSITIVE)  # a new client's fit of its embedding
     embed_lr: float = bounded(0.05, POSITIVE)
-    seed: int = 0
+    seed: int = bounded(0, NON_NEGATIVE)
 
 
 class HyperNet(nn.Module):

@@ -40,7 +40,7 @@ class TinaOptions:
     finetune: bool = True       # clients fine-tune the generated head and upload it (-> tina_ft, zoo growth)
     refresh_every: int = bounded(20, NON_NEGATIVE)  # refresh Tina after this many accepted heads (0 = never)
     refresh_steps: int = bounded(30, POSITIVE)  # training steps per refresh (warm start on the grown zoo)
-    gen_seed: int = 0           # generation noise seed
+    gen_seed: int = bounded(0, NON_NEGATIVE)           # generation noise seed
     sample_steps: int = bounded(0, NON_NEGATIVE)  # DDIM steps per generated head; 0: the Tina's own
                                                   # (tina.sample_steps). Cost is linear in it; `analyses
                                                   # analysis=sample_steps` measured 2-5 steps as accurate as 20

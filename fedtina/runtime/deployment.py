@@ -1,7 +1,9 @@
 """Flower's deployment runtime on this machine: one SuperLink and N SuperNodes as real processes on loopback.
 
-`Deployment` starts them (insecure, or with TLS certificates it generates), writes the `flwr` CLI's connection profile
-into its own FLWR_HOME, runs `flwr run <project> <profile> --stream` against them and follows the run to its end, and
+`Deployment` starts them (insecure, or with TLS certificates it generates; with TLS, SuperNode authentication too:
+one EC key pair per SuperNode, generated here, each public key registered with the SuperLink through
+`flwr supernode register`, so a SuperNode without a registered key is refused), writes the `flwr` CLI's connection
+profile into its own FLWR_HOME, runs `flwr run <project> <profile> --stream` against them and follows the run to its end, and
 stops every process it started on exit -- also when the run or the start fails (each daemon leads its own process
 group, so the ServerApp and ClientApp processes they spawn go with them). The installed environment is used as it
 is: the SuperLink runs with `--disable-runtime-dependency-installation` (no per-run `uv sync`), SuperNodes install
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedtina.errors import FedtinaError
+from fedtina.io import write_private
 
 PROFILE = "fedtina-local"
 
@@ -74,9 +77,25 @@ def make_certificates(out: Path, host: str = "127.0.0.1") -> dict[str, Path]:
     paths = {"ca": out / "ca.pem", "cert": out / "server.pem", "key": out / "server.key"}
     paths["ca"].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     paths["cert"].write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
-    paths["key"].write_bytes(server_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                      serialization.NoEncryption()))
+    write_private(paths["key"], server_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
     return paths
+
+
+def make_node_keys(out: Path, n: int) -> list[tuple[Path, Path]]:
+    """One EC P-384 key pair per SuperNode, in the OpenSSH formats `flower-supernode --auth-supernode-private-key`
+    and `flwr supernode register` read: (private key, readable by the owner only; public key)."""
+    from cryptography.hazmat.primitives import serialization as ser
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    pairs = []
+    for i in range(n):
+        key = ec.generate_private_key(ec.SECP384R1())
+        private, public = out / f"supernode_{i}", out / f"supernode_{i}.pub"
+        write_private(private, key.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.OpenSSH, ser.NoEncryption()))
+        public.write_bytes(key.public_key().public_bytes(ser.Encoding.OpenSSH, ser.PublicFormat.OpenSSH))
+        pairs.append((private, public))
+    return pairs
 
 
 def fresh_replay(prepared: str | Path, dest: str | Path):
@@ -102,6 +121,17 @@ def fresh_replay(prepared: str | Path, dest: str | Path):
     return spec
 
 
+def check_security(tls: bool, auth: bool, superlink: str | None) -> None:
+    """The combinations Deployment can start: auth over TLS only (Flower's rule), and a joined SuperLink insecure
+    and unauthenticated (its certificates and keys are not ours)."""
+    if auth and not tls:
+        raise FedtinaError("auth=true needs tls=true (Flower authenticates SuperNodes over TLS only); set "
+                           "tls=true, or auth=false for an unauthenticated run")
+    if superlink and (tls or auth):
+        raise FedtinaError(f"superlink={superlink!r}: joining a running SuperLink is insecure and "
+                           "unauthenticated here; set tls=false auth=false to join it")
+
+
 @dataclass
 class RunResult:
     returncode: int
@@ -110,21 +140,24 @@ class RunResult:
 
 
 class Deployment:
-    """`with Deployment(work_dir, supernodes=3, tls=False) as d: d.run(project_dir, run_dir)`."""
+    """`with Deployment(work_dir, supernodes=3, tls=True, auth=True) as d: d.run(project_dir, run_dir)`."""
 
     def __init__(self, work_dir: str | Path, supernodes: int, tls: bool = False, host: str = "127.0.0.1",
-                 start_timeout_s: float = 60.0, superlink: str | None = None) -> None:
+                 start_timeout_s: float = 60.0, superlink: str | None = None, auth: bool = False) -> None:
         """`superlink="host:port"`: join that SuperLink (insecure) instead of starting one; it must answer a TCP
-        connect within 3 s, else one FedtinaError says so (no waiting on retries)."""
+        connect within 3 s, else one FedtinaError says so (no waiting on retries). `auth`: only SuperNodes whose
+        keys were registered may connect (Flower allows it over TLS only)."""
         if supernodes < 1:
             raise FedtinaError(f"supernodes={supernodes}: need at least one SuperNode")
-        self.superlink = superlink
+        check_security(tls, auth, superlink)
+        self.superlink, self.auth = superlink, bool(auth)
         self.work_dir, self.n, self.tls, self.host = Path(work_dir), int(supernodes), bool(tls), host
         self.start_timeout_s = start_timeout_s
         self.flwr_home = self.work_dir / "flwr_home"
         self.procs: list[subprocess.Popen] = []
         self.port = 0
         self.certs: dict[str, Path] = {}
+        self.keys: list[tuple[Path, Path]] = []   # per SuperNode: (private key, public key) when auth
 
     # ---------------------------------------------------------------- processes
     def _env(self) -> dict[str, str]:
@@ -162,6 +195,7 @@ class Deployment:
                 raise FedtinaError(f"superlink={self.superlink!r}: nobody answers at {self.host}:{self.port} "
                                    f"({e.strerror or e}); start one (flower-superlink --insecure) or leave "
                                    f"superlink unset to start one here") from None
+            self._write_profile()
             self._start_nodes()
             return
         security = ["--insecure"]
@@ -169,23 +203,51 @@ class Deployment:
             self.certs = make_certificates(self.work_dir / "certs", self.host)
             security = ["--ssl-ca-certfile", str(self.certs["ca"]), "--ssl-certfile", str(self.certs["cert"]),
                         "--ssl-keyfile", str(self.certs["key"])]
+        if self.auth:
+            security.append("--enable-supernode-auth")
         self.port = free_port(self.host)
         link, log = self._spawn("superlink", ["flower-superlink", *security, "--host", self.host, "--port",
                                               str(self.port), "--disable-runtime-dependency-installation",
                                               "--database", str(self.work_dir / "superlink.db")])
         _wait_for_port(self.host, self.port, link, self.start_timeout_s, "the SuperLink", log)
+        self._write_profile()
+        if self.auth:
+            self.keys = make_node_keys(self.work_dir / "keys", self.n)
+            for i, (_, public) in enumerate(self.keys):
+                self.flwr(f"register_{i}", "supernode", "register", str(public), PROFILE)
         self._start_nodes()
 
-    def _start_nodes(self) -> None:
-        node_security = ["--root-certificates", str(self.certs["ca"])] if self.tls else ["--insecure"]
-        for i in range(self.n):
-            self._spawn(f"supernode_{i}", ["flower-supernode", *node_security, "--superlink",
-                                           f"{self.host}:{self.port}", "--port", str(free_port(self.host)),
-                                           "--node-config", f"partition-id={i} num-partitions={self.n}"])
+    def _write_profile(self) -> None:
+        """The `flwr` CLI's connection to this SuperLink, as the default of its FLWR_HOME."""
         profile = [f'[superlink.{PROFILE}]', f'address = "{self.host}:{self.port}"']
         profile += [f'root-certificates = "{self.certs["ca"]}"'] if self.tls else ["insecure = true"]
         (self.flwr_home / "config.toml").write_text("\n".join(["[superlink]", f'default = "{PROFILE}"', "",
                                                                *profile]) + "\n")
+
+    def flwr(self, name: str, *args: str, timeout_s: float = 60.0) -> str:
+        """`flwr <args>` against this SuperLink (its output in `<name>.log`); its stdout, or a FedtinaError."""
+        log = self.work_dir / f"{name}.log"
+        try:
+            res = subprocess.run([str(Path(sys.executable).parent / "flwr"), *args], capture_output=True, text=True,
+                                 env=self._env(), cwd=self.work_dir, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise FedtinaError(f"flwr {' '.join(args)} did not finish within {timeout_s:g} s") from None
+        log.write_text(res.stdout + res.stderr)
+        if res.returncode != 0:
+            raise FedtinaError(f"flwr {' '.join(args)} exited with code {res.returncode}; see {log}")
+        return res.stdout
+
+    def node_args(self, private_key: Path | None = None) -> list[str]:
+        """`flower-supernode`'s options to reach this SuperLink (TLS, and the node's key when auth)."""
+        args = ["--root-certificates", str(self.certs["ca"])] if self.tls else ["--insecure"]
+        args += ["--superlink", f"{self.host}:{self.port}", "--port", str(free_port(self.host))]
+        return args + (["--auth-supernode-private-key", str(private_key)] if private_key else [])
+
+    def _start_nodes(self) -> None:
+        for i in range(self.n):
+            key = self.keys[i][0] if self.auth else None
+            self._spawn(f"supernode_{i}", ["flower-supernode", *self.node_args(key),
+                                           "--node-config", f"partition-id={i} num-partitions={self.n}"])
 
     def run(self, project_dir: str | Path, run_dir: str | Path, timeout_s: float = 1800.0) -> RunResult:
         """`flwr run <project_dir> <profile> --stream --run-config 'run-dir="<run_dir>"'`, followed to its end."""

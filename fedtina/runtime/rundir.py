@@ -11,18 +11,49 @@ the checkpoint that `resume=true` restarts from.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
+import signal
+import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from fedtina.errors import FedtinaError
 from fedtina.io import atomic_write, write_json_lists
 
 STATUS, LOCK, CHECKPOINT, CONFIG = "status.json", ".run.lock", "checkpoint.json", "config.json"
 RESUMABLE = ("running", "interrupted", "failed")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt: the same clean-up, then exit status 143."""
+    exit_code = 128 + signal.SIGTERM
+
+    def __str__(self) -> str:
+        return "SIGTERM"
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Inside: SIGTERM raises `Terminated` (a KeyboardInterrupt), so `kill` cleans up as Ctrl-C does (children
+    stopped, status `interrupted`, one line) instead of ending the process on the spot; a second SIGTERM during the
+    clean-up ends it at once. Main thread only (Python installs handlers nowhere else)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(_signum, _frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)   # the next one aborts
+        raise Terminated()
+
+    before = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def _write_json(path: Path, doc: dict) -> None:
