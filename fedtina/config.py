@@ -71,7 +71,8 @@ class DatasetConfig:
         """The registered options dataclass of the dataset `data` names (fedtina.data.registry fills DATASETS)."""
         name = data.get("name", cls.name)
         if name not in DATASETS:
-            raise FedtinaError(f"dataset.name={name!r} is invalid; valid: {sorted(DATASETS, key=lambda n: (n != cls.name, n))}")
+            valid = sorted(DATASETS, key=lambda n: (n != cls.name, n))   # the default first
+            raise FedtinaError(f"dataset.name={name!r} is invalid; valid: {valid}")
         return DATASETS[name]
 
 
@@ -191,9 +192,9 @@ class AnalysisConfig:
 class LimitsConfig:
     """Bounds on what a user, a client or a file hands fedtina, checked where the input is read: past them a hostile
     or mistaken input would cost minutes or gigabytes before failing (or never fail)."""
-    max_name_chars: int = bounded(200, POSITIVE)  # one class name (dataset folders, names files, label-set descriptions)
-    max_description_chars: int = bounded(10_000, POSITIVE)  # one free-text description (a label set, or a class's sentence)
-    max_clients: int = bounded(1_000_000, POSITIVE)  # simulate's clients; the driver holds ~37 KB per client (simulate.py)
+    max_name_chars: int = bounded(200, POSITIVE)            # one class name (folders, names files, descriptions)
+    max_description_chars: int = bounded(10_000, POSITIVE)  # one free-text description (a label set, a sentence)
+    max_clients: int = bounded(1_000_000, POSITIVE)         # simulate's clients (~37 KB of driver memory each)
 
 
 @dataclass
