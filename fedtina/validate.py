@@ -79,7 +79,7 @@ TOP_LEVEL: dict[str, tuple[Any, Range | None]] = {
     "resume": (bool | str | None, None), "fraction_train": (float, FRACTION),
 }
 RESOURCES: dict[str, tuple[Any, Range | None]] = {
-    "num_cpus": (float, POSITIVE), "num_gpus": (float, NON_NEGATIVE), "device": (str, None),
+    "num_cpus": (float, POSITIVE), "num_gpus": (float | str, NON_NEGATIVE), "device": (str, None),
     "ray_address": (str | None, None), "init_num_cpus": (int | None, POSITIVE),
     "object_store_mb": (int | None, POSITIVE),
 }
@@ -336,20 +336,25 @@ def _check_resources(res: dict[str, Any]) -> None:
     for key, (tp, rng) in RESOURCES.items():
         if key in res:
             check_value(f"resources.{key}", res[key], tp, rng)
+    num_cpus, num_gpus = res.get("num_cpus", 1), res.get("num_gpus") or 0
+    if isinstance(num_gpus, str) and num_gpus != "auto":
+        raise FedtinaError(f"resources.num_gpus={_show(num_gpus)} is invalid: must be a finite number >= 0 or auto")
     if res.get("ray_address"):
         _check_ray_address(str(res["ray_address"]))
         return
-    num_cpus, num_gpus = res.get("num_cpus", 1), res.get("num_gpus") or 0
     have_cpus = res.get("init_num_cpus") or local_cpus()
     if num_cpus > have_cpus:
         where = "resources.init_num_cpus" if res.get("init_num_cpus") else "this machine"
         raise FedtinaError(f"resources.num_cpus={_show(num_cpus)} per client exceeds the {have_cpus} CPU(s) a local "
                            f"Ray gets ({where}): no client could start; use resources.num_cpus <= {have_cpus}")
-    if num_gpus > 0:
+    if num_gpus == "auto" or num_gpus > 0:
         import torch
 
         have_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if num_gpus > have_gpus:
+        if num_gpus == "auto" and not have_gpus:
+            raise FedtinaError("resources.num_gpus=auto shares the CUDA devices visible here among the actors, and "
+                               "there are none: use resources=cpu")
+        if num_gpus != "auto" and num_gpus > have_gpus:
             raise FedtinaError(f"resources.num_gpus={_show(num_gpus)} per client exceeds the {have_gpus} CUDA "
                                "device(s) visible here: no client could start; use resources=cpu")
 
