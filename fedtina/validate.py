@@ -218,16 +218,21 @@ def _check_resources(res) -> None:
         _check_ray_address(str(res.ray_address))
         return
     num_cpus, num_gpus = res.num_cpus, res.num_gpus
+    if isinstance(num_gpus, str) and num_gpus != "auto":
+        raise FedtinaError(f"resources.num_gpus={show(num_gpus)} is invalid: must be a finite number >= 0 or auto")
     have_cpus = res.init_num_cpus or local_cpus()
     if num_cpus > have_cpus:
         where = "resources.init_num_cpus" if res.init_num_cpus else "this machine"
         raise FedtinaError(f"resources.num_cpus={show(num_cpus)} per client exceeds the {have_cpus} CPU(s) a local "
                            f"Ray gets ({where}): no client could start; use resources.num_cpus <= {have_cpus}")
-    if num_gpus > 0:
+    if num_gpus == "auto" or num_gpus > 0:
         import torch
 
         have_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if num_gpus > have_gpus:
+        if num_gpus == "auto" and not have_gpus:
+            raise FedtinaError("resources.num_gpus=auto shares the CUDA devices visible here among the actors, and "
+                               "there are none: use resources=cpu")
+        if num_gpus != "auto" and num_gpus > have_gpus:
             raise FedtinaError(f"resources.num_gpus={show(num_gpus)} per client exceeds the {have_gpus} CUDA "
                                "device(s) visible here: no client could start; use resources=cpu")
 

@@ -220,7 +220,7 @@ def test_simulate_config_composes_as_documented(tmp_path):
     cfg = _compose(tmp_path, "clients=100", "rounds=5", "method=fedavg", "dataset=caltech101", "resources=gpu",
                    tiny=False)
     assert cfg.clients == 100 and cfg.rounds == 5 and list(cfg.method.names) == ["fedavg"]
-    assert cfg.dataset.name == "caltech101" and cfg.resources.num_gpus == 0.25
+    assert cfg.dataset.name == "caltech101" and cfg.resources.num_gpus == "auto"
     assert list(_compose(tmp_path).method.names) == ["tina", "selection", "local_ft", "fedavg", "fedavg_ft"]
     assert math.isclose(_compose(tmp_path).resources.num_gpus, 0.0)
     assert _compose(tmp_path, "partition=sentence").partition.description == "sentence"

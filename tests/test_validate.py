@@ -305,8 +305,14 @@ def test_resources_a_local_ray_cannot_meet():
         validate_simulate_config(_compose("resources.num_cpus=3", "resources.init_num_cpus=2"))
     validate_simulate_config(_compose("resources.num_cpus=3", "resources.init_num_cpus=4"))  # Ray may over-declare
     validate_simulate_config(_compose("resources.num_cpus=100", "resources.ray_address=auto"))  # a cluster's size
-    with pytest.raises(FedtinaError, match=r"^resources.num_gpus=0.25 per client exceeds the 0 CUDA device"):
+    with pytest.raises(FedtinaError, match=r"^resources.num_gpus=auto shares the CUDA devices visible here among "
+                                           r"the actors, and there are none: use resources=cpu$"):
         validate_simulate_config(_compose("resources=gpu"))
+    with pytest.raises(FedtinaError, match=r"^resources.num_gpus=0.25 per client exceeds the 0 CUDA device"):
+        validate_simulate_config(_compose("resources=gpu", "resources.num_gpus=0.25"))
+    with pytest.raises(FedtinaError, match=r"^resources.num_gpus='half' is invalid: must be a finite number >= 0 or "
+                                           r"auto$"):
+        validate_simulate_config(_compose("resources.num_gpus=half"))
 
 
 def test_a_ray_address_nobody_answers_at_fails_in_seconds():

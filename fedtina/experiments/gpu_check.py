@@ -1,29 +1,59 @@
-"""The GPU check: each CUDA path timed on one device, and a 1,000-client simulation with fractional GPUs per actor.
+"""The GPU check: each CUDA path timed on one device, and a 1,000-client simulation with the GPUs shared by the actors.
 
-    python -m fedtina.experiments.gpu_check                      # on a machine with a CUDA device
-    python -m fedtina.experiments.gpu_check --device cpu         # the same table on the CPU, for comparison
-    python -m fedtina.experiments.gpu_check --no-simulation      # the stages only
+    python -m fedtina.experiments.gpu_check                            # on a machine with a CUDA device
+    python -m fedtina.experiments.gpu_check device=cpu simulation=false   # the CPU column, the stages only
+    python -m fedtina.experiments.gpu_check large.d_model=2048 large.depth=24   # the paper's width as the large Tina
 
-Stages (warm cache, the default core config): one epoch of the generic ResNet-20, feature extraction of the whole
-dataset, Tina training steps, head generation for 1,000 label sets, one client's local training of the image model
-(FedAvg-of-the-model's client step), then `python -m fedtina.simulate clients=1000` with `resources=gpu` (4 actors
-per GPU) or `resources=cpu`. Prints one table; nothing is written to the cache.
+It composes configs/gpu_check.yaml, i.e. the core config of every other command (configs/core.yaml and the same
+dataset and encoder defaults), so it times the cached assets that `python -m fedtina.simulate` with the same core
+overrides builds and uses; the simulation stage passes those overrides on.
+
+Stages (warm cache): one epoch of the generic ResNet-20, feature extraction of the whole dataset, training steps of
+the default Tina (as the cache trains it: image prompts, descriptions if configured), head generation by the cached
+Tina, the same two for an untrained large Tina (`large`), one client's local training of the image model
+(FedAvg-of-the-model's client step), then `python -m fedtina.simulate clients=1000` with `resources=gpu` (every actor
+an even share of the GPUs) or `resources=cpu`. Prints one table (also gpu_check.md in the Hydra run dir); nothing is
+written to the cache.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import logging
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
 from fedtina.errors import FedtinaError
+
+log = logging.getLogger("fedtina.gpu_check")
+
+
+@dataclass
+class LargeTina:
+    """The large Tina's rows: its size, training steps timed and heads generated (defaults: configs/gpu_check.yaml)."""
+    d_model: int
+    depth: int
+    num_heads: int
+    steps: int
+    heads: int
+
+
+@dataclass
+class GpuCheckConfig:
+    """configs/gpu_check.yaml's own keys (the rest is the core config)."""
+    device: str
+    simulation: bool
+    clients: int
+    heads: int
+    tina_steps: int
+    large: LargeTina
 
 
 @dataclass
@@ -44,7 +74,7 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(name: str, device: str, work: float, unit: str, fn) -> Stage:
+def _timed(name: str, device: str, work: float, unit: str, fn: Callable[[], Any]) -> Stage:
     fn()   # warm-up: kernels, allocator, lazy imports
     _sync(device)
     t0 = time.perf_counter()
@@ -53,12 +83,30 @@ def _timed(name: str, device: str, work: float, unit: str, fn) -> Stage:
     return Stage(name, time.perf_counter() - t0, work, unit)
 
 
-def stages(assets, device: str, n_heads: int = 1000, tina_steps: int = 50) -> list[Stage]:
-    """Each CUDA path of fedtina on `device`, timed after one warm-up call."""
-    from fedtina.features.backbone import extract_features, train_generic
-    from fedtina.client import image_model as body
+def _tina_rows(assets, tina_cfg, device: str, steps: int, heads: int, label: str, generator=None) -> list[Stage]:
+    """Training steps of a Tina trained as the cache trains it, then `heads` heads generated (by `generator`, else
+    by the trainer's own untrained EMA: generation costs the same)."""
     from fedtina.data.split import sample_tasks
-    from fedtina.tina.train import TinaTrainer, load_checkpoint
+    from fedtina.tina.train import TinaTrainer
+
+    cfg = dataclasses.replace(tina_cfg, device=device, log_every=10**9)
+    trainer = TinaTrainer(assets.zoo.entries(), assets.encoder, cfg, log=None, shots=assets.shots,
+                          descriptions=assets.descriptions if cfg.prompt_sentences else None)
+    rows = [_timed(f"{label}: {steps} training steps", device, steps, "steps",
+                   lambda: [trainer.train_step() for _ in range(steps)])]
+    tina = generator or trainer.generator()
+    names, split = assets.dataset.class_names, assets.split
+    sets = [[names[c] for c in t] for t in sample_tasks(np.asarray(split.seen), heads, 5, 10,
+                                                          np.random.default_rng(0))]
+    rows.append(_timed(f"{label}: generate {heads} heads", device, heads, "heads", lambda: tina.generate(sets)))
+    return rows
+
+
+def stages(assets, device: str, heads: int, tina_steps: int, large: LargeTina) -> list[Stage]:
+    """Each CUDA path of fedtina on `device`, timed after one warm-up call."""
+    from fedtina.client import image_model as body
+    from fedtina.features.backbone import extract_features, train_generic
+    from fedtina.tina.train import load_checkpoint
 
     core, ds, split = assets.cfg, assets.dataset, assets.split
     bb_cfg = dataclasses.replace(core.backbone, epochs=1, device=device)
@@ -67,15 +115,12 @@ def stages(assets, device: str, n_heads: int = 1000, tina_steps: int = 50) -> li
     model = train_generic(ds, split, bb_cfg, log=quiet)
     out.append(_timed("features: whole dataset", device, len(ds.images), "images",
                       lambda: extract_features(model, ds.images, device=device)))
-    trainer = TinaTrainer(assets.zoo.entries(), assets.encoder,
-                          dataclasses.replace(core.tina, device=device, log_every=10**9), log=quiet)
-    out.append(_timed(f"tina: {tina_steps} training steps", device, tina_steps, "steps",
-                      lambda: [trainer.train_step() for _ in range(tina_steps)]))
-    tina = load_checkpoint(assets.tina_path, assets.encoder, device=device)
-    names = ds.class_names
-    sets = [[names[c] for c in t] for t in sample_tasks(np.asarray(split.seen), n_heads, 5, 10,
-                                                          np.random.default_rng(0))]
-    out.append(_timed(f"tina: generate {n_heads} heads", device, n_heads, "heads", lambda: tina.generate(sets)))
+    t = core.tina
+    out += _tina_rows(assets, t, device, tina_steps, heads, f"tina (d_model {t.d_model}, depth {t.depth})",
+                      generator=load_checkpoint(assets.tina_path, assets.encoder, device=device))
+    big = dataclasses.replace(t, d_model=large.d_model, depth=large.depth, num_heads=large.num_heads)
+    out += _tina_rows(assets, big, device, large.steps, large.heads,
+                      f"tina large (d_model {large.d_model}, depth {large.depth})")
     idx = split.zoo_idx[:512]
     labels = np.unique(ds.labels[idx], return_inverse=True)[1]
     state = body.init_state(int(labels.max()) + 1, core.backbone)
@@ -85,12 +130,20 @@ def stages(assets, device: str, n_heads: int = 1000, tina_steps: int = 50) -> li
     return out
 
 
-def simulation(device: str, clients: int = 1000) -> Stage:
+def core_overrides(task_overrides: list[str]) -> list[str]:
+    """The command line's overrides of the core config (dataset=..., tina.depth=...), for the simulation."""
+    from fedtina.config import CoreConfig
+
+    names = {f.name for f in dataclasses.fields(CoreConfig)}
+    return [o for o in task_overrides if o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] in names]
+
+
+def simulation(device: str, clients: int, overrides: list[str]) -> Stage:
     resources = "resources=gpu" if device.startswith("cuda") else "resources=cpu"
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "fedtina.simulate", f"clients={clients}", resources,
-                               f"hydra.run.dir={Path(tmp) / 'run'}"], capture_output=True, text=True)
+                               *overrides, f"hydra.run.dir={Path(tmp) / 'run'}"], capture_output=True, text=True)
         wall = time.perf_counter() - t0
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -98,33 +151,41 @@ def simulation(device: str, clients: int = 1000) -> Stage:
     return Stage(f"simulate clients={clients} ({resources})", wall, clients, "clients")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fedtina.experiments.gpu_check", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", default="cuda", help="cuda (default), cuda:1, or cpu for the CPU column")
-    ap.add_argument("--no-simulation", action="store_true", help="skip the 1,000-client simulation")
-    args = ap.parse_args(argv)
+def run(cfg: dict, out_dir: Path, overrides: list[str] = ()) -> str:
+    """The check of a composed gpu_check config; returns (and prints, and writes to gpu_check.md) the table.
+    `overrides`: the core overrides the simulation stage passes on."""
     import torch
 
     from fedtina.assets import build_assets
-    from fedtina.config import CoreConfig
+    from fedtina.config import core_config, from_dict
+    from fedtina.validate import validate_core_config
 
-    try:
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise FedtinaError(f"--device {args.device}: no CUDA device here (torch.cuda.is_available() is False); "
-                               f"run with --device cpu for the CPU column")
-        assets = build_assets(CoreConfig(), log=lambda _m: None)
-        rows = stages(assets, args.device)
-        if not args.no_simulation:
-            rows.append(simulation(args.device))
-    except FedtinaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU"
-    print(f"device: {args.device} ({name}), torch {torch.__version__}")
-    print("| stage | seconds | throughput |\n|---|---|---|")
-    print("\n".join(r.row() for r in rows))
-    return 0
+    check = from_dict(GpuCheckConfig, {k: cfg[k] for k in (f.name for f in dataclasses.fields(GpuCheckConfig))})
+    if check.device.startswith("cuda") and not torch.cuda.is_available():
+        raise FedtinaError(f"device={check.device}: no CUDA device here (torch.cuda.is_available() is False); "
+                           f"run with device=cpu for the CPU column")
+    validate_core_config(cfg)   # before the build: a bad value fails in a second, naming its key
+    assets = build_assets(core_config(cfg), log=log.info)
+    rows = stages(assets, check.device, check.heads, check.tina_steps, check.large)
+    if check.simulation:
+        rows.append(simulation(check.device, check.clients, list(overrides)))
+    name = torch.cuda.get_device_name(check.device) if check.device.startswith("cuda") else "CPU"
+    table = "\n".join([f"device: {check.device} ({name}), torch {torch.__version__}, "
+                       f"{torch.get_num_threads()} CPU thread(s)",
+                       "| stage | seconds | throughput |", "|---|---|---|", *(r.row() for r in rows)])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "gpu_check.md").write_text(table + "\n")
+    print(table)
+    return table
+
+
+def main_from_dict(cfg: dict, out_dir: Path) -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    return run(cfg, out_dir, core_overrides(list(HydraConfig.get().overrides.task)))
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from fedtina.experiments.harness import hydra_entry
+
+    hydra_entry("gpu_check", main_from_dict, log)

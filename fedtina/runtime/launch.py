@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
 import threading
@@ -81,6 +82,9 @@ def quiet_flower(console_level: int = logging.WARNING, file_handlers: list[loggi
     logging.getLogger("ray").setLevel(logging.WARNING)
 
 
+AUTO = "auto"
+
+
 def backend_config(resources: dict[str, Any]) -> dict[str, Any]:
     """The `resources` Hydra node -> run_simulation's backend_config.
 
@@ -90,7 +94,8 @@ def backend_config(resources: dict[str, Any]) -> dict[str, Any]:
     running cluster makes ray.init fail, and the ServerApp would then wait until its timeout.
     """
     num_cpus = float(resources.get("num_cpus", 1))
-    num_gpus = float(resources.get("num_gpus", 0.0) or 0.0)   # fits the machine: fedtina.validate checked it
+    num_gpus = resources.get("num_gpus", 0.0) or 0.0   # fits the machine: fedtina.validate checked it
+    num_gpus = AUTO if num_gpus == AUTO else float(num_gpus)   # auto: `share_gpus` sizes it once Ray is up
     init_args: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": False}
     if resources.get("ray_address"):
         init_args["address"] = str(resources["ray_address"])
@@ -112,6 +117,12 @@ def _init_ray(backend: dict[str, Any]) -> None:
 
     if ray.is_initialized():
         return
+    # Ray's future default, which also silences its FutureWarning at every ray.init: an actor given num_gpus=0 keeps
+    # the driver's CUDA_VISIBLE_DEVICES instead of a blank one. Such an actor still runs on the CPU, because
+    # `fedtina.device.pick_device` asks Ray which GPUs the actor was given (none) rather than what it can see; the
+    # blanking would hide the GPU from resources.device=cuda too, which is an explicit choice to use it.
+    # Read by the driver at ray.init and by the workers a local Ray starts (they inherit this environment).
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     pythonpath = os.pathsep.join(sys.path)
     if os.environ.get("PYTHONPATH"):
         pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
@@ -123,6 +134,51 @@ def _init_ray(backend: dict[str, Any]) -> None:
         where = backend["init_args"].get("address")
         raise FedtinaError(f"Ray did not start{f' (resources.ray_address={where!r})' if where else ''}: "
                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def gpu_share(nodes: list[dict[str, float]], num_cpus: float) -> float:
+    """`num_gpus: auto`: the GPU share per actor that lets every CPU of each GPU node run an actor (`num_cpus` each)
+    with the node's GPUs shared evenly among them (the smallest share of any node, so it fits everywhere): whole GPUs
+    at or above one (Ray's rule), below one rounded down to Ray's resource precision (1e-4), so that the last actor
+    still fits. 0.0 when no node has a GPU and a CPU for an actor. `nodes`: each Ray node's resources."""
+    shares = [n["GPU"] / actors for n in nodes
+              if n.get("GPU", 0) > 0 and (actors := int(n.get("CPU", 0) / num_cpus)) > 0]
+    if not shares:
+        return 0.0
+    share = min(shares)
+    return float(math.floor(share)) if share >= 1 else math.floor(share * 1e4 + 1e-9) / 1e4
+
+
+def _alive_nodes() -> list[dict[str, float]]:
+    import ray
+
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive") and n.get("Resources")]
+
+
+def share_gpus(backend: dict[str, Any]) -> dict[str, Any]:
+    """`backend` with `num_gpus: auto` replaced by `gpu_share` of the running Ray cluster (started or joined); a
+    number is an explicit share and stays as it is."""
+    res = backend["client_resources"]
+    if res["num_gpus"] != AUTO:
+        return backend
+    nodes = _alive_nodes()
+    share = gpu_share(nodes, res["num_cpus"])
+    if share == 0:
+        have = {k: sum(n.get(k, 0) for n in nodes) for k in ("CPU", "GPU")}
+        raise FedtinaError(f"resources.num_gpus=auto: no Ray node has a GPU and resources.num_cpus="
+                           f"{res['num_cpus']:g} CPU(s) for an actor (the cluster has {have}); use resources=cpu")
+    return {**backend, "client_resources": {**res, "num_gpus": share}}
+
+
+def pool_line(backend: dict[str, Any], actors: int, nodes: list[dict[str, float]]) -> str:
+    """The `[ray]` log line: the actor pool, where Ray runs, and how many actors share a GPU."""
+    where = (f"joined {backend['init_args']['address']}" if "address" in backend["init_args"] else "started here")
+    line = f"[ray] {actors} ClientApp actor(s) on {len(nodes)} Ray node(s), {where}"
+    share = backend["client_resources"]["num_gpus"]
+    if share > 0:
+        gpus = sum(n.get("GPU", 0) for n in nodes)
+        line += f", {actors / gpus:g} actor(s) per GPU ({gpus:g} GPU(s), num_gpus={share:g} each)"
+    return line
 
 
 def pool_size(backend: dict[str, Any]) -> int:
@@ -186,11 +242,7 @@ def run(spec: RunSpec, backend: dict[str, Any], verbose: bool = False) -> Any:
     (filled by the ServerApp, also when it was stopped: then `outcome.interrupted` says why). A ServerApp
     exception is re-raised here; a failed simulation engine stops the ServerApp, which still writes its report."""
     import ray
-    import torch
 
-    if not torch.cuda.is_available():
-        # no GPU: keep Ray quiet about accelerator env vars (with a GPU Ray's default masking stays in force)
-        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     quiet_flower(logging.DEBUG if verbose else logging.WARNING)
 
@@ -204,11 +256,9 @@ def run(spec: RunSpec, backend: dict[str, Any], verbose: bool = False) -> Any:
         with reaper.watch():
             try:
                 _init_ray(backend)
+                backend = share_gpus(backend)
                 spec.concurrency = pool_size(backend)
-                nodes = [n for n in ray.nodes() if n.get("Alive")]
-                log.info("[ray] %d ClientApp actor(s) on %d Ray node(s), %s", spec.concurrency, len(nodes),
-                         "joined " + str(backend["init_args"]["address"]) if "address" in backend["init_args"]
-                         else "started here")
+                log.info("%s", pool_line(backend, spec.concurrency, _alive_nodes()))
                 engine_done = threading.Event()
                 threading.Thread(target=_hurry, args=(spec, engine_done), daemon=True).start()
                 with _stop_on_signals(spec.stop):

@@ -41,7 +41,7 @@ class SimulateConfig:
 class ResourcesConfig:
     """The `resources` group (configs/resources/): Ray resources per ClientApp actor and how Ray starts."""
     num_cpus: float = bounded(1.0, POSITIVE)                                # concurrency = floor(CPUs / num_cpus)
-    num_gpus: float = bounded(0.0, NON_NEGATIVE)
+    num_gpus: float | str = bounded(0.0, NON_NEGATIVE)   # GPU share per actor, or auto (an even share of the GPUs)
     device: str = "auto"                          # torch device inside the ClientApps (auto: CUDA if the actor has one)
     ray_address: str | None = None                # null: start a local Ray; "auto" or "ray://host:10001": join one
     init_num_cpus: int | None = bounded(None, POSITIVE)  # local Ray only: CPUs Ray may use (null: all)
