@@ -117,7 +117,7 @@ class BenchConfig:
     ood_unseen: int = 3               # unseen classes in each OOD task
     tina_ft: HeadTrainConfig = field(default_factory=lambda: HeadTrainConfig(steps=10))
     seed: int = 1
-    shots: list = field(default_factory=lambda: [1, 2, 5, 10, "all"])   # labelled images per class (bench_shots)
+    shots: list = field(default_factory=lambda: [1, 2, 5, 10, "all"])   # labelled images per class (fedtina/tina/shots.py)
     samples: int = 8                  # tina_best_of_n / tina_mean_of_n: generation seeds per task
 
 

@@ -27,7 +27,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedtina.errors import FedtinaError
-from fedtina.server.gate import server_val_data
 from fedtina.runtime.grid import GuardedGrid, Interrupted
 from fedtina.report.loggers import RunLoggers
 from fedtina.data.partition import load_partition
@@ -35,7 +34,8 @@ from fedtina.report.profiling import PhaseRecord, PhaseTimer, from_config
 from fedtina.report.summary import ClientResult, worst_decile_mean
 from fedtina.runtime.rundir import RunDir, resume_command
 from fedtina.runtime.spec import RunSpec, head_record
-from fedtina.zoo.heads import Head, generic_rows, selection_head
+from fedtina.server.reference import ServerReference
+from fedtina.zoo.heads import Head
 from fedtina.tina.generator import parse_label_text
 
 log = logging.getLogger("fedtina.federation")
@@ -127,11 +127,10 @@ class Federation:
         self.partition = load_partition(spec.partition_path)
         self.class_names = list(self.assets.dataset.class_names)
         self.class_index = {n: i for i, n in enumerate(self.class_names)}
-        self.rows = generic_rows(self.assets.bank, self.class_names)
+        self.reference = ServerReference(self.assets, self.partition.server_val_idx)
+        self.rows = self.reference.rows
         self.clients: dict[int, Client] = {}           # node id -> Client
         self.nodes: list[int] = []
-        self.tina = self.assets.tina
-        self._selection_rows: dict[str, Head] = {}     # class name -> its one-row selection head
         self.loggers = RunLoggers(spec.loggers, spec.out_dir, {"methods": spec.methods, "n_clients": spec.n_clients,
                                                               "rounds": spec.rounds, "options": spec.options})
 
@@ -379,19 +378,10 @@ class Federation:
 
     # ---------------------------------------------------------------- server-side heads and data
     def selection(self, names: tuple[str, ...]) -> Head:
-        """The selection head of a label set, from rows cached per class (an unseen class's nearest seen name is
-        found once): a cache per label set held ~2 KB for each of 100,000 clients' nearly all distinct sets."""
-        for n in names:
-            if n not in self._selection_rows:
-                self._selection_rows[n] = selection_head((n,), self.rows, self.assets.encoder.embed_names)
-        rows = [self._selection_rows[n] for n in names]
-        return Head(tuple(names), np.concatenate([h.weight for h in rows]), np.concatenate([h.bias for h in rows]))
+        return self.reference.selection(names)
 
     def val_data(self, class_ids: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-        """The server's held-out features of these classes; built per call (tens of microseconds), because a cache
-        per label set held ~13 KB for each uploading client (traced: 62 MB at 3,000 clients)."""
-        return server_val_data(self.assets.bank.features, self.assets.dataset.labels, self.partition.server_val_idx,
-                               class_ids)
+        return self.reference.val_data(class_ids)
 
     # ---------------------------------------------------------------- progress
     def checkpoint(self, prog: Progress) -> None:
