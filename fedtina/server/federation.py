@@ -128,7 +128,6 @@ class Federation:
         self.class_names = list(self.assets.dataset.class_names)
         self.class_index = {n: i for i, n in enumerate(self.class_names)}
         self.reference = ServerReference(self.assets, self.partition.server_val_idx)
-        self.rows = self.reference.rows
         self.clients: dict[int, Client] = {}           # node id -> Client
         self.nodes: list[int] = []
         self.loggers = RunLoggers(spec.loggers, spec.out_dir, {"methods": spec.methods, "n_clients": spec.n_clients,
