@@ -116,11 +116,15 @@ def execute(name: str, cfg: dict, out_dir: Path) -> Result:
 
 def main(module_name: str) -> None:
     """`python -m fedtina.experiments.<name> key=value ...` under `@hydra.main` (the run dir, logging, overrides)."""
+    import sys
+
     import hydra
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import DictConfig, OmegaConf
 
     name = module_name.rsplit(".", 1)[-1]
+    if not any(a.startswith("hydra.job.name=") for a in sys.argv[1:]):
+        sys.argv.append(f"hydra.job.name={name}")   # the run dir's log is <name>.log, not this module's
 
     @hydra.main(version_base="1.3", config_path=str(CONFIGS), config_name=name)
     def entry(cfg: DictConfig) -> None:
