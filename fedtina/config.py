@@ -177,7 +177,7 @@ class BenchConfig:
     tina_ft: HeadTrainConfig = field(default_factory=lambda: HeadTrainConfig(steps=10, select=True))
     seed: int = bounded(1, NON_NEGATIVE)  # task sampling (different from the zoo's seed)
     shots: list = field(default_factory=lambda: [1, 2, 5, 10, "all"])   # labelled images per class from each task's
-                                      # zoo part (fedtina/experiments/shots.py); [] = off
+                                      # zoo part (fedtina/tina/shots.py); [] = off
     samples: int = bounded(8, POSITIVE)  # tina_best_of_n / tina_mean_of_n: generation seeds per task
 
 

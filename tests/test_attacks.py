@@ -179,17 +179,17 @@ def world(tiny):
     from fedtina.config import HeadTrainConfig
     from fedtina.server.gate import HeadCheckConfig
     from fedtina.data.partition import PartitionConfig
-    from fedtina.tina.service import finetune, make_world, serve
+    from fedtina.tina.offline import finetune, make_world, serve
 
     _, assets = tiny
-    w = make_world(assets, 12, PartitionConfig(k_min=3, k_max=5, unseen_per_client=1, new_share=0.25),
-                   HeadCheckConfig())
-    sent = serve(assets.tina, w, w.contributors)
-    return w, sent, finetune(w, sent, HeadTrainConfig(steps=10, select=True))
+    w = make_world(assets, 12, PartitionConfig(k_min=3, k_max=5, unseen_per_client=1, new_share=0.25))
+    service = w.service(HeadCheckConfig())
+    sent = serve(service, w, w.contributors)
+    return w, service, sent, finetune(w, sent, HeadTrainConfig(steps=10, select=True))
 
 
 def test_world_splits_contributors_and_probes(world):
-    w, sent, honest = world
+    w, _, sent, honest = world
     assert set(w.contributors).isdisjoint(w.probes) and len(w.probes) == 3 and len(w.contributors) == 9
     assert set(sent) == set(honest) == set(w.contributors)
 
@@ -197,10 +197,10 @@ def test_world_splits_contributors_and_probes(world):
 def test_probe_scores_and_collusion(world):
     from fedtina.experiments.attacks import AttackRow, play
     from fedtina.config import HeadTrainConfig
-    from fedtina.tina.service import probe
+    from fedtina.tina.offline import probe
 
-    w, sent, honest = world
-    scores = probe(w.assets.tina, w)
+    w, service, sent, honest = world
+    scores = probe(service, w)
     assert 0 <= scores.acc <= 1 and scores.recall
     held = {n for p in w.probes for n in w.data[p].class_names}
     assert set(scores.recall) == held and np.isnan(scores.class_recall(["not a class"]))
@@ -210,3 +210,41 @@ def test_probe_scores_and_collusion(world):
     assert len(bad) == 3 and len({u.names for u in bad}) == 1 and len(attacked) == 1
     assert all(np.array_equal(u.head.weight, bad[0].head.weight) for u in bad)   # one head, uploaded 3 times
     assert len(ups) == len(w.contributors) and {u.client for u in ups} == set(w.contributors)
+
+
+def test_the_service_generates_in_order_gates_admits_and_refreshes(world):
+    """The Tina service the method and the experiments share: generation keeps the given order whatever its
+    batching by size, a malformed upload is refused (never fatal), a what-if refresh admits nothing, `admit` grows
+    the zoo (never the cached one) and `refresh` moves Tina."""
+    import dataclasses
+
+    from fedtina.server.gate import HeadCheckConfig
+
+    w, service, sent, honest = world
+    names = [w.data[i].class_names for i in w.contributors]
+    heads = service.generate(names)
+    assert [h.class_names for h in heads] == names
+    for h, ref in zip(heads, service.tina.generate([list(n) for n in names])):   # one call, as given
+        np.testing.assert_array_equal(h.weight, ref.weight)
+
+    ups = [w.upload(i, sent[i], honest[i]) for i in w.contributors]
+    verdicts = service.gate(ups)
+    assert len(verdicts) == len(ups) and any(v.accepted for v in verdicts)
+    good = next(u for u, v in zip(ups, verdicts) if v.accepted)
+    wrong = Head(("x", "y"), np.zeros((2, good.head.weight.shape[1]), np.float32), np.zeros(2, np.float32))
+    bad = service.check(dataclasses.replace(good, sent=wrong))   # the sent head cannot be aligned: an exception
+    assert not bad.accepted and bad.reason.startswith("malformed upload: ") and bad.acc is None
+
+    fresh = w.service(HeadCheckConfig())
+    n = len(fresh.zoo)
+    accepted = [u for u, v in zip(ups, verdicts) if v.accepted]
+    what_if = fresh.refreshed(2, accepted)
+    assert len(fresh.zoo) == n and what_if.tina is not fresh.tina and what_if.zoo is fresh.zoo
+    fresh.admit([u.entry() for u in accepted])
+    assert len(fresh.zoo) == n + len(accepted) and len(w.assets.zoo) == n
+    assert fresh.zoo.entries()[-1].source == f"client:{accepted[-1].client}"
+    before = fresh.tina
+    fresh.refresh(2)
+    assert fresh.tina is not before
+    a, b = (s.generate(names[:1])[0].weight for s in (service, fresh))
+    assert not np.array_equal(a, b)

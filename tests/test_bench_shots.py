@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedtina.experiments.shots import check_shots, draw_shots, format_shots, imprint_heads
 from fedtina.errors import FedtinaError
+from fedtina.experiments.bench import format_shots
+from fedtina.tina.shots import check_shots, draw_shots, imprint_heads
 from fedtina.zoo.heads import accuracy
 
 
@@ -51,7 +52,7 @@ def test_text_baselines_recover_a_linear_name_to_row_world():
     retrieval returns the zoo's mean row of a seen class."""
     from types import SimpleNamespace
 
-    from fedtina.experiments.baselines import TextBaselines, wrong_names
+    from fedtina.zoo.baselines import TextBaselines, wrong_names
 
     rng = np.random.default_rng(0)
     names = [f"c{i}" for i in range(40)]
@@ -86,7 +87,8 @@ def test_text_baselines_recover_a_linear_name_to_row_world():
 def test_samples_of_tina_best_and_mean():
     from types import SimpleNamespace
 
-    from fedtina.experiments.bench import BenchTask, samples_of_tina
+    from fedtina.experiments.bench import samples_of_tina
+    from fedtina.zoo.tasks import BenchTask
     from fedtina.zoo.heads import Head
 
     x = np.eye(2, dtype=np.float32)
@@ -108,8 +110,8 @@ def test_samples_of_tina_best_and_mean():
 def test_novelty_is_zero_for_a_generator_that_copies_the_zoo():
     from types import SimpleNamespace
 
-    from fedtina.experiments.bench import BenchTask
-    from fedtina.experiments.baselines import novelty
+    from fedtina.zoo.baselines import novelty
+    from fedtina.zoo.tasks import BenchTask
     from fedtina.config import HeadTrainConfig
     from fedtina.zoo.heads import Head
 

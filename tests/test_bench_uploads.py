@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedtina.experiments.uploads import BINS, bin_label, bin_of, near_names, recalls
+from fedtina.experiments.uploads import BINS, bin_label, bin_of, near_names
+from fedtina.tina.offline import recalls
 from fedtina.zoo.heads import Head, RowBank
 
 
@@ -45,13 +46,13 @@ def test_recalls_per_class():
 def test_two_cohorts_on_the_tiny_assets(tiny):
     from simkit import compose
 
-    from fedtina.experiments.uploads import run, summarize
+    from fedtina.experiments.uploads import run_uploads, summarize
     from fedtina.simulate import _plain
 
     cache, assets = tiny
     cfg = _plain(compose(cache, "clients=32", "partition.unseen_share=0.6", "partition.new_share=0.25"))
     cfg.update(cohorts=2, withheld_share=0.3, steps_per_head=0.5, retrain_at=[], near_words=1)
-    result = run(assets, cfg)
+    result = run_uploads(assets, cfg)
     pairs = result["pairs"]
     probes = {t: {p["probe"] for p in pairs if p["cohort"] == t} for t in (0, 1, 2)}
     assert probes[0] == probes[1] == probes[2] and probes[0]                       # the same probes every time

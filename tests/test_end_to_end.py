@@ -12,7 +12,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from fedtina.experiments import bench
+from fedtina.experiments import bench, harness
 from fedtina import generate
 from fedtina.errors import CorruptFileError
 
@@ -41,7 +41,7 @@ def cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def report(cache, tmp_path_factory) -> dict:
     cfg = _cfg("bench", cache, "bench.num_tasks=12", f"bench.k={K}", "bench.ood_unseen=2")
-    return bench.main_from_dict(cfg, tmp_path_factory.mktemp("bench-out"))
+    return harness.execute("bench", cfg, tmp_path_factory.mktemp("bench-out")).data
 
 
 @pytest.mark.slow
@@ -60,7 +60,7 @@ def test_bench_reports_every_row_and_tina_beats_chance(report):
 
 @pytest.mark.slow
 def test_bench_shots_axis_has_every_row_at_every_n(report, tmp_path):
-    from fedtina.experiments.shots import SHOT_ROWS
+    from fedtina.tina.shots import SHOT_ROWS
 
     shots = report["shots"]
     assert list(shots) == ["0", "1", "2", "5", "10", "all"]
@@ -82,7 +82,7 @@ def test_bench_reuses_the_cache_and_writes_bench_json(report, cache, tmp_path):
     # a second run reuses every cached stage and gets the same numbers
     out = tmp_path / "bench-again"
     cfg = _cfg("bench", cache, "bench.num_tasks=12", f"bench.k={K}", "bench.ood_unseen=2")
-    again = bench.main_from_dict(cfg, out)
+    again = harness.execute("bench", cfg, out).data
     assert json.loads((out / "bench.json").read_text())["tina"]["id_acc"] == again["tina"]["id_acc"]
     assert again["tina"]["id_acc"] == pytest.approx(report["tina"]["id_acc"])
     assert again["setup_s"] < report["setup_s"]
@@ -92,7 +92,7 @@ def test_bench_reuses_the_cache_and_writes_bench_json(report, cache, tmp_path):
 def test_generate_cli_writes_a_loadable_classifier(report, cache, tmp_path, capsys):
     out = tmp_path / "model.safetensors"
     names = "red solid circle, blue striped square and green dotted triangle"
-    rc = generate.main([f"a model for: {names}", "--out", str(out), *TINY, f"cache_dir={cache}"])
+    rc = generate.main([f"text=a model for: {names}", f"out={out}", *TINY, f"cache_dir={cache}"])
     assert rc == 0 and out.exists()
     assert "load_classifier" in capsys.readouterr().out
     model = generate.load_classifier(out)

@@ -1,4 +1,4 @@
-"""`python -m fedtina.generate` on bad input: every check runs before the assets are built (build_assets is replaced
+"""`python -m fedtina.generate text=... out=...` on bad input: every check runs before the assets are built (build_assets is replaced
 by a failure here), ends in one `error:` line and exit code 2; and the loaded classifier's input checks (dtype,
 range, shape). Fast: a tiny untrained backbone, no assets. The happy path is in tests/test_end_to_end.py."""
 
@@ -27,8 +27,8 @@ def no_build(monkeypatch):
     monkeypatch.setattr(generate, "build_assets", lambda *a, **k: pytest.fail("build_assets ran on bad input"))
 
 
-def _main(capsys, *argv: str) -> tuple[int, list[str]]:
-    rc = generate.main(list(argv))
+def _main(capsys, text: str, out, *overrides: str) -> tuple[int, list[str]]:
+    rc = generate.main([f"text={text}", f"out={out}", *overrides])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     return rc, err
 
@@ -38,25 +38,25 @@ def _main(capsys, *argv: str) -> tuple[int, list[str]]:
 
 
 def test_out_onto_a_directory(tmp_path, capsys, no_build):
-    rc, err = _main(capsys, "maple tree, oak tree", "--out", str(tmp_path), f"cache_dir={tmp_path}")
+    rc, err = _main(capsys, "maple tree, oak tree", tmp_path, f"cache_dir={tmp_path}")
     assert rc == 2 and len(err) == 1
-    assert err[0] == (f"error: --out {tmp_path} is a directory; give a file name, e.g. "
-                      f"--out {tmp_path}/model.safetensors")
+    assert err[0] == (f"error: out={tmp_path} is a directory; give a file name, e.g. "
+                      f"out={tmp_path}/model.safetensors")
 
 
 def test_out_below_a_file(tmp_path, capsys, no_build):
     (tmp_path / "notes.txt").write_text("x")
     out = tmp_path / "notes.txt" / "sub" / "model.safetensors"
-    rc, err = _main(capsys, "maple tree, oak tree", "--out", str(out), f"cache_dir={tmp_path}")
+    rc, err = _main(capsys, "maple tree, oak tree", out, f"cache_dir={tmp_path}")
     assert rc == 2 and len(err) == 1 and f"{tmp_path / 'notes.txt'} is a file, not a directory" in err[0]
     assert (tmp_path / "notes.txt").read_text() == "x"
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc: a directory nobody can write")
 def test_out_where_nothing_can_be_written(tmp_path, capsys, no_build):
-    rc, err = _main(capsys, "maple tree, oak tree", "--out", "/proc/model.safetensors", f"cache_dir={tmp_path}")
+    rc, err = _main(capsys, "maple tree, oak tree", "/proc/model.safetensors", f"cache_dir={tmp_path}")
     assert rc == 2 and len(err) == 1
-    assert err[0].startswith("error: --out /proc/model.safetensors: cannot write in /proc")
+    assert err[0].startswith("error: out=/proc/model.safetensors: cannot write in /proc")
 
 
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes into read-only directories")
@@ -65,7 +65,7 @@ def test_out_in_a_read_only_directory(tmp_path, capsys, no_build):
     ro.mkdir()
     ro.chmod(0o555)
     try:
-        rc, err = _main(capsys, "maple tree, oak tree", "--out", str(ro / "m.safetensors"), f"cache_dir={tmp_path}")
+        rc, err = _main(capsys, "maple tree, oak tree", ro / "m.safetensors", f"cache_dir={tmp_path}")
     finally:
         ro.chmod(0o755)
     assert rc == 2 and len(err) == 1 and "cannot write in" in err[0]
@@ -84,7 +84,7 @@ def test_out_path_that_can_be_created_passes_and_creates_nothing(tmp_path):
 
 def test_one_class_is_not_a_classifier(tmp_path, capsys, no_build):
     out = tmp_path / "m.safetensors"
-    rc, err = _main(capsys, "a one-class classifier", "--out", str(out), f"cache_dir={tmp_path}")
+    rc, err = _main(capsys, "a one-class classifier", out, f"cache_dir={tmp_path}")
     assert rc == 2 and len(err) == 1
     assert "a classifier needs at least 2 classes; the description names 1 ('a one-class classifier')" in err[0]
     assert not out.exists()
@@ -94,10 +94,10 @@ def test_one_class_is_not_a_classifier(tmp_path, capsys, no_build):
 
 def test_duplicates_and_too_many_classes_fail_before_the_assets(tmp_path, capsys, no_build):
     out = str(tmp_path / "m.safetensors")
-    rc, err = _main(capsys, "tractor, tractor", "--out", out, f"cache_dir={tmp_path}")
+    rc, err = _main(capsys, "tractor, tractor", out, f"cache_dir={tmp_path}")
     assert rc == 2 and "duplicated class names ['tractor']" in err[0]
     small = ["tina.max_classes=8", "zoo.k_min=5", "zoo.k_max=5", f"cache_dir={tmp_path}"]
-    rc, err = _main(capsys, ", ".join(f"class {i}" for i in range(9)), "--out", out, *small)
+    rc, err = _main(capsys, ", ".join(f"class {i}" for i in range(9)), out, *small)
     assert rc == 2 and "9 classes, more than tina.max_classes=8" in err[0]
     check_label_set(["a", "b"], 2)
 
@@ -110,18 +110,18 @@ def test_duplicates_and_too_many_classes_fail_before_the_assets(tmp_path, capsys
     ("clients=3", "Could not override 'clients'"),          # Hydra's own error, in one line
 ])
 def test_bad_config_is_one_line(tmp_path, capsys, no_build, override, match):
-    rc, err = _main(capsys, "maple tree, oak tree", "--out", str(tmp_path / "m.safetensors"), override,
+    rc, err = _main(capsys, "maple tree, oak tree", tmp_path / "m.safetensors", override,
                     f"cache_dir={tmp_path}")
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and match in err[0], err
 
 
 def test_cli_onto_a_directory_exits_2_without_a_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "fedtina.generate", "maple tree, oak tree", "--out", str(tmp_path),
+    proc = subprocess.run([sys.executable, "-m", "fedtina.generate", "text=maple tree, oak tree", f"out={tmp_path}",
                            f"cache_dir={tmp_path / 'cache'}"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert proc.stderr.strip().splitlines() == [f"error: --out {tmp_path} is a directory; give a file name, e.g. "
-                                                f"--out {tmp_path}/model.safetensors"]
+    assert proc.stderr.strip().splitlines() == [f"error: out={tmp_path} is a directory; give a file name, e.g. "
+                                                f"out={tmp_path}/model.safetensors"]
     assert not (tmp_path / "cache").exists()
 
 
@@ -178,3 +178,22 @@ def test_as_images_keeps_uint8_as_is(images):
     x = as_images(images)
     assert x.dtype == torch.uint8 and x.shape == (4, 32, 32, 3)
     assert as_images(images[:0]).shape == (0, 32, 32, 3)  # an empty batch is not an error
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the command line: key=value, with `text` and `out` taken literally
+
+
+def test_text_and_out_are_taken_literally(tmp_path):
+    text = "a model for: o'hare, back\\slash and \"quoted\", x\\"
+    cfg = generate._compose([f"text={text}", f"out={tmp_path}/my model, v1.safetensors", "seed=3"])
+    assert cfg["text"] == text and cfg["out"] == f"{tmp_path}/my model, v1.safetensors" and cfg["seed"] == 3
+    assert generate._compose(["text='x, y'"])["text"] == "x, y"     # already quoted for Hydra: as written
+    assert generate.literal("dataset=shapes") == "dataset=shapes"   # any other override as written
+
+
+def test_missing_text_is_one_line(tmp_path, capsys, no_build):
+    rc = generate.main([f"out={tmp_path / 'm.safetensors'}", f"cache_dir={tmp_path}"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and err == ['error: text= is missing: describe the classes, e.g. text="maple tree, oak tree, '
+                               'tractor"']

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from fedtina.config import core_config, from_dict
 from fedtina.errors import FedtinaError
-from fedtina.experiments import gpu_check
+from fedtina.experiments import gpu_check, harness
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,7 +58,7 @@ def test_cuda_without_a_device_is_one_line(monkeypatch, tmp_path):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(FedtinaError) as err:
-        gpu_check.run(composed("gpu_check", "simulation=false"), tmp_path)
+        harness.execute("gpu_check", composed("gpu_check", "simulation=false"), tmp_path)
     assert str(err.value) == ("device=cuda: no CUDA device here (torch.cuda.is_available() is False); run with "
                               "device=cpu for the CPU column")
 

@@ -188,10 +188,9 @@ def test_tina_bank_serves_uploaded_rows_over_generated_ones(tiny, tmp_path):
     """method.tina.bank: a class that no prepared zoo head holds but some accepted upload did is served by the
     uploads' mean row, every other class by Tina's generated row; the bank is rebuilt from the run zoo's `client:`
     entries (what a resumed run has)."""
-    from types import SimpleNamespace
-
     from fedtina.zoo.heads import Head
-    from fedtina.methods.tina import TinaOptions, generate, uploaded_rows
+    from fedtina.server.gate import HeadCheckConfig
+    from fedtina.tina.service import TinaService, uploaded_rows
     from fedtina.zoo.store import ZooEntry, ZooStore
 
     _, assets = tiny
@@ -208,12 +207,12 @@ def test_tina_bank_serves_uploaded_rows_over_generated_ones(tiny, tmp_path):
         bank = uploaded_rows(zoo)
     assert (bank.count(a), bank.count(b), bank.count(c)) == (2, 0, 1)
 
-    fed = SimpleNamespace(tina=assets.tina, spec=SimpleNamespace(stop=SimpleNamespace(check=lambda: None)),
-                          server_record=lambda *args, **kw: None)
-    clients = [SimpleNamespace(node_id=7, names=(b, a), shots=None), SimpleNamespace(node_id=3, names=(b,), shots=None)]
-    plain = generate(fed, clients, 1, TinaOptions())
-    banked = generate(fed, clients, 1, TinaOptions(), bank)
-    assert list(banked) == [7, 3]                                                  # the clients' order
+    def service(bank):
+        return TinaService(assets.tina, assets, None, None, HeadCheckConfig(), 1.0, bank=bank)
+
+    plain = dict(zip((7, 3), service(None).serve([(b, a), (b,)])))
+    banked = dict(zip((7, 3), service(bank).serve([(b, a), (b,)])))
+    assert [h.class_names for h in banked.values()] == [(b, a), (b,)]             # the clients' order
     np.testing.assert_allclose(banked[7].weight[1], (up1.weight[0] + up2.weight[0]) / 2, rtol=1e-6)
     np.testing.assert_allclose(banked[7].bias[1], (up1.bias[0] + up2.bias[0]) / 2, rtol=1e-6)
     np.testing.assert_array_equal(banked[7].weight[0], plain[7].weight[0])          # b: in the prepared zoo

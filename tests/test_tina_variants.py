@@ -114,17 +114,17 @@ def test_analyses_sample_steps_and_descriptions(tmp_path):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from fedtina.experiments import analyses
+    from fedtina.experiments import harness
     from test_end_to_end import CONFIGS, TINY
 
     def run(*overrides: str) -> dict:
         with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
             cfg = compose("analyses", overrides=[*TINY, f"cache_dir={tmp_path / 'cache'}", "bench.num_tasks=6",
                                                  "bench.k=5", "bench.ood_unseen=2", *overrides])
-        return analyses.main_from_dict(OmegaConf.to_container(cfg, resolve=True), tmp_path / "out")
+        return harness.execute("analyses", OmegaConf.to_container(cfg, resolve=True), tmp_path / "out").data
 
     steps = run("analysis=sample_steps", "analysis.values=[1,10]")
-    doc = json.loads((tmp_path / "out" / "analysis.json").read_text())
+    doc = json.loads((tmp_path / "out" / "analyses.json").read_text())
     assert doc["values"] == ["1", "10"] and (tmp_path / "out" / "sample_steps.png").exists()
     one, ten = (steps["points"][v]["rows"] for v in ("1", "10"))
     for rows in (one, ten):
@@ -189,8 +189,8 @@ def test_clip_image_prompts_through_the_pipeline(tmp_path, monkeypatch):
     sys.path.insert(0, str(Path(__file__).parent))
     from fedtina.features import text
     from fedtina.assets import build_assets
-    from fedtina.experiments.shots import shot_rows
-    from fedtina.experiments.bench import sample_task_sets, selection_heads, task_data
+    from fedtina.tina.shots import shot_rows
+    from fedtina.zoo.tasks import sample_task_sets, selection_heads, task_data
     from fedtina.config import BenchConfig, CoreConfig, from_dict
     from fedtina.validate import validate_core_config
     from simkit import compose

@@ -6,7 +6,7 @@
     python -m fedtina.experiments.analyses analysis=sample_steps   # DDIM steps at generation (one Tina)
     python -m fedtina.experiments.analyses analysis=descriptions   # prompts that are sentences: Tina trained on names / a mix
 
-Each point is scored on the benchmark's ID and OOD task sets (`fedtina.experiments.bench`, 100 tasks each, seeded) by the rows
+Each point is scored on the benchmark's ID and OOD task sets (fedtina/zoo/tasks.py, 100 tasks each, seeded) by the rows
 that could explain a result away: `selection` (generic rows), `retrieval` (the zoo's rows of the nearest-named
 class), `tina` and `oracle` (fine-tuned on every zoo-part image of the task). Each axis's values are in
 configs/analysis/<name>.yaml; `analysis.values=[...]` overrides them.
@@ -16,20 +16,21 @@ The descriptions analysis needs `dataset.descriptions` (the embedded data's gene
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from pathlib import Path
 
-
 from fedtina.assets import Assets, build_assets
-from fedtina.experiments.bench import BenchTask, sample_task_sets, score, selection_heads, task_data
-from fedtina.experiments.baselines import TextBaselines
-from fedtina.config import AnalysisConfig, BenchConfig, CoreConfig, from_dict
+from fedtina.config import AnalysisConfig, BenchConfig, CoreConfig, core_config, from_dict
 from fedtina.data.descriptions import as_text_prompt, load_descriptions
 from fedtina.errors import FedtinaError
-from fedtina.zoo.heads import Head, oracle_heads, selection_head, generic_rows
+from fedtina.experiments.harness import Result
 from fedtina.tina.generator import TinaGenerator
+from fedtina.zoo.baselines import TextBaselines
+from fedtina.zoo.heads import Head, generic_rows, oracle_heads, selection_head
+from fedtina.zoo.tasks import BenchTask, sample_task_sets, score, selection_heads, task_data
+
+ASSETS = None   # every point builds its own (a cached zoo and Tina per value)
 
 log = logging.getLogger("fedtina.experiments.analyses")
 
@@ -95,15 +96,22 @@ def _core_for(core: CoreConfig, bench: BenchConfig, name: str, value) -> tuple[C
     return core, bench
 
 
-def run_analysis(core: CoreConfig, bench: BenchConfig, cfg: AnalysisConfig) -> dict:
-    if cfg.name not in AXES:
-        raise FedtinaError(f"unknown analysis {cfg.name!r}; valid: {', '.join(AXES)}")
-    values = list(cfg.values)
-    if not values:
-        raise FedtinaError(f"analysis={cfg.name}: analysis.values is empty")
-    if cfg.name == "descriptions" and not core.dataset.descriptions:
+def check(cfg: dict) -> None:
+    from fedtina.validate import validate_core_config
+
+    validate_core_config(cfg)
+    analysis, core = from_dict(AnalysisConfig, cfg.get("analysis")), core_config(cfg)
+    if analysis.name not in AXES:
+        raise FedtinaError(f"unknown analysis {analysis.name!r}; valid: {', '.join(AXES)}")
+    if not list(analysis.values):
+        raise FedtinaError(f"analysis={analysis.name}: analysis.values is empty")
+    if analysis.name == "descriptions" and not core.dataset.descriptions:
         raise FedtinaError("analysis=descriptions needs dataset.descriptions ('generated' for shapes, or a file of "
                            "'name<TAB>sentence' lines)")
+
+
+def run_analysis(core: CoreConfig, bench: BenchConfig, cfg: AnalysisConfig) -> dict:
+    values = list(cfg.values)
     points, baselines = {}, {}   # baselines: per (zoo, task sets), shared by the points that only change Tina
     for value in values:
         t0 = time.perf_counter()
@@ -173,7 +181,7 @@ def format_analysis(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_analysis(path: Path, result: dict, title: str) -> Path:
+def plot_analysis(path: Path, result: dict) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -185,7 +193,7 @@ def plot_analysis(path: Path, result: dict, title: str) -> Path:
         for row in rows:
             ys = [100 * result["points"][v]["rows"][row][f"{set_name}_acc"] for v in values]
             ax.plot(values, ys, marker="o", label=row)
-        ax.set_title(f"{title}: {set_name.upper()} tasks")
+        ax.set_title(f"{result['dataset']}: {set_name.upper()} tasks")
         ax.set_xlabel(result["analysis"])
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test accuracy (%)")
@@ -196,27 +204,13 @@ def plot_analysis(path: Path, result: dict, title: str) -> Path:
     return path
 
 
-def main_from_dict(cfg: dict, out_dir: Path) -> dict:
-    from fedtina.validate import validate_core_config
-
-    validate_core_config({k: v for k, v in cfg.items() if k not in ("bench", "analysis")})
-    core = from_dict(CoreConfig, {k: v for k, v in cfg.items() if k not in ("bench", "analysis")})
-    bench = from_dict(BenchConfig, cfg.get("bench"))
+def run(cfg: dict, assets: None, out_dir: Path) -> Result:
+    core, bench = core_config(cfg), from_dict(BenchConfig, cfg.get("bench"))
     analysis = from_dict(AnalysisConfig, cfg.get("analysis"))
-    t0 = time.perf_counter()
-    result = run_analysis(core, bench, analysis)
-    result.update(dataset=core.dataset.name, seconds=time.perf_counter() - t0,
-                  config={"core": dataclasses.asdict(core), "bench": dataclasses.asdict(bench),
-                          "analysis": dataclasses.asdict(analysis)})
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "analysis.json").write_text(json.dumps(result, indent=2, default=str))
-    plot_analysis(out_dir / f"{analysis.name}.png", result, core.dataset.name)
-    print(format_analysis(result))
-    print(f"{time.perf_counter() - t0:.0f} s; results in {out_dir / 'analysis.json'}")
-    return result
+    result = {"dataset": core.dataset.name, **run_analysis(core, bench, analysis)}
+    return Result(result, format_analysis, {f"{analysis.name}.png": plot_analysis})
 
 
 if __name__ == "__main__":
-    from fedtina.experiments.harness import hydra_entry
-
-    hydra_entry("analyses", main_from_dict, log)
+    from fedtina.experiments import harness
+    harness.main(__spec__.name)

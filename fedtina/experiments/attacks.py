@@ -16,21 +16,23 @@ Before a refresh nothing changes for the probes: generation reads Tina's weights
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from pathlib import Path
 
 import numpy as np
 
-from fedtina.config import HeadTrainConfig, core_config, from_dict
-from fedtina.client import ops as client_ops
 from fedtina.adversary.attacks import Attack, check_attack, flip_pair, mislabel, poison_head, targeted_pair
-from fedtina.server.gate import HeadCheckConfig
+from fedtina.client import ops as client_ops
+from fedtina.config import HeadTrainConfig, from_dict
 from fedtina.data.partition import PartitionConfig
+from fedtina.experiments.harness import Result
+from fedtina.server.gate import HeadCheckConfig
+from fedtina.tina.offline import World, finetune, make_world, probe, serve
+from fedtina.tina.service import Upload
 from fedtina.zoo.heads import accuracy
-from fedtina.tina.service import Upload, World, finetune, gate, make_world, probe, refreshed, serve
 
+ASSETS = "simulate"
 log = logging.getLogger("fedtina.experiments.attacks")
 MALFORMED = ("nan", "huge", "shape")   # only the gate's verdict: a NaN or misshapen head cannot enter a zoo at all
 
@@ -80,8 +82,7 @@ def play(world: World, row: AttackRow, share: float, sent, honest, ft: HeadTrain
     n_bad = max(1, int(round((row.share if row.share is not None else share) * len(contributors))))
     bad_ids = sorted(rng.choice(contributors, size=n_bad, replace=False).tolist())
     bad_set = set(bad_ids)
-    ups = [Upload(i, world.data[i].class_names, world.data[i].class_ids, sent[i], honest[i])
-           for i in contributors if i not in bad_set]
+    ups = [world.upload(i, sent[i], honest[i]) for i in contributors if i not in bad_set]
     if row.collude:
         more, attacked = _collusion(world, bad_ids, sent, honest)
         return ups + more, attacked
@@ -94,30 +95,29 @@ def play(world: World, row: AttackRow, share: float, sent, honest, ft: HeadTrain
             head = client_ops.finetune_local(sent[i], wrong, ft, device="cpu")
         else:
             head = poison_head(honest[i], attack, i)
-        ups.append(Upload(i, data.class_names, data.class_ids, sent[i], head, bad=True))
+        ups.append(world.upload(i, sent[i], head, bad=True))
         attacked |= _attacked(row.kind, data.class_names, i)
     return ups, attacked
 
 
 def run_seed(assets, cfg: dict, seed: int) -> dict:
     part = from_dict(PartitionConfig, {**cfg["partition"], "seed": seed})
-    world = make_world(assets, int(cfg["clients"]), part, from_dict(HeadCheckConfig, cfg["checks"]))
+    world = make_world(assets, int(cfg["clients"]), part)
+    service = world.service(from_dict(HeadCheckConfig, cfg["checks"]))
     ft = from_dict(HeadTrainConfig, cfg["head_ft"])
     steps = int(cfg["refresh_steps"])
-    tina = assets.tina
     t0 = time.perf_counter()
-    sent = serve(tina, world, world.contributors, seed)
+    sent = serve(service, world, world.contributors, seed)
     honest = finetune(world, sent, ft)
-    base = [Upload(i, world.data[i].class_names, world.data[i].class_ids, sent[i], honest[i])
-            for i in world.contributors]
-    verdicts = gate(world, base)
+    base = [world.upload(i, sent[i], honest[i]) for i in world.contributors]
+    verdicts = service.gate(base)
     accepted = [u for u, v in zip(base, verdicts) if v.accepted]
-    clean = probe(refreshed(tina, world, accepted, steps), world)
+    clean = probe(service.refreshed(steps, accepted), world)
     # the noise floor: the same honest refresh with other batches
-    reseeded = probe(refreshed(tina, world, accepted, steps, seed=tina.cfg.seed + 1), world)
-    before = probe(tina, world)
-    selection = float(np.mean([accuracy(world.selection(world.data[p].class_names), world.data[p].test_x,
-                                        world.data[p].test_y) for p in world.probes]))
+    reseeded = probe(service.refreshed(steps, accepted, seed=service.tina.cfg.seed + 1), world)
+    before = probe(service, world)
+    selection = float(np.mean([accuracy(service.reference.selection(world.data[p].class_names),
+                                        world.data[p].test_x, world.data[p].test_y) for p in world.probes]))
     out = {"seed": seed, "probes": len(world.probes), "contributors": len(world.contributors),
            "honest_refused": float(np.mean([not v.accepted for v in verdicts])),
            "before_refresh": before.acc, "after_clean_refresh": clean.acc, "selection": selection,
@@ -129,7 +129,7 @@ def run_seed(assets, cfg: dict, seed: int) -> dict:
         t1 = time.perf_counter()
         rng = np.random.default_rng([seed, i])
         ups, attacked = play(world, row, float(cfg["share"]), sent, honest, ft, rng)
-        verdicts = gate(world, ups)
+        verdicts = service.gate(ups)
         bad = [v for u, v in zip(ups, verdicts) if u.bad]
         good = [v for u, v in zip(ups, verdicts) if not u.bad]
         rec = {"attackers": len(bad), "detected": float(np.mean([not v.accepted for v in bad])),
@@ -140,7 +140,7 @@ def run_seed(assets, cfg: dict, seed: int) -> dict:
         if row.kind not in MALFORMED:
             admitted["no_gate"] = ups
         for name, accepted in admitted.items():
-            scores = probe(refreshed(tina, world, accepted, steps), world)
+            scores = probe(service.refreshed(steps, accepted), world)
             rec[f"{name}_acc_delta"] = scores.acc - clean.acc
             rec[f"{name}_class_delta"] = scores.class_recall(attacked) - ref
         out["rows"][row.label] = rec
@@ -186,30 +186,18 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main_from_dict(cfg: dict, out_dir: Path) -> dict:
-    from fedtina.assets import build_assets
-    from fedtina.validate import validate_simulate_config
-
-    validate_simulate_config(cfg)
+def check(cfg: dict) -> None:
     for r in cfg["attacks"]:
         row = from_dict(AttackRow, r)
         check_attack(Attack(row.kind, share=row.mislabel))
-    t0 = time.perf_counter()
-    core = core_config(cfg)
-    assets = build_assets(core, log=log.info)
-    result = {"dataset": core.dataset.name, "refresh_steps": int(cfg["refresh_steps"]),
+
+
+def run(cfg: dict, assets, out_dir: Path) -> Result:
+    result = {"dataset": assets.dataset.name, "refresh_steps": int(cfg["refresh_steps"]),
               "seeds": [run_seed(assets, cfg, int(s)) for s in cfg["seeds"]]}
-    result["seconds"] = time.perf_counter() - t0
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "attacks.json").write_text(json.dumps(result, indent=2, default=str))
-    table = format_table(result)
-    (out_dir / "attacks.md").write_text(table + "\n")
-    print(table)
-    print(f"{result['seconds']:.0f} s; results in {out_dir}")
-    return result
+    return Result(result, format_table)
 
 
 if __name__ == "__main__":
-    from fedtina.experiments.harness import hydra_entry
-
-    hydra_entry("attacks", main_from_dict, log)
+    from fedtina.experiments import harness
+    harness.main(__spec__.name)

@@ -11,71 +11,27 @@ Task sets: ID = new subsets of seen classes (none identical to a zoo task); OOD 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from fedtina.assets import Assets, build_assets
-from fedtina.experiments.baselines import TextBaselines, novelty, wrong_names
-from fedtina.experiments.shots import format_shots, plot_shots, run_shots
-from fedtina.config import BenchConfig, CoreConfig, HeadTrainConfig, from_dict
-from fedtina.zoo.heads import (Head, accuracy, finetune_heads, generic_rows, oracle_heads, selection_head,
-                           train_scratch_heads)
-from fedtina.data.split import sample_ood_tasks, sample_tasks
+from fedtina.assets import Assets
+from fedtina.config import BenchConfig, HeadTrainConfig, from_dict
+from fedtina.experiments.harness import Result
 from fedtina.tina.generator import TinaGenerator
+from fedtina.tina.shots import SHOT_ROWS, check_shots, run_shots
+from fedtina.zoo.baselines import TextBaselines, novelty, wrong_names
+from fedtina.zoo.heads import Head, accuracy, finetune_heads, oracle_heads, train_scratch_heads
+from fedtina.zoo.tasks import BenchTask, sample_task_sets, score, selection_heads, task_data
 
+ASSETS = "core"
 log = logging.getLogger("fedtina.experiments.bench")
 
 ROWS = ("selection", "ridge", "soft_selection", "retrieval", "tina", "tina_regress", "tina_best_of_n",
         "tina_mean_of_n", "tina_wrong_names", "tina_ft", "oracle", "scratch")
-
-
-@dataclass
-class BenchTask:
-    """One personalization task: its classes and their zoo-part (train) and test-part features; ``train_p``: the
-    zoo-part images' features for image prompts (the backbone's, or CLIP's: encoder.image_prompts)."""
-
-    class_ids: tuple[int, ...]
-    class_names: tuple[str, ...]
-    train_x: np.ndarray
-    train_y: np.ndarray
-    test_x: np.ndarray
-    test_y: np.ndarray
-    train_p: np.ndarray
-
-
-def task_data(assets: Assets, class_ids: tuple[int, ...]) -> BenchTask:
-    labels, feats = assets.dataset.labels, assets.bank.features
-    pos = {c: i for i, c in enumerate(class_ids)}
-
-    def part(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        idx = idx[np.isin(labels[idx], class_ids)]
-        return feats[idx], np.array([pos[c] for c in labels[idx]], dtype=np.int64), idx
-
-    names = tuple(assets.dataset.class_names[c] for c in class_ids)
-    train_x, train_y, train_idx = part(assets.split.zoo_idx)
-    test_x, test_y, _ = part(assets.split.test_idx)
-    return BenchTask(class_ids, names, train_x, train_y, test_x, test_y, assets.prompt_features[train_idx])
-
-
-def sample_task_sets(assets: Assets, cfg: BenchConfig) -> dict[str, list[tuple[int, ...]]]:
-    """ID tasks exclude every zoo task; OOD tasks hold `ood_unseen` unseen classes each."""
-    rng = np.random.default_rng(cfg.seed)
-    name_to_id = {n: i for i, n in enumerate(assets.dataset.class_names)}
-    zoo_sets = {frozenset(name_to_id[n] for n in e.class_names) for e in assets.zoo.entries()}
-    id_tasks = sample_tasks(assets.split.seen, cfg.num_tasks, cfg.k, cfg.k, rng, exclude=zoo_sets)
-    ood_tasks = sample_ood_tasks(assets.split.seen, assets.split.unseen, cfg.num_tasks, cfg.k, cfg.ood_unseen, rng)
-    return {"id": id_tasks, "ood": ood_tasks}
-
-
-def selection_heads(assets: Assets, tasks: list[BenchTask]) -> list[Head]:
-    rows = generic_rows(assets.bank, assets.dataset.class_names)
-    return [selection_head(t.class_names, rows, assets.encoder.embed_names) for t in tasks]
 
 
 def personalize(assets: Assets, tasks: list[BenchTask], cfg: BenchConfig,
@@ -127,10 +83,6 @@ def samples_of_tina(assets: Assets, tasks: list[BenchTask], n: int, pick: str) -
     return out
 
 
-def score(heads: list[Head], tasks: list[BenchTask]) -> np.ndarray:
-    return np.array([accuracy(h, t.test_x, t.test_y) for h, t in zip(heads, tasks)])
-
-
 def run_bench(assets: Assets, cfg: BenchConfig) -> dict:
     task_sets = sample_task_sets(assets, cfg)
     result: dict[str, dict] = {row: {} for row in ROWS}
@@ -153,7 +105,7 @@ def run_bench(assets: Assets, cfg: BenchConfig) -> dict:
     result["novelty"] = novelty(assets, tasks_by_set["id"], heads_by_set["id"]["tina"][0],
                                 heads_by_set["id"]["selection"][0], assets.cfg.zoo.finetune, cfg.seed)
     if cfg.shots:
-        result["shots"] = run_shots(assets, tasks_by_set, cfg, heads_by_set, score)
+        result["shots"] = run_shots(assets, tasks_by_set, cfg, heads_by_set)
     return result
 
 
@@ -185,33 +137,64 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main_from_dict(cfg: dict, out_dir: Path) -> dict:
-    from fedtina.validate import validate_core_config
+def format_shots(shots: dict[str, dict[str, dict[str, float]]]) -> str:
+    """The shots axis: accuracy (%) per row and n, ID and OOD side by side."""
+    ns = list(shots)
+    rows = list(dict.fromkeys(r for n in ns for r in shots[n]))
+    lines = []
+    for set_name in ("id", "ood"):
+        lines.append(f"{set_name.upper():<14}" + "".join(f"{'n=' + n:>14}" for n in ns))
+        for row in rows:
+            cells = [f"{100 * shots[n][row][f'{set_name}_acc']:.1f} ± {100 * shots[n][row][f'{set_name}_std']:.1f}"
+                     if row in shots[n] else "" for n in ns]
+            lines.append(f"{row:<14}" + "".join(f"{c:>14}" for c in cells))
+    return "\n".join(lines)
 
-    validate_core_config(cfg)   # before the build: a bad value fails in a second, naming its key
-    core = from_dict(CoreConfig, {k: v for k, v in cfg.items() if k != "bench"})
-    bench_cfg = from_dict(BenchConfig, cfg.get("bench"))
-    t0 = time.perf_counter()
-    assets = build_assets(core, log=log.info)
-    setup_s = time.perf_counter() - t0
-    result = run_bench(assets, bench_cfg)
-    report = {"dataset": assets.dataset.name, "encoder": assets.encoder.id, "num_tasks": bench_cfg.num_tasks,
-              "k": bench_cfg.k, "setup_s": setup_s, "timings": assets.timings,
-              "id_gain_captured": gain_captured(result, "id"), **result,
+
+def format_report(report: dict) -> str:
+    return format_table(report) + (f"\n{format_shots(report['shots'])}" if "shots" in report else "")
+
+
+def plot_shots(path: Path, report: dict) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shots = report["shots"]
+    ns = [n for n in shots if n != "0"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, set_name in zip(axes, ("id", "ood")):
+        for row in SHOT_ROWS:
+            ax.plot(ns, [100 * shots[n][row][f"{set_name}_acc"] for n in ns], marker="o", label=row)
+        for row, style in (("selection", ":"), ("tina", "--")):
+            ax.axhline(100 * shots["0"][row][f"{set_name}_acc"], ls=style, color="gray", label=f"{row} (n=0)")
+        if "oracle" in shots.get("all", {}):
+            ax.axhline(100 * shots["all"]["oracle"][f"{set_name}_acc"], ls="-.", color="black", label="oracle")
+        ax.set_title(f"{report['dataset']}: {set_name.upper()} tasks")
+        ax.set_xlabel("labelled images per class (n)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test accuracy (%)")
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def check(cfg: dict) -> None:
+    check_shots(list(from_dict(BenchConfig, cfg.get("bench")).shots))
+
+
+def run(cfg: dict, assets: Assets, out_dir: Path) -> Result:
+    bench = from_dict(BenchConfig, cfg.get("bench"))
+    result = run_bench(assets, bench)
+    report = {"dataset": assets.dataset.name, "encoder": assets.encoder.id, "num_tasks": bench.num_tasks,
+              "timings": assets.timings, "id_gain_captured": gain_captured(result, "id"), **result,
               "seen_classes": [assets.dataset.class_names[c] for c in assets.split.seen],   # the backbone's classes
-              "unseen_classes": [assets.dataset.class_names[c] for c in assets.split.unseen],
-              "config": {"core": asdict(core), "bench": asdict(bench_cfg)}}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench.json").write_text(json.dumps(report, indent=2, default=str))
-    print(format_table(result))
-    if "shots" in result:
-        print(format_shots(result["shots"]))
-        plot_shots(out_dir / "shots.png", result["shots"], assets.dataset.name)
-    print(f"setup {setup_s:.1f} s; results in {out_dir / 'bench.json'}")
-    return report
+              "unseen_classes": [assets.dataset.class_names[c] for c in assets.split.unseen]}
+    return Result(report, format_report, {"shots.png": plot_shots} if "shots" in result else {})
 
 
 if __name__ == "__main__":
-    from fedtina.experiments.harness import hydra_entry
-
-    hydra_entry("bench", main_from_dict, log)
+    from fedtina.experiments import harness
+    harness.main(__spec__.name)

@@ -12,8 +12,8 @@ Stages (warm cache): one epoch of the generic ResNet-20, feature extraction of t
 the default Tina (as the cache trains it: image prompts, descriptions if configured), head generation by the cached
 Tina, the same two for an untrained large Tina (`large`), one client's local training of the image model
 (FedAvg-of-the-model's client step), then `python -m fedtina.simulate clients=1000` with `resources=gpu` (every actor
-an even share of the GPUs) or `resources=cpu`. Prints one table (also gpu_check.md in the Hydra run dir); nothing is
-written to the cache.
+an even share of the GPUs) or `resources=cpu`. Prints one table (also gpu_check.md and .json in the Hydra run dir);
+nothing is written to the cache.
 """
 
 from __future__ import annotations
@@ -151,41 +151,55 @@ def simulation(device: str, clients: int, overrides: list[str]) -> Stage:
     return Stage(f"simulate clients={clients} ({resources})", wall, clients, "clients")
 
 
-def run(cfg: dict, out_dir: Path, overrides: list[str] = ()) -> str:
-    """The check of a composed gpu_check config; returns (and prints, and writes to gpu_check.md) the table.
-    `overrides`: the core overrides the simulation stage passes on."""
+ASSETS = "core"   # the harness validates the core config and builds (or loads) its cached assets
+
+
+def _options(cfg: dict) -> GpuCheckConfig:
+    from fedtina.config import from_dict
+
+    return from_dict(GpuCheckConfig, {k: cfg[k] for k in (f.name for f in dataclasses.fields(GpuCheckConfig))})
+
+
+def check(cfg: dict) -> None:
+    """A CUDA device asked for and none here: one line, before anything is built."""
     import torch
 
-    from fedtina.assets import build_assets
-    from fedtina.config import core_config, from_dict
-    from fedtina.validate import validate_core_config
-
-    check = from_dict(GpuCheckConfig, {k: cfg[k] for k in (f.name for f in dataclasses.fields(GpuCheckConfig))})
-    if check.device.startswith("cuda") and not torch.cuda.is_available():
-        raise FedtinaError(f"device={check.device}: no CUDA device here (torch.cuda.is_available() is False); "
+    device = _options(cfg).device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise FedtinaError(f"device={device}: no CUDA device here (torch.cuda.is_available() is False); "
                            f"run with device=cpu for the CPU column")
-    validate_core_config(cfg)   # before the build: a bad value fails in a second, naming its key
-    assets = build_assets(core_config(cfg), log=log.info)
-    rows = stages(assets, check.device, check.heads, check.tina_steps, check.large)
-    if check.simulation:
-        rows.append(simulation(check.device, check.clients, list(overrides)))
-    name = torch.cuda.get_device_name(check.device) if check.device.startswith("cuda") else "CPU"
-    table = "\n".join([f"device: {check.device} ({name}), torch {torch.__version__}, "
-                       f"{torch.get_num_threads()} CPU thread(s)",
-                       "| stage | seconds | throughput |", "|---|---|---|", *(r.row() for r in rows)])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "gpu_check.md").write_text(table + "\n")
-    print(table)
-    return table
 
 
-def main_from_dict(cfg: dict, out_dir: Path) -> str:
+def _command_overrides() -> list[str]:
+    """The command line's core overrides, for the simulation stage (none outside a Hydra command)."""
     from hydra.core.hydra_config import HydraConfig
 
-    return run(cfg, out_dir, core_overrides(list(HydraConfig.get().overrides.task)))
+    return core_overrides(list(HydraConfig.get().overrides.task)) if HydraConfig.initialized() else []
+
+
+def _table(data: dict) -> str:
+    return "\n".join([f"device: {data['device']} ({data['device_name']}), torch {data['torch']}, "
+                      f"{data['threads']} CPU thread(s)", "| stage | seconds | throughput |", "|---|---|---|",
+                      *(Stage(**r).row() for r in data["stages"])])
+
+
+def run(cfg: dict, assets, out_dir: Path):
+    """Every stage timed on the configured device (and the simulation, with `simulation`)."""
+    import torch
+
+    from fedtina.experiments.harness import Result
+
+    opts = _options(cfg)
+    rows = stages(assets, opts.device, opts.heads, opts.tina_steps, opts.large)
+    if opts.simulation:
+        rows.append(simulation(opts.device, opts.clients, _command_overrides()))
+    name = torch.cuda.get_device_name(opts.device) if opts.device.startswith("cuda") else "CPU"
+    data = {"device": opts.device, "device_name": name, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "stages": [dataclasses.asdict(r) for r in rows]}
+    return Result(data, _table)
 
 
 if __name__ == "__main__":
-    from fedtina.experiments.harness import hydra_entry
+    from fedtina.experiments import harness
 
-    hydra_entry("gpu_check", main_from_dict, log)
+    harness.main(__spec__.name)

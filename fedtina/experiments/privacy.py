@@ -2,7 +2,7 @@
 
     python -m fedtina.experiments.privacy ['noise=[0,0.5,1,2,4]'] ['seeds=[0,1,2]'] [clients=200]
 
-Zoo uploads (the upload loop of fedtina/tina/service.py, as in bench_attacks): every contributor's fine-tuned head is
+Zoo uploads (the Tina service's upload loop, fedtina/tina/service.py, as in the attacks experiment): every contributor's fine-tuned head is
 clipped and noised (fedtina/adversary/privacy.py; clip = the median norm of the honest heads' change, measured on
 the same contributors) before the gate; Tina is refreshed once on what the gate accepts; the probes are served
 zero-shot. FedAvg (one simulation per noise level, method.names=[fedavg]): Flower's client-side fixed clipping (clip
@@ -13,20 +13,26 @@ after its rounds (no amplification by sampling). Writes privacy.json, privacy.md
 
 from __future__ import annotations
 
-import copy
-import json
 import logging
 import time
 from pathlib import Path
 
 import numpy as np
 
-from fedtina.config import HeadTrainConfig, core_config, from_dict
-from fedtina.server.gate import HeadCheckConfig
-from fedtina.data.partition import PartitionConfig
 from fedtina.adversary.privacy import PrivacyConfig, clip_and_noise, fedavg_epsilon, upload_epsilon
-from fedtina.tina.service import Upload, finetune, gate, make_world, probe, refreshed, serve
+from fedtina.client import ops as client_ops
+from fedtina.config import HeadTrainConfig, from_dict
+from fedtina.data.partition import PartitionConfig
+from fedtina.errors import FedtinaError
+from fedtina.experiments.harness import Result
+from fedtina.methods.fedavg import FedAvgOptions
+from fedtina.runtime.variants import honest_scores, run_variant
+from fedtina.server.gate import HeadCheckConfig
+from fedtina.server.reference import ServerReference
+from fedtina.tina.offline import finetune, make_world, probe, serve
 
+ASSETS = "simulate"
+KEYS = ("noise", "seeds", "refresh_steps")   # this experiment's own; the rest is the simulation's config
 log = logging.getLogger("fedtina.experiments.privacy")
 
 
@@ -36,13 +42,13 @@ def delta_norm(sent, head) -> float:
 
 def uploads_seed(assets, cfg: dict, seed: int, noise: list[float]) -> dict:
     part = from_dict(PartitionConfig, {**cfg["partition"], "seed": seed})
-    world = make_world(assets, int(cfg["clients"]), part, from_dict(HeadCheckConfig, cfg["checks"]))
+    world = make_world(assets, int(cfg["clients"]), part)
+    service = world.service(from_dict(HeadCheckConfig, cfg["checks"]))
     ft, steps = from_dict(HeadTrainConfig, cfg["head_ft"]), int(cfg["refresh_steps"])
-    tina = assets.tina
-    sent = serve(tina, world, world.contributors, seed)
+    sent = serve(service, world, world.contributors, seed)
     honest = finetune(world, sent, ft)
     clip = float(np.median([delta_norm(sent[i], honest[i]) for i in world.contributors]))
-    before = probe(tina, world).acc
+    before = probe(service, world).acc
     out = {"seed": seed, "clip": clip, "before_refresh": before, "points": []}
     for sigma in [None, *noise]:   # None: uploads sent as they are
         t0 = time.perf_counter()
@@ -51,10 +57,10 @@ def uploads_seed(assets, cfg: dict, seed: int, noise: list[float]) -> dict:
             head = honest[i]
             if sigma is not None:
                 head = clip_and_noise(sent[i], head, clip, float(sigma), np.random.default_rng([seed, i, 7]))
-            ups.append(Upload(i, world.data[i].class_names, world.data[i].class_ids, sent[i], head))
-        verdicts = gate(world, ups)
+            ups.append(world.upload(i, sent[i], head))
+        verdicts = service.gate(ups)
         accepted = [u for u, v in zip(ups, verdicts) if v.accepted]
-        acc = probe(refreshed(tina, world, accepted, steps), world).acc
+        acc = probe(service.refreshed(steps, accepted), world).acc
         eps = upload_epsilon(PrivacyConfig(upload_clip=clip, upload_noise=float(sigma), delta=float(
             cfg["privacy"]["delta"]))) if sigma is not None else float("inf")
         out["points"].append({"noise": sigma, "accepted": len(accepted) / len(ups), "probe_acc": acc,
@@ -67,37 +73,23 @@ def uploads_seed(assets, cfg: dict, seed: int, noise: list[float]) -> dict:
 
 def fedavg_clip(assets, base: dict) -> float:
     """The median norm of the honest first-round FedAvg updates of the old clients (same local training)."""
-    from fedtina.client import ops as client_ops
-    from fedtina.data.partition import make_partition
-    from fedtina.zoo.heads import generic_rows, selection_head
-
-    opts = base["method"].get("fedavg") or {}
-    part = make_partition(assets.dataset, assets.split, int(base["clients"]),
-                          from_dict(PartitionConfig, base["partition"]))
-    names = tuple(assets.dataset.class_names)
-    init = selection_head(names, generic_rows(assets.bank, list(names)), assets.encoder.embed_names)
-    feats = np.asarray(assets.bank.features, np.float32)
+    opts = from_dict(FedAvgOptions, base["method"].get("fedavg"))
+    world = make_world(assets, int(base["clients"]), from_dict(PartitionConfig, base["partition"]))
+    init = ServerReference(assets, world.partition.server_val_idx).global_head()
     norms = []
-    for c in part.clients:
-        if c.is_new:
-            continue
-        w, b = client_ops.fedavg_local_train(init.weight, init.bias, client_ops.client_data(c, feats),
-                                             int(opts.get("epochs", 5)), float(opts.get("lr", 0.1)),
-                                             int(opts.get("batch_size", 32)))
+    for i in world.contributors:
+        w, b = client_ops.fedavg_local_train(init.weight, init.bias, world.data[i], opts.epochs, opts.lr,
+                                             opts.batch_size)
         norms.append(np.sqrt(((w - init.weight) ** 2).sum() + ((b - init.bias) ** 2).sum()))
     return float(np.median(norms))
 
 
 def fedavg_sweep(assets, base: dict, out_dir: Path, noise: list[float]) -> dict:
-    from fedtina.experiments.robust import honest_scores, run_cell
-
-    base = copy.deepcopy(base)
-    base["method"] = {**base["method"], "names": ["fedavg"]}
     clip = fedavg_clip(assets, base)
     points = []
     for sigma in [None, *noise]:
         privacy = {"fedavg_clip": clip if sigma is not None else 0.0, "fedavg_noise": float(sigma or 0.0)}
-        outcome = run_cell(base, out_dir / f"fedavg-noise-{sigma}", assets, privacy=privacy)
+        outcome = run_variant(base, out_dir / f"fedavg-noise-{sigma}", assets, privacy=privacy)
         scores = honest_scores(outcome, "fedavg", set())
         n_old = len(scores["old"])
         cfg = PrivacyConfig(**{**base["privacy"], **privacy})
@@ -133,6 +125,7 @@ def format_table(result: dict) -> str:
 
 
 def plot(path: Path, result: dict) -> Path:
+    """Later clients' accuracy against the noise multiplier: Tina after a refresh on private uploads, DP-FedAvg."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -164,33 +157,23 @@ def plot(path: Path, result: dict) -> Path:
     return path
 
 
-def main_from_dict(cfg: dict, out_dir: Path) -> dict:
-    from fedtina.assets import build_assets
-    from fedtina.errors import FedtinaError
-    from fedtina.validate import validate_simulate_config
+def check(cfg: dict) -> None:
+    if cfg["method"]["names"] != ["fedavg"]:
+        raise FedtinaError(f"method.names={cfg['method']['names']}: the privacy experiment's federation plays FedAvg "
+                           f"alone (method.names=[fedavg])")
+    noise = cfg["noise"]
+    if not isinstance(noise, list) or not noise or any(not isinstance(x, (int, float)) or x < 0 for x in noise):
+        raise FedtinaError(f"noise={noise}: need a list of noise multipliers >= 0")
 
-    base = {k: v for k, v in cfg.items() if k not in ("noise", "seeds", "refresh_steps")}
-    validate_simulate_config(base)
+
+def run(cfg: dict, assets, out_dir: Path) -> Result:
     noise = [float(x) for x in cfg["noise"]]
-    if not noise or any(x < 0 for x in noise):
-        raise FedtinaError(f"noise={cfg['noise']}: need a list of noise multipliers >= 0")
-    t0 = time.perf_counter()
-    assets = build_assets(core_config(base), log=log.info)
     result = {"dataset": assets.dataset.name, "delta": float(cfg["privacy"]["delta"]),
               "uploads": [uploads_seed(assets, cfg, int(s), noise) for s in cfg["seeds"]],
-              "fedavg": fedavg_sweep(assets, base, out_dir, noise)}
-    result["seconds"] = time.perf_counter() - t0
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "privacy.json").write_text(json.dumps(result, indent=2))
-    table = format_table(result)
-    (out_dir / "privacy.md").write_text(table + "\n")
-    plot(out_dir / "privacy.png", result)
-    print(table)
-    print(f"{result['seconds']:.0f} s; results in {out_dir}")
-    return result
+              "fedavg": fedavg_sweep(assets, {k: v for k, v in cfg.items() if k not in KEYS}, out_dir, noise)}
+    return Result(result, format_table, {"privacy.png": plot})
 
 
 if __name__ == "__main__":
-    from fedtina.experiments.harness import hydra_entry
-
-    hydra_entry("privacy", main_from_dict, log)
+    from fedtina.experiments import harness
+    harness.main(__spec__.name)

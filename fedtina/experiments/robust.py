@@ -12,49 +12,20 @@ in the table), a trimmed share beta = f / m (at least 0.1) for the trimmed mean.
 
 from __future__ import annotations
 
-import copy
-import json
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
 
+from fedtina.config import from_dict
+from fedtina.data.partition import PartitionConfig, make_partition, new_clients
 from fedtina.errors import FedtinaError
+from fedtina.experiments.harness import Result
+from fedtina.runtime.variants import client_accs, honest_scores, run_variant
 
+ASSETS = "simulate"
+KEYS = ("shares", "rules", "attacks")   # this experiment's own; the rest is the simulation's config
 log = logging.getLogger("fedtina.experiments.robust")
-
-
-def run_cell(base: dict, out_dir: Path, assets, **changes) -> object:
-    """One `fedtina.simulate` run of `base` (a resolved simulate config) with top-level sections updated by
-    `changes` ({"faults": {...}, "aggregation": {...}}), in this process (the assets are loaded once)."""
-    from fedtina.simulate import run
-
-    cfg = copy.deepcopy(base)
-    for key, value in changes.items():
-        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) else value
-    outcome = run(cfg, out_dir, assets=assets)
-    failed = {m: s for m, s in outcome.method_status.items() if s != "ok"}
-    if failed:
-        raise FedtinaError(f"{out_dir.name}: {failed}")
-    return outcome
-
-
-def client_accs(outcome, method: str) -> dict[str, dict[int, float]]:
-    """The last round's accuracy per client: {"old": {client id: acc}, "new": {...}}."""
-    last: dict[int, object] = {}
-    for r in outcome.results:
-        if r.method == method and r.status == "ok" and r.acc is not None:
-            if r.client_id not in last or r.round >= last[r.client_id].round:
-                last[r.client_id] = r
-    return {"old": {c: r.acc for c, r in last.items() if not r.is_new},
-            "new": {c: r.acc for c, r in last.items() if r.is_new}}
-
-
-def honest_scores(outcome, method: str, bad: set[int]) -> dict[str, list[float]]:
-    """The last round's accuracy of every honest old client and every new client."""
-    accs = client_accs(outcome, method)
-    return {"old": [a for c, a in accs["old"].items() if c not in bad], "new": list(accs["new"].values())}
 
 
 def rule_settings(rule: str, f: int, m: int) -> tuple[dict, str]:
@@ -70,17 +41,13 @@ def rule_settings(rule: str, f: int, m: int) -> tuple[dict, str]:
             "select": 0}, note
 
 
-def main_from_dict(cfg: dict, out_dir: Path) -> dict:
-    from fedtina.assets import build_assets
-    from fedtina.config import core_config, from_dict
-    from fedtina.server.aggregation import RULES
+def check(cfg: dict) -> None:
     from fedtina.adversary.attacks import UPDATE_ATTACKS
-    from fedtina.data.partition import PartitionConfig, new_clients
-    from fedtina.validate import validate_simulate_config
+    from fedtina.server.aggregation import RULES
 
-    base = {k: v for k, v in cfg.items() if k not in ("shares", "rules", "attacks")}
-    base["method"] = {**base["method"], "names": ["fedavg"]}
-    validate_simulate_config(base)
+    if cfg["method"]["names"] != ["fedavg"]:
+        raise FedtinaError(f"method.names={cfg['method']['names']}: the robust experiment plays FedAvg alone "
+                           f"(method.names=[fedavg])")
     unknown = [r for r in cfg["rules"] if r not in RULES]
     if unknown:
         raise FedtinaError(f"rules={unknown}: unknown; valid: {', '.join(RULES)}")
@@ -88,19 +55,20 @@ def main_from_dict(cfg: dict, out_dir: Path) -> dict:
         if a.get("kind") not in UPDATE_ATTACKS:
             raise FedtinaError(f"attacks: kind {a.get('kind')!r} is not an update attack; valid: "
                                f"{', '.join(UPDATE_ATTACKS)}")
-    t0 = time.perf_counter()
-    assets = build_assets(core_config(base), log=log.info)
+
+
+def run(cfg: dict, assets, out_dir: Path) -> Result:
+    base = {k: v for k, v in cfg.items() if k not in KEYS}
     n = int(base["clients"])
     part = from_dict(PartitionConfig, base["partition"])
-    n_new = new_clients(part, n)
-    is_new = _new_ids(assets, n, part)
+    is_new = {c.client_id for c in make_partition(assets.dataset, assets.split, n, part).clients if c.is_new}
     old = [i for i in range(n) if i not in is_new]
     m = max(1, int(round(float(base.get("fraction_train", 1.0)) * len(old))))
     cells = []
     clean = None   # FedAvg without attackers, per client: the baseline of every row, on that row's honest clients
     for rule in cfg["rules"]:
         agg, note = rule_settings(rule, 0, m)
-        out = run_cell(base, out_dir / f"clean-{rule}", assets, aggregation=agg)
+        out = run_variant(base, out_dir / f"clean-{rule}", assets, aggregation=agg)
         clean = clean or client_accs(out, "fedavg")
         cells.append({"attack": "none", "share": 0.0, "rule": rule, "note": note, "bad": [],
                       **_stats(honest_scores(out, "fedavg", set()))})
@@ -115,27 +83,15 @@ def main_from_dict(cfg: dict, out_dir: Path) -> dict:
                       "poison_collude": bool(attack.get("collude", False))}
             for rule in cfg["rules"]:
                 agg, note = rule_settings(rule, len(bad), m)
-                out = run_cell(base, out_dir / f"{attack['kind']}-{share:g}-{rule}", assets, aggregation=agg,
-                               faults=faults)
+                out = run_variant(base, out_dir / f"{attack['kind']}-{share:g}-{rule}", assets, aggregation=agg,
+                                  faults=faults)
                 cells.append({"attack": label, "share": float(share), "rule": rule, "note": note, "bad": bad,
                               **_stats(honest_scores(out, "fedavg", set(bad)))})
                 log.info("[robust] %s, %.0f%% attackers, %s: %s", label, 100 * share, rule, _fmt(cells[-1]))
-    result = {"clients": n, "old": len(old), "new": n_new, "updates_per_round": m, "rounds": int(base["rounds"]),
-              "clean": {k: {str(c): a for c, a in v.items()} for k, v in clean.items()}, "cells": cells,
-              "seconds": time.perf_counter() - t0}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "robust.json").write_text(json.dumps(result, indent=2))
-    table = format_table(result, list(cfg["rules"]))
-    (out_dir / "robust.md").write_text(table + "\n")
-    print(table)
-    print(f"{result['seconds']:.0f} s; results in {out_dir}")
-    return result
-
-
-def _new_ids(assets, n: int, part) -> set[int]:
-    from fedtina.data.partition import make_partition
-
-    return {c.client_id for c in make_partition(assets.dataset, assets.split, n, part).clients if c.is_new}
+    result = {"clients": n, "old": len(old), "new": new_clients(part, n), "updates_per_round": m,
+              "rounds": int(base["rounds"]), "rules": list(cfg["rules"]),
+              "clean": {k: {str(c): a for c, a in v.items()} for k, v in clean.items()}, "cells": cells}
+    return Result(result, format_table)
 
 
 def _stats(scores: dict[str, list[float]]) -> dict:
@@ -148,7 +104,8 @@ def _fmt(cell: dict) -> str:
             f"{cell['new_mean']:.3f} ± {cell['new_std']:.3f}{' ' + cell['note'] if cell['note'] else ''}")
 
 
-def format_table(result: dict, rules: list[str]) -> str:
+def format_table(result: dict) -> str:
+    rules = result["rules"]
     lines = [f"# poisoned FedAvg: {result['clients']} clients ({result['old']} train, {result['new']} new), "
              f"{result['rounds']} rounds of {result['updates_per_round']} updates; honest old clients' accuracy "
              f"(mean ± std over clients) / new clients' mean; `no attack`: plain FedAvg without attackers on the "
@@ -171,6 +128,5 @@ def format_table(result: dict, rules: list[str]) -> str:
 
 
 if __name__ == "__main__":
-    from fedtina.experiments.harness import hydra_entry
-
-    hydra_entry("robust", main_from_dict, log)
+    from fedtina.experiments import harness
+    harness.main(__spec__.name)

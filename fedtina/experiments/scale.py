@@ -8,7 +8,7 @@ the process; per method, the ServerApp's wall time for it; the driver's peak RSS
 whole machine's peak memory above what was in use before the run (driver, Ray and its actors: every process), sampled
 every `sample_s`; client messages per second (client replies over the federation's wall time); Tina's generated heads
 per second. Then, over the counts, the growth exponent b of time and memory (least squares of log y = a + b log n:
-b = 1 is linear). The table is printed and written to `scale.md` / `scale.json`.
+b = 1 is linear). The table is printed and written to `scale.md` / `scale.json` (the rows so far, after each count).
 """
 
 from __future__ import annotations
@@ -24,11 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
-
 from fedtina.errors import FedtinaError
+from fedtina.experiments.harness import Result
 
+ASSETS = None   # every count is its own `simulate` process
 log = logging.getLogger("fedtina.experiments.scale")
 
 
@@ -110,18 +109,18 @@ def measure(run_dir: Path, wall_s: float, sampler: MemorySampler) -> dict[str, A
             "status": doc.get("method_status", {}), "interrupted": doc.get("interrupted")}
 
 
-def run_one(n: int, cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+def run_one(n: int, cfg: dict, out_dir: Path) -> dict[str, Any]:
     run_dir = out_dir / f"clients_{n}"
-    methods = [f"method.names=[{','.join(cfg.methods)}]"] if cfg.methods else []
+    methods = [f"method.names=[{','.join(cfg['methods'])}]"] if cfg["methods"] else []
     args = [sys.executable, "-m", "fedtina.simulate", f"clients={n}", f"hydra.run.dir={run_dir}", *methods,
-            *cfg.overrides]
+            *cfg["overrides"]]
     log.info("[scale] %s", " ".join(args[1:]))
     t0 = time.perf_counter()
     with open(out_dir / f"clients_{n}.log", "w") as logf:
         proc = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT)
-        sampler = MemorySampler(proc.pid, float(cfg.sample_s))
+        sampler = MemorySampler(proc.pid, float(cfg["sample_s"]))
         try:
-            rc = proc.wait(timeout=float(cfg.timeout_s))
+            rc = proc.wait(timeout=float(cfg["timeout_s"]))
         except subprocess.TimeoutExpired:
             proc.terminate()   # simulate stops cleanly on SIGTERM and still writes its report
             rc = proc.wait()
@@ -138,6 +137,7 @@ def run_one(n: int, cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
+    """The rows as a markdown table, and the growth exponents over them."""
     methods = list(dict.fromkeys(m for r in rows for m in r["methods_s"]))
     head = ["clients", "wall s", *[f"{m} s" for m in methods], "driver MB", "machine MB", "msg/s", "heads/s",
             "failed"]
@@ -157,29 +157,23 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-@hydra.main(version_base="1.3", config_path="../../configs", config_name="scale")
-def main(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
+def check(cfg: dict) -> None:
+    counts = cfg["clients"]
+    if not isinstance(counts, list) or not counts or any(isinstance(n, bool) or not isinstance(n, int) or n < 1
+                                                         for n in counts):
+        raise FedtinaError(f"clients={counts}: need a list of positive client counts, e.g. 'clients=[100,1000]'")
 
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
-    counts = [int(n) for n in cfg.clients]
-    if not counts or any(n < 1 for n in counts):
-        log.error("clients=%s: need a list of positive client counts", list(cfg.clients))
-        raise SystemExit(2)
+
+def run(cfg: dict, assets: None, out_dir: Path) -> Result:
     rows = []
-    try:
-        for n in counts:
-            rows.append(run_one(n, cfg, out_dir))
-            (out_dir / "scale.json").write_text(json.dumps({"config": OmegaConf.to_container(cfg), "rows": rows},
-                                                           indent=1))
-    except FedtinaError as e:
-        log.error("%s", e)
-        raise SystemExit(2) from None
-    table = format_table(rows)
-    (out_dir / "scale.md").write_text(table + "\n")
-    print(table)
-    print(f"results: {out_dir}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for n in cfg["clients"]:
+        rows.append(run_one(int(n), cfg, out_dir))
+        # after each count: a 100,000-client run takes half an hour, and the earlier rows must survive a kill
+        (out_dir / "scale.json").write_text(json.dumps({"config": cfg, "rows": rows}, indent=1))
+    return Result({"rows": rows}, lambda data: format_table(data["rows"]))
 
 
 if __name__ == "__main__":
-    main()
+    from fedtina.experiments import harness
+    harness.main(__spec__.name)

@@ -6,7 +6,7 @@ The simulation's partition, with more clients holding classes the backbone never
 new clients are the fixed probe set: the same clients and images at every measurement, never uploading. A share of
 the unseen classes is withheld: contributors holding one never upload, so those classes reach no zoo (the "near
 names" question). The other old clients contribute in `cohorts`: each gets Tina's head, fine-tunes it on its labels
-(head_ft) and uploads it; the server's gate (checks) admits it to the zoo; Tina is refreshed after every cohort
+(head_ft) and uploads it; the server's gate (checks) admits it to the zoo (the Tina service, fedtina/tina/service.py); Tina is refreshed after every cohort
 (`steps_per_head` x accepted heads, warm start: the simulation's 30 steps per 20 heads). After each cohort the probes
 are served zero-shot, and each (probe, unseen class) pair is scored by the class's recall inside the probe's task,
 against the number of accepted uploads that contained the class so far. On the same probes and uploads:
@@ -15,7 +15,8 @@ against the number of accepted uploads that contained the class so far. On the s
 * row bank: per class name, the mean of the uploaded rows for it (selection's row for a class never uploaded);
 * tina_bank: a row bank over Tina's head, for the classes the prepared zoo lacks (method.tina.bank's rule):
   generation for what no upload holds, the uploads' own rows for what they do;
-* FedAvg: the global head, one round per cohort over the same contributors (method.fedavg's local epochs);
+* FedAvg: the global head, one round per cohort over the same contributors (method.fedavg's local epochs; the
+  clients' step and Flower's weighted mean, as in the simulation);
 * Tina retrained from scratch on the grown zoo (`retrain_at`: after those cohorts; tina.train_steps steps);
 * local_ft: selection's head fine-tuned on the probe's own labelled images (head_ft), fixed: what the probe's own
   labels give it, which no zero-shot row uses.
@@ -25,21 +26,26 @@ Writes uploads.json, uploads.md and uploads.png into the run dir.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import time
 from pathlib import Path
 
 import numpy as np
 
-from fedtina.config import HeadTrainConfig, core_config, from_dict
-from fedtina.errors import FedtinaError
 from fedtina.client import ops as client_ops
-from fedtina.server.gate import HeadCheckConfig
+from fedtina.config import HeadTrainConfig, from_dict
 from fedtina.data.partition import PartitionConfig
+from fedtina.errors import FedtinaError
+from fedtina.experiments.harness import Result
+from fedtina.methods.fedavg import FedAvgOptions
+from fedtina.server.gate import HeadCheckConfig
+from fedtina.server.strategy import fedavg_mean
+from fedtina.tina.offline import World, finetune, make_world, recalls, serve
+from fedtina.tina.service import TinaService, uploaded_rows
 from fedtina.zoo.heads import Head, RowBank
-from fedtina.tina.service import Upload, World, finetune, gate, make_world, serve, zoo_entries
 
+ASSETS = "simulate"
 log = logging.getLogger("fedtina.experiments.uploads")
 BINS = [(0, 0), (1, 1), (2, 2), (3, 5), (6, 10), (11, 20), (21, 10**9)]   # uploads containing the class
 METHODS = ("tina", "tina_bank", "row_bank", "fedavg", "selection", "local_ft")
@@ -53,40 +59,21 @@ def bin_of(count: int) -> str:
     return next(bin_label(lo, hi) for lo, hi in BINS if lo <= count <= hi)
 
 
-def recalls(head: Head, data: client_ops.ClientData) -> dict[str, float]:
-    """Each class's recall inside the client's k-way task, on its test images."""
-    aligned = client_ops.align_head(head, data.class_names, data.feature_dim)
-    pred = np.argmax(data.test_x @ aligned.weight.T + aligned.bias, axis=1)
-    return {n: float(np.mean(pred[data.test_y == j] == j)) for j, n in enumerate(data.class_names)
-            if (data.test_y == j).any()}
-
-
 def near_names(withheld: list[str], uploaded: list[str], min_shared: int) -> list[str]:
     """Withheld classes whose name shares at least `min_shared` words with some uploaded class's name."""
     up = [set(n.split()) for n in uploaded]
     return [n for n in withheld if any(len(set(n.split()) & u) >= min_shared for u in up)]
 
 
-class FedAvgHead:
-    """FedAvg's global head over every class (row = dataset class id), one round per cohort."""
-
-    def __init__(self, world: World, epochs: int, lr: float, batch_size: int) -> None:
-        from fedtina.zoo.heads import selection_head
-
-        names = tuple(world.assets.dataset.class_names)
-        init = selection_head(names, world.rows, world.assets.encoder.embed_names)
-        self.weight, self.bias = init.weight.copy(), init.bias.copy()
-        self.epochs, self.lr, self.batch_size = epochs, lr, batch_size
-
-    def round(self, data: list[client_ops.ClientData]) -> None:
-        steps = [client_ops.fedavg_local_train(self.weight, self.bias, d, self.epochs, self.lr, self.batch_size)
-                 for d in data]
-        n = np.asarray([len(d.train_y) for d in data], np.float64)
-        self.weight = np.average([w for w, _ in steps], axis=0, weights=n).astype(np.float32)
-        self.bias = np.average([b for _, b in steps], axis=0, weights=n).astype(np.float32)
-
-    def head(self, data: client_ops.ClientData) -> Head:
-        return client_ops.restrict_head(self.weight, self.bias, data.class_ids, data.class_names)
+def fedavg_round(head: Head, data: list[client_ops.ClientData], opts: FedAvgOptions) -> Head:
+    """One FedAvg round of the global head (row = dataset class id) over these clients: each one's local step, then
+    Flower's example-weighted mean."""
+    updates = []
+    for d in data:
+        w, b = client_ops.fedavg_local_train(head.weight, head.bias, d, opts.epochs, opts.lr, opts.batch_size)
+        updates.append(({"weight": w, "bias": b}, len(d.train_y)))
+    mean = fedavg_mean(updates)
+    return Head(head.class_names, mean["weight"], mean["bias"])
 
 
 def measure(world: World, heads: dict[str, dict[int, Head]], bank: RowBank, unseen: set[str], cohort: int,
@@ -101,22 +88,31 @@ def measure(world: World, heads: dict[str, dict[int, Head]], bank: RowBank, unse
                                   "uploads": bank.count(name)})
 
 
-def _heads(generated: dict[int, Head], banks: tuple[RowBank, RowBank], selection: dict[int, Head],
-           fedavg: FedAvgHead, local_ft: dict[int, Head], world: World) -> dict[str, dict[int, Head]]:
+def _heads(service: TinaService, banks: tuple[RowBank, RowBank], selection: dict[int, Head], fedavg: Head,
+           local_ft: dict[int, Head], world: World) -> dict[str, dict[int, Head]]:
     """Every method's head per probe at one measurement. `banks`: the row bank of every uploaded class, and the one
     `tina_bank` lays over Tina's head, of the classes the prepared zoo lacks (method.tina.bank's rule)."""
     bank, tina_bank = banks
+    generated = serve(service, world, world.probes)
     return {"tina": generated, "tina_bank": {p: tina_bank.over(h) for p, h in generated.items()},
             "row_bank": {p: bank.over(s) for p, s in selection.items()},
-            "fedavg": {p: fedavg.head(world.data[p]) for p in world.probes}, "selection": selection,
-            "local_ft": local_ft}
+            "fedavg": {p: client_ops.restrict_head(fedavg.weight, fedavg.bias, world.data[p].class_ids,
+                                                   world.data[p].class_names) for p in world.probes},
+            "selection": selection, "local_ft": local_ft}
 
 
-def run(assets, cfg: dict) -> dict:
-    from fedtina.tina.train import refresh, train_tina
+def check(cfg: dict) -> None:
+    if int(cfg["cohorts"]) < 1 or not 0 <= float(cfg["withheld_share"]) < 1:
+        raise FedtinaError(f"cohorts={cfg['cohorts']} withheld_share={cfg['withheld_share']}: need cohorts >= 1 "
+                           f"and withheld_share in [0, 1)")
+
+
+def run_uploads(assets, cfg: dict) -> dict:
+    from fedtina.tina.train import train_tina
 
     part = from_dict(PartitionConfig, cfg["partition"])
-    world = make_world(assets, int(cfg["clients"]), part, from_dict(HeadCheckConfig, cfg["checks"]))
+    world = make_world(assets, int(cfg["clients"]), part)
+    service = world.service(from_dict(HeadCheckConfig, cfg["checks"]))
     ft = from_dict(HeadTrainConfig, cfg["head_ft"])
     names = list(assets.dataset.class_names)
     unseen = sorted(names[c] for c in assets.split.unseen)
@@ -128,42 +124,39 @@ def run(assets, cfg: dict) -> dict:
         raise FedtinaError(f"clients={cfg['clients']}: no contributor or no probe left (contributors holding a "
                            f"withheld class never upload); use more clients")
     cohorts = np.array_split(np.asarray(contributors), int(cfg["cohorts"]))
-    fopts = cfg["method"].get("fedavg") or {}
-    fedavg = FedAvgHead(world, int(fopts.get("epochs", 5)), float(fopts.get("lr", 0.1)),
-                        int(fopts.get("batch_size", 32)))
-    selection = {p: world.selection(world.data[p].class_names) for p in world.probes}
+    fedavg_opts = from_dict(FedAvgOptions, cfg["method"].get("fedavg"))
+    fedavg = service.reference.global_head()
+    selection = {p: service.reference.selection(world.data[p].class_names) for p in world.probes}
     local_ft = finetune(world, selection, ft)
-    tina, bank, accepted, accepted_at, pairs, costs = assets.tina, RowBank(), [], [], [], []
-    banks = (bank, RowBank(skip=frozenset(n for e in assets.zoo.entries() for n in e.class_names)))
-    heads = _heads(serve(tina, world, world.probes), banks, selection, fedavg, local_ft, world)
-    measure(world, heads, bank, set(unseen), 0, pairs)
+    bank, accepted_at, pairs, costs = RowBank(), [], [], []
+    banks = (bank, uploaded_rows(service.zoo))
+    measure(world, _heads(service, banks, selection, fedavg, local_ft, world), bank, set(unseen), 0, pairs)
     for t, ids in enumerate(cohorts, start=1):
         t0 = time.perf_counter()
         ids = [int(i) for i in ids]
-        sent = serve(tina, world, ids)
+        sent = serve(service, world, ids)
         honest = finetune(world, sent, ft)
-        ups = [Upload(i, world.data[i].class_names, world.data[i].class_ids, sent[i], honest[i]) for i in ids]
-        ok = [u for u, v in zip(ups, gate(world, ups)) if v.accepted]
-        accepted += ok
+        ups = [world.upload(i, sent[i], honest[i]) for i in ids]
+        ok = [u for u, v in zip(ups, service.gate(ups)) if v.accepted]
+        service.admit([u.entry() for u in ok])
         accepted_at += [(t, u) for u in ok]
         for u in ok:
             for b in banks:
                 b.add(u.head)
-        fedavg.round([world.data[i] for i in ids])
+        fedavg = fedavg_round(fedavg, [world.data[i] for i in ids], fedavg_opts)
         steps = max(1, int(round(float(cfg["steps_per_head"]) * len(ok))))
         t1 = time.perf_counter()
-        tina = refresh(tina, list(assets.zoo.entries()) + zoo_entries(accepted), steps, shots=assets.shots,
-                       descriptions=assets.descriptions)
+        service.refresh(steps)
         refresh_s = time.perf_counter() - t1
-        heads = _heads(serve(tina, world, world.probes), banks, selection, fedavg, local_ft, world)
-        cost = {"cohort": t, "contributors": len(ids), "accepted": len(ok), "zoo": len(assets.zoo) + len(accepted),
+        heads = _heads(service, banks, selection, fedavg, local_ft, world)
+        cost = {"cohort": t, "contributors": len(ids), "accepted": len(ok), "zoo": len(service.zoo),
                 "refresh_steps": steps, "refresh_s": refresh_s}
         if t in [int(x) for x in cfg["retrain_at"]]:
             t2 = time.perf_counter()
-            scratch = train_tina(list(assets.zoo.entries()) + zoo_entries(accepted), assets.encoder,
-                                 assets.tina.cfg, log=None, shots=assets.shots, descriptions=assets.descriptions)
+            scratch = train_tina(service.zoo.entries(), assets.encoder, assets.tina.cfg, log=None,
+                                 shots=assets.shots, descriptions=assets.descriptions)
             cost["retrain_s"] = time.perf_counter() - t2
-            heads["tina_retrained"] = serve(scratch, world, world.probes)
+            heads["tina_retrained"] = serve(dataclasses.replace(service, tina=scratch), world, world.probes)
         measure(world, heads, bank, set(unseen), t, pairs)
         costs.append(cost)
         log.info("[uploads] cohort %d: %d contributors, %d accepted, zoo %d; refresh %d steps in %.1f s%s; "
@@ -264,32 +257,13 @@ def plot(path: Path, result: dict, summary: dict) -> Path:
     return path
 
 
-def main_from_dict(cfg: dict, out_dir: Path) -> dict:
-    from fedtina.assets import build_assets
-    from fedtina.validate import validate_simulate_config
-
-    base = {k: v for k, v in cfg.items() if k not in ("cohorts", "withheld_share", "steps_per_head", "retrain_at",
-                                                      "near_words")}
-    validate_simulate_config(base)
-    if int(cfg["cohorts"]) < 1 or not 0 <= float(cfg["withheld_share"]) < 1:
-        raise FedtinaError(f"cohorts={cfg['cohorts']} withheld_share={cfg['withheld_share']}: need cohorts >= 1 "
-                           f"and withheld_share in [0, 1)")
-    t0 = time.perf_counter()
-    assets = build_assets(core_config(base), log=log.info)
-    result = run(assets, cfg)
-    summary = summarize(result)
-    result["seconds"] = time.perf_counter() - t0
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "uploads.json").write_text(json.dumps({**result, "summary": summary}, indent=2))
-    table = format_table(result, summary)
-    (out_dir / "uploads.md").write_text(table + "\n")
-    plot(out_dir / "uploads.png", result, summary)
-    print(table)
-    print(f"{result['seconds']:.0f} s; results in {out_dir}")
-    return result
+def run(cfg: dict, assets, out_dir: Path) -> Result:
+    result = run_uploads(assets, cfg)
+    result["summary"] = summarize(result)
+    return Result(result, lambda data: format_table(data, data["summary"]),
+                  {"uploads.png": lambda path, data: plot(path, data, data["summary"])})
 
 
 if __name__ == "__main__":
-    from fedtina.experiments.harness import hydra_entry
-
-    hydra_entry("uploads", main_from_dict, log)
+    from fedtina.experiments import harness
+    harness.main(__spec__.name)

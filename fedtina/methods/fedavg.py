@@ -20,7 +20,7 @@ from fedtina.server.federation import Federation
 from fedtina.server.ledger import MethodFailed
 from fedtina.runtime.spec import head_record, record_head
 from fedtina.server.strategy import start
-from fedtina.zoo.heads import Head, selection_head
+from fedtina.zoo.heads import Head
 from fedtina.methods.registry import Method, register
 
 
@@ -39,7 +39,7 @@ class FedAvgState:
 def global_head(fed: Federation) -> Head:
     """The FedAvg starting point: a head over every class of the dataset (row i = class id i): the generic row of a
     seen class, the nearest-name seen row for an unseen one (the selection baseline's rule)."""
-    return selection_head(tuple(fed.class_names), fed.rows, fed.assets.encoder.embed_names)
+    return fed.reference.global_head()
 
 
 def restricted(head: Head, clients) -> dict[int, Head]:

@@ -11,7 +11,6 @@ after the last one, with that point's zoo and Tina. Results: `tina` (the generat
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,13 +19,14 @@ from flwr.app import Message
 
 from fedtina.config import NON_NEGATIVE, POSITIVE, bounded
 from fedtina.errors import FedtinaError
-from fedtina.server.gate import HeadCheckConfig, check_head, plausible_row_norm
+from fedtina.server.gate import HeadCheckConfig, plausible_row_norm
 from fedtina.server.federation import Federation
 from fedtina.server.ledger import mean_std
 from fedtina.runtime.grid import PROGRESS_MIN
 from fedtina.report.profiling import PhaseTimer
 from fedtina.runtime.spec import record_head
-from fedtina.zoo.heads import Head, RowBank
+from fedtina.tina.service import GENERATE_BATCH, TinaService, Upload, malformed, restore_zoo, uploaded_rows
+from fedtina.zoo.heads import Head
 from fedtina.methods.registry import Method, register
 from fedtina.progress import Meter
 
@@ -61,64 +61,20 @@ class TinaState:
     checkpoint: str | None = None     # the run's Tina after it (None: the cached one)
 
 
-def refresh_tina(fed: Federation, zoo, rnd: int) -> str:
-    """Continue training Tina on the grown zoo for `refresh_steps` steps (warm start from the current weights and
-    normalisation); save it atomically as the run's Tina and as this cohort's (`tina-c<rnd>`, which a resumed run
-    restarts from). Returns the cohort file's path."""
-    from fedtina.tina import train as tina_train
+def tina_service(fed: Federation, zoo, state: TinaState) -> TinaService:
+    """The run's Tina service on its zoo: the checkpoint's Tina on a resume, the gate's row-norm scale fixed at the
+    run's start (the gate does not drift with what it admits)."""
+    from fedtina.tina.train import load_checkpoint
 
     opts = fed.options("tina", TinaOptions)
-    with PhaseTimer() as t:
-        entries = zoo.entries()
-        new = tina_train.refresh(fed.tina, entries, opts.refresh_steps, shots=fed.assets.shots,
-                                 descriptions=fed.assets.descriptions)
-        cohort_path = Path(fed.spec.tina_path).with_name(f"tina-c{rnd}.safetensors")
-        for path in (cohort_path, Path(fed.spec.tina_path)):
-            tina_train.save_checkpoint(path, new)   # temp file + os.replace
-    fed.tina = new
-    fed.server_record("tina", rnd, "refresh", t, detail=f"{opts.refresh_steps} steps on {len(entries)} heads")
-    fed.progress("tina", rnd, fed.spec.rounds, f"Tina refreshed on {len(entries)} zoo heads "
-                 f"({opts.refresh_steps} steps, {t.wall_s:.1f} s)")
-    return str(cohort_path)
-
-
-def check_uploads(fed: Federation, ok: dict[int, Message], rnd: int, norm_scale: float,
-                  sent: dict[int, Head]) -> tuple[list, int]:
-    """Run every uploaded head through the server's gate, against the selection head and the head the server sent
-    that node (`sent`): (accepted ZooEntries, number refused). The verdict and its reason also go on the client's
-    tina_ft result of this round (`upload`, `upload_detail`)."""
-    from fedtina.zoo.store import ZooEntry
-
-    check_cfg = HeadCheckConfig(**fed.spec.checks)
-    d = int(fed.assets.bank.features.shape[1])
-    rows = {r.client_id: r for r in fed.out.results if r.method == "tina_ft" and r.round == rnd}
-    entries, refused = [], 0
-    for node, rep in ok.items():
-        c = fed.clients[node]
-        with PhaseTimer() as t:
-            try:
-                up = record_head(rep.content["head"], c.names)
-                res = check_head(up, c.names, d, fed.selection(c.names), *fed.val_data(c.class_ids), norm_scale,
-                                 check_cfg, sent=sent[node])
-                reason, acc = res.reason, res.acc
-                if res.accepted and res.class_drop is not None:  # how close an accepted head came to the limit
-                    reason = f"{reason} (largest class-pair AUC drop {res.class_drop:.2f})"
-            except Exception as e:  # noqa: BLE001 - a malformed upload is refused, never fatal
-                res, reason, acc = None, f"malformed upload: {type(e).__name__}: {e}", None
-        if c.client_id in rows:
-            rows[c.client_id].upload = "accepted" if res is not None and res.accepted else "refused"
-            rows[c.client_id].upload_detail = reason
-        if res is not None and res.accepted:
-            entries.append(ZooEntry(class_names=c.names, params=up.params(),
-                                    metrics={"acc": float(rep.content["metrics"]["acc"]),
-                                             "server_val_acc": float(acc) if acc is not None else float("nan")},
-                                    source=f"client:{c.client_id}"))
-            fed.server_record("tina", rnd, "check", t, cid=c.client_id, acc=acc, detail=reason)
-        else:
-            refused += 1
-            log.warning("[tina] round %d: refused the head uploaded by client %d: %s", rnd, c.client_id, reason)
-            fed.server_record("tina", rnd, "check", t, cid=c.client_id, acc=acc, status="refused", detail=reason)
-    return entries, refused
+    if state.norm_scale is None:
+        state.norm_scale = plausible_row_norm(zoo.entries(), fed.assets.bank.generic_weight)
+        state.zoo_size = len(zoo)
+        fed.checkpoint()
+    tina = load_checkpoint(state.checkpoint, fed.assets.encoder) if state.checkpoint else fed.assets.tina
+    return TinaService(tina, fed.assets, fed.reference, zoo, HeadCheckConfig(**fed.spec.checks),
+                       state.norm_scale, prompt=opts.prompt, sample_steps=opts.sample_steps,
+                       gen_seed=opts.gen_seed, bank=uploaded_rows(zoo) if opts.bank else None)
 
 
 def run_tina(fed: Federation, state: TinaState) -> None:
@@ -126,69 +82,74 @@ def run_tina(fed: Federation, state: TinaState) -> None:
     description, `evaluate.head`, then (method.finetune) `train.finetune` with upload, the server's checks, the
     accepted heads appended to the run's zoo, and a Tina refresh every `refresh_every` accepted heads. A checkpoint
     follows every cohort; a resumed run continues after the last one, with that point's zoo and Tina."""
-    from fedtina.tina.train import load_checkpoint
     from fedtina.zoo.store import ZooStore
 
     if state.round:
         log.info("[tina] resuming after cohort %d", state.round)
     if state.zoo_size is not None:
-        trim_run_zoo(Path(fed.spec.zoo_dir), state.zoo_size)
-    # the run's live Tina (refreshes replace it)
-    fed.tina = load_checkpoint(state.checkpoint, fed.assets.encoder) if state.checkpoint else fed.assets.tina
+        restore_zoo(Path(fed.spec.zoo_dir), state.zoo_size)
     with ZooStore(Path(fed.spec.zoo_dir)) as zoo:
-        if state.norm_scale is None:  # fixed for the run: the gate does not drift with what it admits
-            state.norm_scale = plausible_row_norm(zoo.entries(), fed.assets.bank.generic_weight)
-            state.zoo_size = len(zoo)
-            fed.checkpoint()
-        _tina_rounds(fed, zoo, state)
+        _tina_rounds(fed, tina_service(fed, zoo, state), state)
 
 
-def trim_run_zoo(zoo_dir: Path, size: int) -> None:
-    """Back to the checkpoint's zoo: a kill between a cohort's zoo append and its checkpoint leaves heads that the
-    resumed cohort will upload again. The append-only store is rebuilt from its first `size` entries (same ids);
-    the longer one is kept beside it, renamed."""
-    from fedtina.zoo.store import ZooStore
-
-    with ZooStore(zoo_dir) as zoo:
-        n = len(zoo)
-        if n < size:
-            raise FedtinaError(f"the run's zoo {zoo_dir} has {n} entries, fewer than the checkpoint's {size}: it was "
-                               f"modified outside the run; the run cannot be resumed")
-        keep = zoo.entries(zoo.ids()[:size]) if n > size else None
-    if keep is None:
-        return
-    aside = zoo_dir.with_name(f"{zoo_dir.name}.unfinished-{time.strftime('%Y%m%d-%H%M%S')}")
-    zoo_dir.rename(aside)
-    with ZooStore(zoo_dir) as zoo:
-        zoo.append_many(keep)
-    log.info("[tina] resume: the run's zoo had %d heads, %d from an unfinished cohort; continuing from the "
-             "checkpoint's %d (the longer zoo is kept in %s)", n, n - size, size, aside)
+def refresh_tina(fed: Federation, service: TinaService, rnd: int) -> str:
+    """Continue training Tina on the grown zoo for `refresh_steps` steps (warm start from the current weights and
+    normalisation); save it atomically as the run's Tina and as this cohort's (`tina-c<rnd>`, which a resumed run
+    restarts from). Returns the cohort file's path."""
+    opts = fed.options("tina", TinaOptions)
+    cohort_path = Path(fed.spec.tina_path).with_name(f"tina-c{rnd}.safetensors")
+    with PhaseTimer() as t:
+        service.refresh(opts.refresh_steps, save=(cohort_path, Path(fed.spec.tina_path)))
+    n = len(service.zoo)
+    fed.server_record("tina", rnd, "refresh", t, detail=f"{opts.refresh_steps} steps on {n} heads")
+    fed.progress("tina", rnd, fed.spec.rounds, f"Tina refreshed on {n} zoo heads "
+                 f"({opts.refresh_steps} steps, {t.wall_s:.1f} s)")
+    return str(cohort_path)
 
 
-GENERATE_BATCH = 2048   # heads per sampler call: bounds the sampler's memory, and a stop request waits for one batch
+def check_uploads(fed: Federation, service: TinaService, ok: dict[int, Message], rnd: int,
+                  sent: dict[int, Head]) -> tuple[list, int]:
+    """Run every uploaded head through the server's gate, against the selection head and the head the server sent
+    that node (`sent`): (accepted ZooEntries, number refused). The verdict and its reason also go on the client's
+    tina_ft result of this round (`upload`, `upload_detail`)."""
+    rows = {r.client_id: r for r in fed.out.results if r.method == "tina_ft" and r.round == rnd}
+    entries, refused = [], 0
+    for node, rep in ok.items():
+        c = fed.clients[node]
+        with PhaseTimer() as t:
+            try:
+                up = Upload(c.client_id, c.names, c.class_ids, sent[node], record_head(rep.content["head"], c.names))
+            except Exception as e:  # noqa: BLE001 - a malformed upload is refused, never fatal
+                res = malformed(e)
+            else:
+                res = service.check(up)
+        reason = res.reason
+        if res.accepted and res.class_drop is not None:  # how close an accepted head came to the limit
+            reason = f"{reason} (largest class-pair AUC drop {res.class_drop:.2f})"
+        if c.client_id in rows:
+            rows[c.client_id].upload = "accepted" if res.accepted else "refused"
+            rows[c.client_id].upload_detail = reason
+        if res.accepted:
+            entries.append(up.entry({"acc": float(rep.content["metrics"]["acc"]),
+                                     "server_val_acc": float(res.acc) if res.acc is not None else float("nan")}))
+            fed.server_record("tina", rnd, "check", t, cid=c.client_id, acc=res.acc, detail=reason)
+        else:
+            refused += 1
+            log.warning("[tina] round %d: refused the head uploaded by client %d: %s", rnd, c.client_id, reason)
+            fed.server_record("tina", rnd, "check", t, cid=c.client_id, acc=res.acc, status="refused", detail=reason)
+    return entries, refused
 
 
-def generate(fed: Federation, clients: list, rnd: int, opts: "TinaOptions", bank: RowBank | None = None
-             ) -> dict[int, Head]:
-    """Batched generation for these clients, whatever each one's prompts are; heads by node (with `bank`, its rows
-    over them). A head does not depend on the batch it was generated in (its noise is keyed by its label set), so
-    batches go by label-set size: a batch pads to its largest set, and the sampler's cost is in the padded tokens."""
-    by_size = sorted(clients, key=lambda c: len(c.names))
-    heads: list[Head] = []
+def generate(fed: Federation, service: TinaService, clients: list, rnd: int) -> dict[int, Head]:
+    """The heads the server sends these clients (the service's batched generation, whatever each one's prompts
+    are), by node in the clients' order: the uploads (and so the zoo a refresh trains on) keep it."""
     with PhaseTimer() as t, Meter(len(clients), f"[tina:{rnd}] generate", unit="heads",
                                   enabled=len(clients) >= PROGRESS_MIN) as meter:
-        for i in range(0, len(by_size), GENERATE_BATCH):
-            fed.spec.stop.check()
-            batch = by_size[i : i + GENERATE_BATCH]
-            shots = [c.shots for c in batch] if opts.prompt != "text" else None
-            heads += fed.tina.generate([list(c.names) for c in batch], steps=opts.sample_steps or None,
-                                       seed=opts.gen_seed, shots=shots, use_names=opts.prompt != "images")
-            meter.update(len(batch))
+        heads = service.serve([c.names for c in clients], shots=[c.shots for c in clients],
+                              stop=fed.spec.stop.check, meter=meter)
     n_batches = -(-len(clients) // GENERATE_BATCH)
     fed.server_record("tina", rnd, "generate", t, detail=f"{len(clients)} heads in {n_batches} batch(es)")
-    made = {c.node_id: (bank.over(h) if bank is not None else h) for c, h in zip(by_size, heads)}
-    return {c.node_id: made[c.node_id] for c in clients}   # in the clients' order: the uploads (and so the zoo
-                                                            # a refresh trains on) keep it
+    return {c.node_id: h for c, h in zip(clients, heads)}
 
 
 def serve(fed: Federation, clients: list, by_node: dict[int, Head], rnd: int, opts: "TinaOptions",
@@ -210,22 +171,8 @@ def serve(fed: Federation, clients: list, by_node: dict[int, Head], rnd: int, op
     return ok
 
 
-def uploaded_rows(zoo) -> RowBank:
-    """The row bank of the uploads in a run's zoo (its `client:` entries: a resumed run rebuilds it from there),
-    for the classes no prepared zoo head holds: a class Tina was trained on keeps Tina's row (banking those
-    measured worse: a row fine-tuned against one client's other classes, averaged, is a worse row for the next)."""
-    entries = zoo.entries()
-    bank = RowBank(skip=frozenset(n for e in entries if not e.source.startswith("client:") for n in e.class_names))
-    for entry in entries:
-        if entry.source.startswith("client:"):
-            bank.add(entry.head)
-    return bank
-
-
-def _tina_rounds(fed: Federation, zoo, state: TinaState) -> None:
-    spec, opts = fed.spec, fed.options("tina", TinaOptions)
-    bank = uploaded_rows(zoo) if opts.bank else None
-    norm_scale = state.norm_scale
+def _tina_rounds(fed: Federation, service: TinaService, state: TinaState) -> None:
+    spec, opts, zoo = fed.spec, fed.options("tina", TinaOptions), service.zoo
     methods = ["tina", "tina_ft"] if opts.finetune else ["tina"]
     fed.out.rounds.update({m: spec.rounds for m in methods})
     pending = state.pending  # accepted heads since the last refresh
@@ -237,22 +184,19 @@ def _tina_rounds(fed: Federation, zoo, state: TinaState) -> None:
         accepted = refused = 0
         zoo_at_arrival = len(zoo)  # the zoo Tina was trained on when this cohort asked
         if clients:
-            by_node = generate(fed, clients, rnd, opts, bank)
+            by_node = generate(fed, service, clients, rnd)
             ok = serve(fed, clients, by_node, rnd, opts, upload=True)
             if opts.finetune:
-                entries, refused = check_uploads(fed, {n: r for n, r in ok.items() if "head" in r.content}, rnd,
-                                                  norm_scale, by_node)
+                entries, refused = check_uploads(fed, service, {n: r for n, r in ok.items() if "head" in r.content},
+                                                 rnd, by_node)
                 if entries:
                     with PhaseTimer() as t:
-                        zoo.append_many(entries)
-                    if bank is not None:
-                        for e in entries:
-                            bank.add(e.head)
+                        service.admit(entries)
                     fed.server_record("tina", rnd, "zoo", t, detail=f"appended {len(entries)} heads")
                 accepted = len(entries)
                 pending += accepted
                 if opts.refresh_every > 0 and pending >= opts.refresh_every:
-                    state.checkpoint = refresh_tina(fed, zoo, rnd)
+                    state.checkpoint = refresh_tina(fed, service, rnd)
                     pending = 0
         accs, _, _ = fed.round_accs("tina", rnd)
         fed.out.zoo_growth.append({"round": rnd, "zoo_size": zoo_at_arrival, "zoo_size_after": len(zoo),
@@ -264,17 +208,17 @@ def _tina_rounds(fed: Federation, zoo, state: TinaState) -> None:
                      f"{f', {refused} refused' if refused else ''}, zoo {len(zoo)}")
         state.round, state.pending, state.zoo_size = rnd, pending, len(zoo)
         fed.checkpoint()
-    _new_clients(fed, methods, opts, bank)
+    _new_clients(fed, service, methods, opts)
 
 
-def _new_clients(fed: Federation, methods: list[str], opts: "TinaOptions", bank: RowBank | None) -> None:
+def _new_clients(fed: Federation, service: TinaService, methods: list[str], opts: "TinaOptions") -> None:
     """After the last cohort: generation from each new client's description (the final Tina, no label needed);
     with `finetune`, the generated head fine-tuned on its labels, not uploaded (the federation is over)."""
     rnd = fed.spec.rounds
     clients = fed.usable(fed.new, methods, rnd)
     if not clients:
         return
-    serve(fed, clients, generate(fed, clients, rnd, opts, bank), rnd, opts, upload=False)
+    serve(fed, clients, generate(fed, service, clients, rnd), rnd, opts, upload=False)
     fed.progress("tina", None, rnd, f"new clients: {fed.acc_line('tina', rnd, new=True)}")
 
 

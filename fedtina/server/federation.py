@@ -3,7 +3,7 @@
 * `transport` (fedtina.server.transport): messages to and from the nodes, the config they carry, round sampling;
 * `roster` (fedtina.server.roster): who the clients are: their nodes, descriptions, old / new;
 * `ledger` (fedtina.server.ledger): per-client results, phase profiles, the per-round lines, the checkpoint;
-* `heads` (fedtina.server.heads): the server's own heads and data (selection head, held-out validation features).
+* `reference` (fedtina.server.reference): what the server holds itself (selection heads, held-out validation features).
 
 Methods call the parts through it (`fed.send(...)`, `fed.old`, `fed.result(...)`, ...), and read their resume state
 with `fed.state(name)`: their own and that of the methods they `require`. `fedtina.server.loop.run_all` plays them.
@@ -18,12 +18,13 @@ from typing import Any, Iterable
 from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from fedtina.client.call import HEAD_FT, pack
 from fedtina.config import from_dict
 from fedtina.data.partition import load_partition
 from fedtina.errors import FedtinaError
 from fedtina.report.loggers import RunLoggers
 from fedtina.runtime.spec import RunSpec, head_record
-from fedtina.server.heads import ServerHeads
+from fedtina.server.reference import ServerReference
 from fedtina.server.ledger import Ledger, Outcome, Progress, save_checkpoint
 from fedtina.server.roster import Client, Roster
 from fedtina.server.transport import Transport
@@ -43,13 +44,12 @@ class Federation:
         self.transport = Transport(grid, spec, order=self.roster.queue_position)
         self.ledger = Ledger(self.roster, RunLoggers(spec.loggers, spec.out_dir, {
             "methods": spec.methods, "n_clients": spec.n_clients, "rounds": spec.rounds, "options": spec.options}))
-        self.heads = ServerHeads(self.assets, partition.server_val_idx, spec.head_ft)
+        self.reference = ServerReference(self.assets, partition.server_val_idx)
         self.prog = Progress()
         self.playing: Any = None   # the method being played (fedtina.server.loop)
         # the methods' API: the parts' own calls
-        self.class_names, self.rows = self.heads.class_names, self.heads.rows
-        self.selection, self.val_data, self.finetune_config = (self.heads.selection, self.heads.val_data,
-                                                               self.heads.finetune_config)
+        self.class_names = self.reference.class_names
+        self.selection, self.val_data = self.reference.selection, self.reference.val_data
         self.config, self.subgrid, self.sample = self.transport.config, self.transport.subgrid, self.transport.sample
         self.client_id, self.cohort_nodes = self.roster.client_id, self.roster.cohort_nodes
         self.result, self.unserved, self.labelled, self.usable, self.score = (
@@ -141,6 +141,11 @@ class Federation:
         return self.send(mtype, {n: {"head": head_record(h)} for n, h in heads.items()}, method, rnd, kind,
                          fail=fail, up_key="head", received_as=received_as,
                          per_node={n: {"class_names": list(h.class_names)} for n, h in heads.items()}, **extra)
+
+    def finetune_config(self, upload: bool) -> dict:
+        """The clients' head fine-tuning (`head_ft`) as message config (`call.head_ft` on the client); `upload`: they
+        send the head back."""
+        return {**pack(self.spec.head_ft, HEAD_FT), "upload": bool(upload)}
 
     def serve_new(self, method: str, arrays: ArrayRecord, message_type: str, zero: str = "", **extra) -> None:
         """After the last round: the new clients get the final `arrays` through `message_type` (an evaluate step

@@ -12,8 +12,10 @@ import random
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from flwr.app import ArrayRecord, Message
+import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedtina.errors import FedtinaError
 from fedtina.server import aggregation
@@ -98,6 +100,16 @@ class BodyOnly(FedAvg):
         if arrays is not None:
             arrays = ArrayRecord({**dict(arrays.items()), **self._head})
         return arrays, metrics
+
+
+def fedavg_mean(updates: list[tuple[dict[str, np.ndarray], int]]) -> dict[str, np.ndarray]:
+    """FedAvg's aggregate outside a Grid: Flower's own weighted mean (what `FedAvg.aggregate_train` computes from the
+    replies' "num-examples"), for (arrays, examples) updates in client order."""
+    from fedtina.runtime.spec import arrays_record
+
+    records = [RecordDict({"arrays": arrays_record(a), "metrics": MetricRecord({"num-examples": int(n)})})
+               for a, n in updates]
+    return {k: v.numpy() for k, v in aggregate_arrayrecords(records, "num-examples").items()}
 
 
 @lru_cache(maxsize=None)

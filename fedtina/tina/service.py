@@ -1,143 +1,189 @@
-"""The upload loop outside Flower, for experiments that repeat it many times under control (attacks, private
-uploads): the steps of the tina method's cohorts, on the simulation's own partition and with the same functions.
+"""Tina's service, without Flower: generate heads for described clients, gate what they upload, admit the accepted
+heads to the zoo, refresh Tina on the grown zoo, and restore a run's zoo for a resume.
 
-Tina generates each contributor's head from its description; the contributor fine-tunes it on its labels
-(`client_ops.finetune_local`) and may attack or privatise it (`federation.attacks`, `federation.privacy`: what the
-ClientApp's mods call); the server's gate checks it (`federation.checks.check_head`, against the selection head and
-the sent head, on the server's held-out images); accepted heads join the zoo and Tina is refreshed
-(`tina.train.refresh`). Probe clients (the partition's new clients) never upload: they are served zero-shot and
-scored overall and per class.
+The Flower method (fedtina/methods/tina.py: its cohort loop, messages and bookkeeping) and the experiments that replay
+the loop under control (uploads, attacks, privacy; their clients in fedtina/tina/offline.py) both call it, so the
+serving loop exists once.
+
+* Generation: one sampler call per `GENERATE_BATCH` label sets, batched by label-set size (a batch pads to its
+  largest set, and the sampler's cost is in the padded tokens). A head does not depend on the other sets of its
+  batch: its noise is keyed by its label set.
+* The gate: `fedtina.server.gate.check_head`, against the selection head and the head the server sent, on the
+  server's held-out images (`fedtina.server.reference`); a malformed upload is refused, never fatal.
+* Admission: accepted heads are appended to the zoo (the run's ZooStore, or an experiment's in-memory `ZooList`) and,
+  with a row bank (method.tina.bank), to its rows.
+* Refresh: `tina.train.refresh`, warm-started from the current Tina, on the zoo (plus uploads not admitted, for an
+  experiment's what-if); saved atomically when asked (a resumed run restarts from that file).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Iterable
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
 
-import numpy as np
+from fedtina.errors import FedtinaError
+from fedtina.server.gate import CheckResult, HeadCheckConfig, check_head
+from fedtina.server.reference import ServerReference
+from fedtina.zoo.heads import Head, RowBank
+from fedtina.zoo.store import ZooEntry
 
-from fedtina.config import HeadTrainConfig
-from fedtina.client import ops as client_ops
-from fedtina.server.gate import CheckResult, HeadCheckConfig, check_head, plausible_row_norm, server_val_data
-from fedtina.data.partition import Partition, PartitionConfig, make_partition
-from fedtina.zoo.heads import Head, generic_rows, selection_head
+log = logging.getLogger("fedtina.federation")
+GENERATE_BATCH = 2048   # heads per sampler call: bounds the sampler's memory, and a stop request waits for one batch
 
 
 @dataclass(frozen=True)
 class Upload:
-    client: int                  # the contributor's id
+    """A head a client sends back for the zoo, with what the server knows about it."""
+
+    client: int                  # the client's id
     names: tuple[str, ...]       # the label set it described (its head's classes)
     class_ids: tuple[int, ...]
     sent: Head                   # what Tina generated for it
     head: Head                   # what it uploads
-    bad: bool = False            # an attacker's upload
+    bad: bool = False            # an experiment's attacker
+
+    def entry(self, metrics: dict[str, float] | None = None) -> ZooEntry:
+        return ZooEntry(class_names=self.names, params=self.head.params(), metrics=dict(metrics or {}),
+                        source=f"client:{self.client}")
+
+
+class ZooList:
+    """An in-memory zoo (the prepared zoo's entries, then the admitted uploads): an experiment never writes the
+    cached zoo."""
+
+    def __init__(self, entries: Iterable[ZooEntry]) -> None:
+        self._entries = list(entries)
+
+    def entries(self) -> list[ZooEntry]:
+        return list(self._entries)
+
+    def append_many(self, entries: Iterable[ZooEntry]) -> None:
+        self._entries.extend(entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def uploaded_rows(zoo) -> RowBank:
+    """The row bank of the uploads in a zoo (its `client:` entries: a resumed run rebuilds it from there), for the
+    classes no prepared zoo head holds: a class Tina was trained on keeps Tina's row (banking those measured worse:
+    a row fine-tuned against one client's other classes, averaged, is a worse row for the next)."""
+    entries = zoo.entries()
+    bank = RowBank(skip=frozenset(n for e in entries if not e.source.startswith("client:") for n in e.class_names))
+    for entry in entries:
+        if entry.source.startswith("client:"):
+            bank.add(entry.head)
+    return bank
+
+
+def malformed(exc: Exception) -> CheckResult:
+    """The gate's verdict on an upload that cannot even be read or checked."""
+    return CheckResult(False, f"malformed upload: {type(exc).__name__}: {exc}", None, None)
 
 
 @dataclass
-class World:
-    """A partition's clients with their data, and what the server's gate needs; built once per seed."""
+class TinaService:
+    """Tina behind the server. `zoo`: entries() / append_many() / len() (a ZooStore or a ZooList); `norm_scale`: the
+    gate's plausible row norm, fixed for a run (the gate does not drift with what it admits)."""
 
-    assets: Any
-    partition: Partition
+    tina: Any                    # TinaGenerator
+    assets: Any                  # build_assets' result: features (the gate), shots and descriptions (refresh)
+    reference: ServerReference
+    zoo: Any
     check_cfg: HeadCheckConfig
-    data: dict[int, client_ops.ClientData] = field(default_factory=dict)
-    _rows: dict = field(default_factory=dict)
+    norm_scale: float
+    prompt: str = "text"         # text | images | both: what a client's classes are described by (method.tina)
+    sample_steps: int = 0        # DDIM steps; 0: the Tina's own
+    gen_seed: int = 0
+    bank: RowBank | None = None  # method.tina.bank: served rows of uploaded classes
 
-    @property
-    def contributors(self) -> list[int]:
-        return [c.client_id for c in self.partition.clients if not c.is_new]
+    # ---------------------------------------------------------------- generation
+    def generate(self, label_sets: Sequence[Sequence[str]], shots: Sequence | None = None, seed: int | None = None,
+                 stop: Callable[[], None] | None = None, meter=None) -> list[Head]:
+        """Tina's head for each label set, in the given order (`shots[i]`: set i's image prompts, used unless the
+        prompt is text). `stop()` runs before each sampler call (it raises to interrupt), `meter.update(n)` after."""
+        order = sorted(range(len(label_sets)), key=lambda i: len(label_sets[i]))
+        seed = self.gen_seed if seed is None else seed
+        heads: dict[int, Head] = {}
+        for start in range(0, len(order), GENERATE_BATCH):
+            if stop is not None:
+                stop()
+            batch = order[start : start + GENERATE_BATCH]
+            prompts = [shots[i] for i in batch] if shots is not None and self.prompt != "text" else None
+            made = self.tina.generate([list(label_sets[i]) for i in batch], steps=self.sample_steps or None,
+                                      seed=seed, shots=prompts, use_names=self.prompt != "images")
+            heads.update(zip(batch, made))
+            if meter is not None:
+                meter.update(len(batch))
+        return [heads[i] for i in range(len(label_sets))]
 
-    @property
-    def probes(self) -> list[int]:
-        return [c.client_id for c in self.partition.clients if c.is_new]
+    def serve(self, label_sets: Sequence[Sequence[str]], **kwargs) -> list[Head]:
+        """What the server sends: `generate`'s heads, with the row bank's rows over them when there is one."""
+        heads = self.generate(label_sets, **kwargs)
+        return [self.bank.over(h) for h in heads] if self.bank is not None else heads
 
-    @property
-    def norm_scale(self) -> float:
-        return plausible_row_norm(self.assets.zoo.entries(), self.assets.bank.generic_weight)
-
-    @property
-    def rows(self) -> dict:
-        """The generic head's row for every class name (selection's and FedAvg's starting rows)."""
-        if not self._rows:
-            self._rows.update(generic_rows(self.assets.bank, list(self.assets.dataset.class_names)))
-        return self._rows
-
-    def selection(self, names: tuple[str, ...]) -> Head:
-        return selection_head(names, self.rows, self.assets.encoder.embed_names)
-
-    def val(self, class_ids: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-        return server_val_data(self.assets.bank.features, self.assets.dataset.labels, self.partition.server_val_idx,
-                               class_ids)
-
-
-def make_world(assets, n_clients: int, part_cfg: PartitionConfig, check_cfg: HeadCheckConfig) -> World:
-    partition = make_partition(assets.dataset, assets.split, n_clients, part_cfg)
-    feats = np.asarray(assets.bank.features, np.float32)
-    data = {c.client_id: client_ops.client_data(c, feats) for c in partition.clients}
-    return World(assets, partition, check_cfg, data)
-
-
-def serve(tina, world: World, ids: Iterable[int], seed: int = 0) -> dict[int, Head]:
-    """Tina's zero-shot head for each client, from its class names (one batched sampler call)."""
-    ids = list(ids)
-    heads = tina.generate([list(world.data[i].class_names) for i in ids], seed=seed)
-    return dict(zip(ids, heads))
-
-
-def finetune(world: World, sent: dict[int, Head], cfg: HeadTrainConfig) -> dict[int, Head]:
-    """Each client's head fine-tuned on its labelled images (a contributor's honest upload)."""
-    return {i: client_ops.finetune_local(h, world.data[i], cfg, device="cpu") for i, h in sent.items()}
-
-
-def gate(world: World, uploads: list[Upload]) -> list[CheckResult]:
-    d = int(world.assets.bank.features.shape[1])
-    norm = world.norm_scale
-    out = []
-    for u in uploads:
+    # ---------------------------------------------------------------- the gate and the zoo
+    def check(self, upload: Upload) -> CheckResult:
+        """The gate's verdict on one upload (see fedtina/server/gate.py)."""
         try:
-            out.append(check_head(u.head, u.names, d, world.selection(u.names), *world.val(u.class_ids), norm,
-                                  world.check_cfg, sent=u.sent))
+            d = int(self.assets.bank.features.shape[1])
+            return check_head(upload.head, upload.names, d, self.reference.selection(upload.names),
+                              *self.reference.val_data(upload.class_ids), self.norm_scale, self.check_cfg,
+                              sent=upload.sent)
         except Exception as e:  # noqa: BLE001 - as the server does: a malformed upload is refused, never fatal
-            out.append(CheckResult(False, f"malformed upload: {type(e).__name__}: {e}", None, None))
-    return out
+            return malformed(e)
+
+    def gate(self, uploads: Iterable[Upload]) -> list[CheckResult]:
+        return [self.check(u) for u in uploads]
+
+    def admit(self, entries: Sequence[ZooEntry]) -> None:
+        """Accepted heads join the zoo (and the row bank), in the given order: a refresh trains on that order."""
+        self.zoo.append_many(entries)
+        if self.bank is not None:
+            for e in entries:
+                self.bank.add(e.head)
+
+    # ---------------------------------------------------------------- refresh
+    def refreshed(self, steps: int, uploads: Iterable[Upload] = (), seed: int | None = None) -> "TinaService":
+        """This service with Tina refreshed for `steps` steps on the zoo plus `uploads` (not admitted: an
+        experiment's what-if); `seed`: the refresh's batches and noise, default Tina's own."""
+        from fedtina.tina.train import refresh
+
+        entries = self.zoo.entries() + [u.entry() for u in uploads]
+        new = refresh(self.tina, entries, steps, shots=self.assets.shots, descriptions=self.assets.descriptions,
+                      seed=seed)
+        return dataclasses.replace(self, tina=new)
+
+    def refresh(self, steps: int, save: Iterable[Path] = ()) -> None:
+        """Refresh Tina on the zoo, in place; written atomically to each of `save` (temp file + os.replace)."""
+        from fedtina.tina.train import save_checkpoint
+
+        self.tina = self.refreshed(steps).tina
+        for path in save:
+            save_checkpoint(path, self.tina)
 
 
-def zoo_entries(uploads: Iterable[Upload]) -> list:
-    from fedtina.zoo.store import ZooEntry
+def restore_zoo(zoo_dir: Path, size: int) -> None:
+    """Back to a checkpoint's zoo: a kill between a cohort's zoo append and its checkpoint leaves heads that the
+    resumed cohort will upload again. The append-only store is rebuilt from its first `size` entries (same ids); the
+    longer one is kept beside it, renamed."""
+    from fedtina.zoo.store import ZooStore
 
-    return [ZooEntry(class_names=u.names, params=u.head.params(), metrics={}, source=f"client:{u.client}")
-            for u in uploads]
-
-
-def refreshed(tina, world: World, uploads: Iterable[Upload], steps: int, seed: int | None = None):
-    """Tina after a refresh on the zoo plus `uploads` (`seed`: the refresh's batches, default Tina's)."""
-    from fedtina.tina.train import refresh
-
-    return refresh(tina, list(world.assets.zoo.entries()) + zoo_entries(uploads), steps,
-                   shots=world.assets.shots, descriptions=world.assets.descriptions, seed=seed)
-
-
-@dataclass
-class ProbeScores:
-    acc: float                                  # mean k-way accuracy over the probe clients
-    recall: dict[str, list[float]]              # class name -> its recall in each probe task that holds it
-
-    def class_recall(self, names: Iterable[str]) -> float:
-        """Mean recall over the (probe, class) pairs of `names` (NaN: no probe holds one)."""
-        vals = [r for n in names for r in self.recall.get(n, [])]
-        return float(np.mean(vals)) if vals else float("nan")
-
-
-def probe(tina, world: World, seed: int = 0) -> ProbeScores:
-    heads = serve(tina, world, world.probes, seed)
-    accs, recall = [], {}
-    for i, head in heads.items():
-        data = world.data[i]
-        aligned = client_ops.align_head(head, data.class_names, data.feature_dim)
-        pred = np.argmax(data.test_x @ aligned.weight.T + aligned.bias, axis=1)
-        accs.append(float(np.mean(pred == data.test_y)))
-        for j, name in enumerate(data.class_names):
-            mask = data.test_y == j
-            if mask.any():
-                recall.setdefault(name, []).append(float(np.mean(pred[mask] == j)))
-    return ProbeScores(float(np.mean(accs)), recall)
+    with ZooStore(zoo_dir) as zoo:
+        n = len(zoo)
+        if n < size:
+            raise FedtinaError(f"the run's zoo {zoo_dir} has {n} entries, fewer than the checkpoint's {size}: it was "
+                               f"modified outside the run; the run cannot be resumed")
+        keep = zoo.entries(zoo.ids()[:size]) if n > size else None
+    if keep is None:
+        return
+    aside = zoo_dir.with_name(f"{zoo_dir.name}.unfinished-{time.strftime('%Y%m%d-%H%M%S')}")
+    zoo_dir.rename(aside)
+    with ZooStore(zoo_dir) as zoo:
+        zoo.append_many(keep)
+    log.info("[tina] resume: the run's zoo had %d heads, %d from an unfinished cohort; continuing from the "
+             "checkpoint's %d (the longer zoo is kept in %s)", n, n - size, size, aside)

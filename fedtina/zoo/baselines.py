@@ -1,4 +1,5 @@
-"""Cheap text-only baselines that could explain Tina's zero-shot rows away, and the prompt check.
+"""Cheap text-only baselines that could explain Tina's zero-shot rows away, and the prompt check: rows of the
+benchmark (fedtina/experiments/bench.py) and of its analyses.
 
 * `ridge`: a linear map from a class's name embedding to its generic row and bias, fit on the seen classes (ridge,
   its strength chosen by leave-one-class-out error in closed form).
@@ -19,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from fedtina.zoo.heads import Head, generic_rows
+from fedtina.zoo.heads import Head, finetune_heads, generic_rows
 
 RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 TEMPERATURE_GRID = (0.02, 0.05, 0.1, 0.2, 0.5)
@@ -77,7 +78,6 @@ class TextBaselines:
         w = np.exp(z - z.max(1, keepdims=True))
         return w / w.sum(1, keepdims=True)
 
-
     def _head(self, names: Sequence[str], rows: np.ndarray) -> Head:
         rows = np.asarray(rows, np.float32)
         return Head(tuple(names), rows[:, :-1].copy(), rows[:, -1].copy())
@@ -120,8 +120,6 @@ def novelty(assets, tasks, heads, inits, cfg, seed: int) -> dict[str, float]:
     generated row (`heads`) to the nearest zoo row of its class (`to_zoo`), and the distance between two fine-tunes
     of the task from `inits` (the zoo's own recipe `cfg`: from the generic rows) on two seeded 80% subsamples of its
     zoo-part images (`between_fine_tunes`)."""
-    from fedtina.zoo.heads import finetune_heads
-
     zoo = zoo_class_rows(assets.zoo.entries())
     rows = lambda h: np.hstack([h.weight, h.bias[:, None]])  # noqa: E731
     to_zoo = [float(np.min(np.linalg.norm(np.stack(zoo[n]) - r, axis=1)) / np.linalg.norm(r))

@@ -1,4 +1,5 @@
-"""The shots axis of the benchmark: what n labelled images per class are worth, with and without training.
+"""The benchmark's shots axis (fedtina/experiments/bench.py, `bench.shots`): what n labelled images per class are
+worth, with and without training.
 
 For every task (the benchmark's ID and OOD sets) and n in `bench.shots`, n images per class are drawn from the
 task's zoo part (seeded by task and n, the same draws for every row; "all" = every zoo-part image). Rows:
@@ -19,8 +20,10 @@ from typing import Callable
 
 import numpy as np
 
+from fedtina.config import BenchConfig
 from fedtina.errors import FedtinaError
 from fedtina.zoo.heads import Head, finetune_heads, oracle_heads
+from fedtina.zoo.tasks import BenchTask, score
 
 SHOT_ROWS = ("tina_img", "tina_text_img", "imprint", "local_ft", "tina_ft")
 
@@ -43,7 +46,7 @@ def imprint_heads(names: list[tuple[str, ...]], data: list[tuple[np.ndarray, np.
     return heads
 
 
-def shot_rows(assets, tasks, n: int | str, cfg, selection: list[Head], task_seed: int,
+def shot_rows(assets, tasks: list[BenchTask], n: int | str, cfg: BenchConfig, selection: list[Head], task_seed: int,
               timed: Callable[[str, Callable[[], list[Head]]], list[Head]]) -> dict[str, list[Head]]:
     """Every shots row's heads for `tasks` at n shots per class (see the module docstring)."""
     draws = [draw_shots(t.train_y, len(t.class_names), n, np.random.default_rng([task_seed, i, _n_key(n)]))
@@ -75,8 +78,8 @@ def _n_key(n: int | str) -> int:
     return 10**6 if n == "all" else int(n)
 
 
-def run_shots(assets, task_sets: dict[str, list], cfg, base_rows: dict[str, dict[str, tuple[list[Head], float]]],
-              score: Callable[[list[Head], list], np.ndarray]) -> dict[str, dict[str, dict[str, float]]]:
+def run_shots(assets, task_sets: dict[str, list[BenchTask]], cfg: BenchConfig,
+              base_rows: dict[str, dict[str, tuple[list[Head], float]]]) -> dict[str, dict[str, dict[str, float]]]:
     """{"<n>": {row: {id_acc, id_std, ood_acc, ood_std, personalize_s}}} for n in "0" (selection, tina) and
     cfg.shots, plus oracle under "all"; `base_rows[set]` holds the benchmark's own heads (selection, tina,
     oracle) for the same tasks."""
@@ -109,42 +112,3 @@ def run_shots(assets, task_sets: dict[str, list], cfg, base_rows: dict[str, dict
         if "all" in [str(n) for n in cfg.shots]:
             put("all", "oracle", set_name, *base["oracle"], tasks)
     return out
-
-
-def format_shots(shots: dict[str, dict[str, dict[str, float]]]) -> str:
-    """Accuracy (%) per row and n, ID and OOD side by side."""
-    ns = list(shots)
-    rows = list(dict.fromkeys(r for n in ns for r in shots[n]))
-    lines = []
-    for set_name in ("id", "ood"):
-        lines.append(f"{set_name.upper():<14}" + "".join(f"{'n=' + n:>14}" for n in ns))
-        for row in rows:
-            cells = [f"{100 * shots[n][row][f'{set_name}_acc']:.1f} ± {100 * shots[n][row][f'{set_name}_std']:.1f}"
-                     if row in shots[n] else "" for n in ns]
-            lines.append(f"{row:<14}" + "".join(f"{c:>14}" for c in cells))
-    return "\n".join(lines)
-
-
-def plot_shots(path, shots: dict[str, dict[str, dict[str, float]]], title: str):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ns = [n for n in shots if n != "0"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, set_name in zip(axes, ("id", "ood")):
-        for row in SHOT_ROWS:
-            ax.plot(ns, [100 * shots[n][row][f"{set_name}_acc"] for n in ns], marker="o", label=row)
-        for row, style in (("selection", ":"), ("tina", "--")):
-            ax.axhline(100 * shots["0"][row][f"{set_name}_acc"], ls=style, color="gray", label=f"{row} (n=0)")
-        if "oracle" in shots.get("all", {}):
-            ax.axhline(100 * shots["all"]["oracle"][f"{set_name}_acc"], ls="-.", color="black", label="oracle")
-        ax.set_title(f"{title}: {set_name.upper()} tasks")
-        ax.set_xlabel("labelled images per class (n)")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("test accuracy (%)")
-    axes[1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
