@@ -62,7 +62,7 @@ def parse_args(argv: list[str]) -> DeployConfig:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from fedtina.validate import POSITIVE, check_value
+    from fedtina.config import POSITIVE, check_value
 
     bad = [a for a in argv if "=" not in a or a.startswith("-")]
     if bad:

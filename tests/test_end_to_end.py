@@ -105,10 +105,10 @@ def test_generate_cli_writes_a_loadable_classifier(report, cache, tmp_path, caps
 @pytest.mark.slow
 def test_generate_cli_rejects_bad_label_sets(report, cache, tmp_path, capsys):
     out = tmp_path / "bad.safetensors"
-    assert generate.main(["tractor, tractor", "--out", str(out), *TINY, f"cache_dir={cache}"]) == 2
+    assert generate.main(["text=tractor, tractor", f"out={out}", *TINY, f"cache_dir={cache}"]) == 2
     assert "duplicate" in capsys.readouterr().err.lower()
     too_many = ", ".join(f"class {i}" for i in range(9))  # tina.max_classes=8
-    assert generate.main([too_many, "--out", str(out), *TINY, f"cache_dir={cache}"]) == 2
+    assert generate.main([f"text={too_many}", f"out={out}", *TINY, f"cache_dir={cache}"]) == 2
     assert "8" in capsys.readouterr().err
     assert not out.exists()
 
