@@ -22,7 +22,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from fedtina.config import CoreConfig, from_dict
+from fedtina.config import CoreConfig, HeadTrainConfig, from_dict
 from fedtina.errors import FedtinaError
 from fedtina.adversary.privacy import PrivacyConfig
 from fedtina.runtime.spec import Faults, RunSpec

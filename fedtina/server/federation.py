@@ -40,7 +40,8 @@ class Federation:
         self.spec, self.assets = spec, spec.assets
         partition = load_partition(spec.partition_path)
         self.roster = Roster(partition, list(self.assets.dataset.class_names),
-                             int(self.assets.bank.features.shape[1]))
+                             int(self.assets.bank.features.shape[1]), identity=spec.node_partitions)
+        self.limits = from_dict(LimitsConfig, spec.core.get("limits"))
         self.transport = Transport(grid, spec, order=self.roster.queue_position)
         self.ledger = Ledger(self.roster, RunLoggers(spec.loggers, spec.out_dir, {
             "methods": spec.methods, "n_clients": spec.n_clients, "rounds": spec.rounds, "options": spec.options}))
