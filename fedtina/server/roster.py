@@ -97,7 +97,7 @@ class Roster:
         """The nodes of these clients, by client id: node ids are random per simulation, and the order decides the
         order of uploads in the zoo, hence what a server model trained on it learns (a resumed run must match)."""
         want = {int(i) for i in client_ids}
-        return sorted((n for n, c in self.clients.items() if c.client_id in want), key=self.queue_position)
+        return sorted((n for n in self.nodes if self.client_id(n) in want), key=self.queue_position)
 
     # ---------------------------------------------------------------- descriptions
     def claimed_id(self, node: int, desc: Description) -> int:
