@@ -153,7 +153,10 @@ def run(cfg: DictConfig | dict | None, out_dir: str | Path, assets=None, resume:
             except BaseException as e:
                 rd.mark("failed", f"{type(e).__name__}: {e}")
                 raise
-            rd.mark("interrupted" if outcome.interrupted else "done", outcome.interrupted)
+            if outcome.failed:   # a machine error (a full disk) stopped it: resumable, never `done`
+                rd.mark("failed", outcome.failed)
+            else:
+                rd.mark("interrupted" if outcome.interrupted else "done", outcome.interrupted)
             return outcome
     finally:
         rd.release()
@@ -195,6 +198,12 @@ def _run(plain: dict[str, Any], out_dir: Path, assets, resume: bool):
             handlers[-1].close()
 
 
+def exit_status(outcome) -> int:
+    """The command's exit status for a run that returned: 1 when a machine error (a full disk) stopped it, 130
+    when it was stopped (Ctrl-C, SIGTERM, a dead engine), 0 when it finished."""
+    return 1 if outcome.failed else 130 if outcome.interrupted else 0
+
+
 @hydra.main(version_base="1.3", config_path="../configs", config_name="simulate")
 def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
@@ -231,10 +240,10 @@ def main(cfg: DictConfig) -> float | None:
         if status != "ok":
             print(f"{name}: {status}")
     print(f"results: {out_dir}")
-    if outcome.interrupted:
-        log.error("%s; the report above covers what finished; resume with: %s", outcome.interrupted,
-                  resume_command(out_dir))
-        raise SystemExit(130)
+    if code := exit_status(outcome):
+        log.error("%s; the report above covers what finished; resume with: %s",
+                  outcome.failed or outcome.interrupted, resume_command(out_dir))
+        raise SystemExit(code)
     tina = outcome.summary["methods"].get("tina", {})
     return tina.get("acc_mean")  # for sweepers
 

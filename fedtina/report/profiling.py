@@ -20,6 +20,7 @@ What the numbers mean:
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 import sys
@@ -193,6 +194,36 @@ def from_config(d: dict[str, Any]) -> PhaseRecord:
             v = float(v)
         kwargs[f.name] = v
     return PhaseRecord(**kwargs)
+
+
+CLIENT_MEASURES = ("wall_s", "cpu_s", "peak_mem_mb", "mem_delta_mb", "peak_gpu_mb")   # what a client's profile reports
+MAX_DETAIL = 300   # characters of a client's note kept in its phase record
+
+
+def from_reply(d: dict[str, Any], method: str, rnd: int, client_id: int, phase: str) -> PhaseRecord:
+    """A client's profile of one phase (a reply's `prof` ConfigRecord, written by `to_config`), as the server files
+    it: who, what and when are the server's (`method`, `rnd`, `client_id`, `phase`), never the client's; the
+    client's measures must be finite non-negative numbers, its accuracy in [0, 1]. A malformed profile raises
+    ValueError naming the field."""
+    def number(key: str, default: float | None = None) -> float:
+        v = d.get(key, default)
+        signed = key == "mem_delta_mb"   # memory may be given back during a phase
+        if (v is None or isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                or (v < 0 and not signed)):
+            raise ValueError(f"profile field {key}={v!r} is not a finite number{'' if signed else ' >= 0'}")
+        return float(v)
+
+    has_acc = d.get("has_acc", False)
+    if not isinstance(has_acc, bool):
+        raise ValueError(f"profile field has_acc={has_acc!r} is not a bool")
+    acc = number("acc") if has_acc else None
+    if acc is not None and acc > 1:
+        raise ValueError(f"profile field acc={acc!r} is not in [0, 1]")
+    detail = d.get("detail", "")
+    if not isinstance(detail, str):
+        raise ValueError(f"profile field detail is a {type(detail).__name__}, not text")
+    measures = {k: number(k, 0.0 if k in ("mem_delta_mb", "peak_gpu_mb") else None) for k in CLIENT_MEASURES}
+    return PhaseRecord(method, int(rnd), int(client_id), phase, acc=acc, detail=detail[:MAX_DETAIL], **measures)
 
 
 def records_to_config(records: list[PhaseRecord]) -> dict[str, str | int | float | bool]:

@@ -19,6 +19,7 @@ from typing import Any, Iterator
 from fedtina.errors import FedtinaError
 from fedtina.runtime import app_by_name
 from fedtina.runtime import linkstate_index
+from fedtina.runtime import node_partitions
 from fedtina.runtime import reaper
 from fedtina.runtime.app_by_name import load_app
 from fedtina.runtime.grid import StopFlag
@@ -249,6 +250,8 @@ def run(spec: RunSpec, backend: dict[str, Any], verbose: bool = False) -> Any:
     from flwr.simulation import run_simulation  # deprecated in 1.42, see the module docstring
 
     linkstate_index.install()
+    node_partitions.install()
+    spec.node_partitions = {}   # the engine fills it as it registers the nodes; the ServerApp waits for it
     app_by_name.install(APPS["clientapp"])
     server_app, client_app = (load_app(APPS[k]) for k in ("serverapp", "clientapp"))
     set_run_spec(spec)

@@ -29,7 +29,7 @@ from fedtina.adversary.privacy import PrivacyConfig
 from fedtina.zoo.heads import Head
 from fedtina.io import atomic_write
 
-_IN_PROCESS = ("assets", "outcome", "stop", "finished", "concurrency", "resume")
+_IN_PROCESS = ("assets", "outcome", "stop", "finished", "concurrency", "resume", "node_partitions")
 
 
 @dataclass
@@ -87,6 +87,9 @@ class RunSpec:
     finished: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
     concurrency: int | None = field(default=None, repr=False, compare=False)   # ClientApp actors (None: unknown)
     resume: bool = field(default=False, repr=False, compare=False)   # continue from the run dir's checkpoint
+    node_partitions: dict[int, int] | None = field(default=None, repr=False, compare=False)   # node id -> partition
+    # id as the simulation engine assigned them (fedtina.runtime.node_partitions); None: unknown (a deployment),
+    # then a client's id is its own word
 
     def __post_init__(self) -> None:
         """What the engine needs of any run; the methods themselves are checked by whoever knows them (the driver's

@@ -19,13 +19,14 @@ from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedtina.client.call import HEAD_FT, pack
-from fedtina.config import from_dict
+from fedtina.config import LimitsConfig, from_dict
 from fedtina.data.partition import load_partition
 from fedtina.errors import FedtinaError
 from fedtina.report.loggers import RunLoggers
 from fedtina.runtime.spec import RunSpec, head_record
 from fedtina.server.reference import ServerReference
 from fedtina.server.ledger import Ledger, Outcome, Progress, save_checkpoint
+from fedtina.server.replies import ArraySpec, Checked, Expect, check, description, profiles, specs
 from fedtina.server.roster import Client, Roster
 from fedtina.server.transport import Transport
 from fedtina.zoo.heads import Head
@@ -40,7 +41,8 @@ class Federation:
         self.spec, self.assets = spec, spec.assets
         partition = load_partition(spec.partition_path)
         self.roster = Roster(partition, list(self.assets.dataset.class_names),
-                             int(self.assets.bank.features.shape[1]))
+                             int(self.assets.bank.features.shape[1]), identity=spec.node_partitions)
+        self.limits = from_dict(LimitsConfig, spec.core.get("limits"))
         self.transport = Transport(grid, spec, order=self.roster.queue_position)
         self.ledger = Ledger(self.roster, RunLoggers(spec.loggers, spec.out_dir, {
             "methods": spec.methods, "n_clients": spec.n_clients, "rounds": spec.rounds, "options": spec.options}))
@@ -94,7 +96,7 @@ class Federation:
 
     # ---------------------------------------------------------------- nodes
     def wait_for_nodes(self) -> list[int]:
-        self.roster.nodes = self.transport.wait_for_nodes()
+        self.roster.nodes = self.transport.wait_for_nodes(self.roster.identity)
         return self.nodes
 
     def describe(self, record: bool = True, **extra) -> None:
@@ -104,10 +106,19 @@ class Federation:
         contents = {n: RecordDict({"config": self.config("describe", 0, **extra)}) for n in self.nodes}
         t0 = time.perf_counter()
         wait = max(self.spec.timeout_s, self.spec.node_wait_s)
-        ok = self.collect(self.transport.exchange("query.describe", contents, "describe", timeout=wait), "describe",
-                          0, "describe", into=self.out.server_records if record else [])
-        for node, rep in ok.items():
-            c = self.roster.add(node, rep)
+        d, max_k = self.roster.feature_dim, len(self.class_names)
+
+        def validate(node: int, _cid: int, content: RecordDict) -> Checked:
+            desc = description(content, self.limits.max_description_chars, max_k, d)
+            checked = Checked(profiles(content))
+            self.roster.add(node, desc)
+            return checked
+
+        ok = self.ledger.collect(self.transport.exchange("query.describe", contents, "describe", timeout=wait),
+                                 self.transport.failure, validate, "describe", 0, "describe",
+                                 into=self.out.server_records if record else [], failed=self.roster.failed)
+        for node in ok:
+            c = self.clients[node]
             if c.error:
                 log.warning("[describe] client %d: %s", c.client_id, c.error)
         missing = len(self.nodes) - len(ok)
@@ -116,30 +127,42 @@ class Federation:
 
     # ---------------------------------------------------------------- messages and their replies
     def collect(self, replies: dict[int, Message | None], method: str, rnd: int, phase: str,
+                expect: Expect = Expect(), sent: dict[int, dict[str, ArraySpec]] | None = None,
                 **kw) -> dict[int, Message]:
-        """Good replies by node; the others filed as failed (fedtina.server.ledger.Ledger.collect)."""
-        return self.ledger.collect(replies, self.transport.failure, method, rnd, phase, **kw)
+        """Good replies by node, each checked against `expect` (fedtina.server.replies; `sent`: per node, the
+        arrays of the record it was sent under `expect.upload`); the others filed as failed
+        (fedtina.server.ledger.Ledger.collect)."""
+        def validate(node: int, cid: int, content: RecordDict) -> Checked:
+            return check(content, expect, self.roster.holds(cid), (sent or {}).get(node))
+
+        return self.ledger.collect(replies, self.transport.failure, validate, method, rnd, phase, **kw)
 
     def send(self, message_type: str, records: dict[int, dict], method: str, rnd: int, phase: str, *,
              fail: Iterable[str] = (), up_key: str | None = None, per_node: dict[int, dict] | None = None,
-             received_as: str | None = None, **extra) -> dict[int, Message]:
+             received_as: str | None = None, expect: Expect = Expect(), **extra) -> dict[int, Message]:
         """One message per node (`records[node]` plus the config, with `extra` and `per_node[node]`); good replies
-        by node. Profiles are filed under `method`, failures as `failed` results of the methods in `fail`; the
-        ArrayRecords sent count as the client's bytes received, its `up_key` ArrayRecord as bytes sent."""
+        by node, as `expect` says (default: a score). Profiles are filed under `method`, failures as `failed`
+        results of the methods in `fail`; the ArrayRecords sent count as the client's bytes received, its `up_key`
+        ArrayRecord as bytes sent."""
         contents, down = self.transport.messages(records, method, rnd, per_node, **extra)
-        replies = self.transport.exchange(message_type, contents, f"{method}:{rnd}:{phase}")
-        return self.collect(replies, method, rnd, phase, fail=fail, sent_down=down, up_key=up_key,
+        sent = {n: specs(recs[expect.upload]) for n, recs in records.items() if expect.upload in recs}
+        got = self.transport.exchange(message_type, contents, f"{method}:{rnd}:{phase}")
+        return self.collect(got, method, rnd, phase, expect, sent, fail=fail, sent_down=down, up_key=up_key,
                             received_as=received_as)
 
     def send_heads(self, kind: str, heads: dict[int, Head], method: str, rnd: int, *, fail: Iterable[str] = (),
                    received_as: str | None = None, **extra) -> dict[int, Message]:
         """`evaluate.head` or `train.finetune` with one head per node (see `send`); with `received_as`, the
-        fine-tune first evaluates the received head (its accuracy in the reply's `received`)."""
+        fine-tune first evaluates the received head (its accuracy in the reply's `received`). A fine-tune reply
+        may upload the head (`head`: the shapes of the one it was sent)."""
         mtype = {"evaluate": "evaluate.head", "finetune": "train.finetune"}[kind]
+        expect = Expect()
+        if kind == "finetune":
+            expect = Expect(scores=("metrics", "received") if received_as else ("metrics",), upload="head")
         if received_as:
             extra["evaluate_received"] = True
         return self.send(mtype, {n: {"head": head_record(h)} for n, h in heads.items()}, method, rnd, kind,
-                         fail=fail, up_key="head", received_as=received_as,
+                         fail=fail, up_key="head", received_as=received_as, expect=expect,
                          per_node={n: {"class_names": list(h.class_names)} for n, h in heads.items()}, **extra)
 
     def finetune_config(self, upload: bool) -> dict:

@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
-from flwr.app import Message
+from flwr.app import Message, RecordDict
 
 from fedtina.errors import FedtinaError
 from fedtina.report.loggers import RunLoggers
-from fedtina.report.profiling import PhaseRecord, PhaseTimer, from_config
+from fedtina.report.profiling import PhaseRecord, PhaseTimer
 from fedtina.report.summary import ClientResult, worst_decile_mean
 from fedtina.runtime.rundir import CHECKPOINT, RunDir
+from fedtina.server.replies import BadReply, Checked
 from fedtina.server.roster import Client, Roster
 
 log = logging.getLogger("fedtina.federation")
@@ -49,6 +50,8 @@ class Outcome:
     rounds: dict[str, int] = field(default_factory=dict)
     method_status: dict[str, str] = field(default_factory=dict)       # ok | failed: why | interrupted | not run
     interrupted: str = ""                                             # why the run stopped early ("": it did not)
+    failed: str = ""                                                  # the machine error that stopped it (a full
+                                                                      # disk; "": none): resumable, not done
     summary: dict | None = None
     files: list[Path] = field(default_factory=list)
 
@@ -158,12 +161,16 @@ class Ledger:
         return out
 
     def usable(self, nodes: Iterable[int], methods: Iterable[str], rnd: int) -> list[Client]:
-        """Clients whose description the server can serve; the others get an `error` ClientResult per method."""
+        """Clients whose description the server can serve; the others get an `error` ClientResult per method (a
+        node whose `describe` failed, a `failed` one)."""
         out = []
         for node in nodes:
             c = self.roster.clients.get(node)
             if c is None:
-                continue  # did not describe itself: recorded as failed in `describe`
+                why = self.roster.failed.get(node)
+                for m in methods if why is not None else ():
+                    self.result(m, self.roster.client_id(node), rnd, status="failed", detail=why)
+                continue
             if c.error:
                 for m in methods:
                     self.result(m, c.client_id, rnd, status="error", detail=c.error)
@@ -174,7 +181,7 @@ class Ledger:
     def score(self, replies: dict[int, Message], method: str, rnd: int, key: str = "metrics") -> None:
         for node, rep in replies.items():
             m = rep.content[key]
-            self.result(method, self.roster.client_id(node, rep), rnd, float(m["acc"]), int(m["num-examples"]))
+            self.result(method, self.roster.client_id(node), rnd, float(m["acc"]), int(m["num-examples"]))
 
     # ---------------------------------------------------------------- phase profiles
     def server_record(self, method: str, rnd: int, phase: str, timer: PhaseTimer, *, cid: int = -1,
@@ -182,36 +189,48 @@ class Ledger:
         self.out.server_records.append(timer.record(method, rnd, cid, phase, acc=acc, status=status, detail=detail))
 
     def collect(self, replies: dict[int, Message | None], failure: Callable[[int, Message | None], tuple[str, str]],
-                method: str, rnd: int, phase: str, *, fail: Iterable[str] = (),
-                sent_down: dict[int, int] | None = None, up_key: str | None = None,
-                into: list[PhaseRecord] | None = None, received_as: str | None = None) -> dict[int, Message]:
-        """Good replies by node. A missing reply (timeout) or an error reply gives a `failed` phase record (status
-        and detail from `failure`) and a `failed` ClientResult for each method in `fail`. Client profiles get the
+                validate: Callable[[int, int, RecordDict], Checked], method: str, rnd: int, phase: str, *,
+                fail: Iterable[str] = (), sent_down: dict[int, int] | None = None, up_key: str | None = None,
+                into: list[PhaseRecord] | None = None, received_as: str | None = None,
+                failed: dict[int, str] | None = None) -> dict[int, Message]:
+        """Good replies by node. A missing reply (timeout), an error reply, or one that `validate` (node, client id,
+        content; fedtina.server.replies) refuses gives a `failed` phase record (status and detail from `failure`,
+        or the refusal) and a `failed` ClientResult for each method in `fail`. Client profiles get the
         server-measured bytes: `bytes_recv` = arrays sent down to the client, `bytes_sent` = arrays it uploaded
         (`up_key`). A reply that also evaluated what it received (`prof_received`) gets that evaluate phase filed
         under `received_as`; both phases show the bytes that came down (each method's row says what it needed
-        sent)."""
+        sent). `failed` collects why each failed node failed."""
         into = self.out.records if into is None else into
         ok: dict[int, Message] = {}
         for node, rep in replies.items():
-            cid = self.roster.client_id(node, rep)
+            cid = self.roster.client_id(node)
             down = (sent_down or {}).get(node, 0)
+            checked, status, detail, where = None, "failed", "", ""
             if rep is None or rep.has_error():
                 status, detail = failure(node, rep)
+                where = "" if rep is None else " (traceback in the log file)"
+            else:
+                try:
+                    checked = validate(node, cid, rep.content)
+                except BadReply as e:
+                    detail = f"bad reply: {e}"
+                cid = self.roster.client_id(node)   # a deployment's describe: the id it claimed, if accepted
+            if checked is None:
                 log.warning("[%s] round %d: client %d %s in %s: %s%s", method, rnd, cid,
-                            "did not start" if status == "not_started" else "failed", phase, detail,
-                            "" if rep is None else " (traceback in the log file)")
+                            "did not start" if status == "not_started" else "failed", phase, detail, where)
                 into.append(PhaseRecord(method, rnd, cid, phase, bytes_recv=down, status=status, detail=detail))
+                if failed is not None:
+                    failed[node] = f"{phase}: {detail}"
                 for m in fail:
                     self.result(m, cid, rnd, status=status, detail=f"{phase}: {detail}")
                 continue
             up = rep.content[up_key].count_bytes() if up_key and up_key in rep.content.array_records else 0
-            if received_as and "prof_received" in rep.content.config_records:
-                prof = from_config(dict(rep.content["prof_received"]))
-                into.append(replace(prof, method=received_as, round=rnd, phase="evaluate", bytes_recv=down))
-            if "prof" in rep.content.config_records:
-                prof = from_config(dict(rep.content["prof"]))
-                into.append(replace(prof, method=method, round=rnd, phase=phase, bytes_recv=down, bytes_sent=up))
+            if received_as and "prof_received" in checked.profiles:
+                into.append(replace(checked.profiles["prof_received"], method=received_as, client_id=cid,
+                                    round=rnd, phase="evaluate", bytes_recv=down))
+            if "prof" in checked.profiles:
+                into.append(replace(checked.profiles["prof"], method=method, client_id=cid, round=rnd, phase=phase,
+                                    bytes_recv=down, bytes_sent=up))
             ok[node] = rep
         return ok
 

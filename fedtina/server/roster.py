@@ -3,6 +3,12 @@
 Clients are *old* (they take part in training) or *new* (partition.new_share: they arrive after the last round and
 each method serves them by its new-client procedure). Node ids are random per simulation; everything that must not
 depend on them (the order of sends, of uploads, of a strategy's nodes) goes by client id.
+
+A client's id is its partition id as the engine assigned it to the node (`identity`: the simulation engine's
+node -> partition map, fedtina.runtime.node_partitions), never a field the client writes: a ClientApp that says it
+is client 0 while holding client 1's partition is client 1. Only where the engine's map is unknown (a deployment
+the ServerApp did not launch) is the id the client's own word, and then an id outside the partition or one that
+another node claimed first is refused.
 """
 
 from __future__ import annotations
@@ -11,9 +17,8 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
-from flwr.app import Message
-
 from fedtina.data.partition import Partition
+from fedtina.server.replies import BadReply, Description, Holds
 from fedtina.tina.generator import parse_label_text
 
 
@@ -34,11 +39,14 @@ class Client:
 class Roster:
     """The nodes, the clients they described, and the partition's facts about each client id."""
 
-    def __init__(self, partition: Partition, class_names: list[str], feature_dim: int) -> None:
+    def __init__(self, partition: Partition, class_names: list[str], feature_dim: int,
+                 identity: dict[int, int] | None = None) -> None:
         self.partition = partition
+        self.identity = identity                       # node id -> partition id, as the engine assigned them
         self.class_index = {n: i for i, n in enumerate(class_names)}
         self.feature_dim = feature_dim
         self.clients: dict[int, Client] = {}           # node id -> Client
+        self.failed: dict[int, str] = {}               # node id -> why its `describe` failed
         self.nodes: list[int] = []
 
     # ---------------------------------------------------------------- ids and order
@@ -47,12 +55,11 @@ class Roster:
         c = self.clients.get(node)
         return c.client_id if c is not None else len(self.nodes)
 
-    def client_id(self, node: int, reply: Message | None = None) -> int:
-        if node in self.clients:
-            return self.clients[node].client_id
-        if reply is not None and not reply.has_error() and "prof" in reply.content.config_records:
-            return int(reply.content["prof"]["client_id"])
-        return -1
+    def client_id(self, node: int) -> int:
+        """The node's partition id (-1: unknown, a node that never described itself in a deployment)."""
+        if self.identity is not None:
+            return self.identity.get(node, -1)
+        return self.clients[node].client_id if node in self.clients else -1
 
     # ---------------------------------------------------------------- the partition's facts
     def spec_of(self, cid: int):
@@ -67,6 +74,11 @@ class Roster:
     def labels(self, cid: int) -> int:
         """Labelled training images the client holds (all classes together)."""
         return len(c.train_idx) if (c := self.spec_of(cid)) is not None else 0
+
+    def holds(self, cid: int) -> Holds:
+        """What the client's partition holds: the bounds of the counts its replies report."""
+        c = self.spec_of(cid)
+        return Holds(len(c.train_idx), len(c.test_idx)) if c is not None else Holds(0, 0)
 
     def label_budget(self, cid: int) -> int:
         return c.label_budget if (c := self.spec_of(cid)) is not None else -1
@@ -85,17 +97,29 @@ class Roster:
         """The nodes of these clients, by client id: node ids are random per simulation, and the order decides the
         order of uploads in the zoo, hence what a server model trained on it learns (a resumed run must match)."""
         want = {int(i) for i in client_ids}
-        return sorted((n for n, c in self.clients.items() if c.client_id in want), key=self.queue_position)
+        return sorted((n for n in self.nodes if self.client_id(n) in want), key=self.queue_position)
 
     # ---------------------------------------------------------------- descriptions
-    def add(self, node: int, reply: Message) -> Client:
-        """The client a `query.describe` reply describes: its text parsed into class names, its image prompts
-        (`shots`) checked; what the server cannot serve goes in `error`."""
-        desc = reply.content["desc"]
-        c = Client(node, int(desc["client_id"]), str(desc["text"]))
+    def claimed_id(self, node: int, desc: Description) -> int:
+        """The node's client id: the engine's; without the engine's map, the one it claims, which must be a free
+        partition id (BadReply otherwise)."""
+        if self.identity is not None:
+            return self.client_id(node)
+        cid = desc.client_id
+        if not isinstance(cid, int) or isinstance(cid, bool) or self.spec_of(cid) is None:
+            raise BadReply(f"desc.client_id={cid!r} is not a partition id in [0, {len(self.partition.clients)})")
+        if any(c.client_id == cid for n, c in self.clients.items() if n != node):
+            raise BadReply(f"desc.client_id={cid} is claimed by another node")
+        return cid
+
+    def add(self, node: int, desc: Description) -> Client:
+        """The client a checked `query.describe` reply (fedtina.server.replies.description) describes: its text
+        parsed into class names, its image prompts checked against them; what the server cannot serve goes in
+        `error`."""
+        c = Client(node, self.claimed_id(node, desc), desc.text)
         self._parse(c)
-        if not c.error and "shots" in reply.content.array_records:
-            self._parse_shots(c, reply.content["shots"])
+        if not c.error and desc.shots is not None:
+            self._parse_shots(c, *desc.shots)
         self.clients[node] = c
         return c
 
@@ -118,9 +142,8 @@ class Roster:
         c.names = tuple(names)
         c.class_ids = tuple(self.class_index[n] for n in names)
 
-    def _parse_shots(self, c: Client, rec) -> None:
+    def _parse_shots(self, c: Client, mean: np.ndarray, count: np.ndarray) -> None:
         """The client's image prompts: a [k, d] mean per class in its description's order, counts [k]."""
-        mean, count = rec["mean"].numpy(), rec["count"].numpy()
         d = self.feature_dim
         if mean.shape != (len(c.names), d) or count.shape != (len(c.names),) or not np.isfinite(mean).all():
             c.error = f"image prompts of shape {mean.shape} / counts {count.shape}, expected [{len(c.names)}, {d}]"

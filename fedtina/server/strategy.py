@@ -19,6 +19,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedtina.errors import FedtinaError
 from fedtina.server import aggregation
+from fedtina.server.replies import ArraySpec, Expect, specs
 from fedtina.report.profiling import PhaseTimer
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ class Recording:
         self.fed, self.method, self.record_results = fed, method, record_results
         self.train_type, self.evaluate_type = train_type, evaluate_type
         self._sent: dict[tuple[str, int], dict[int, int]] = {}
+        self._arrays: dict[str, ArraySpec] = {}   # what a training reply must send back (fedtina.server.replies)
 
     def _route(self, msgs, mtype: str, phase: str, server_round: int) -> list[Message]:
         out = []
@@ -45,6 +47,8 @@ class Recording:
             out.append(m)
         self._sent[(phase, server_round)] = {m.metadata.dst_node_id: m.content[self.arrayrecord_key].count_bytes()
                                              for m in out}
+        if out and phase == "train":
+            self._arrays = specs(out[0].content[self.arrayrecord_key])   # one global record for every node
         return out
 
     def configure_train(self, server_round, arrays, config, grid):
@@ -60,15 +64,23 @@ class Recording:
         got = {r.metadata.src_node_id: r for r in replies}
         return {n: got.get(n) for n in self._sent.get((phase, server_round), {})} | got
 
+    def update_expect(self) -> Expect:
+        """A training reply: the arrays it was sent (less those the method keeps local), finite, weighed by the
+        client's training images."""
+        keep = BodyOnly.head_keys if isinstance(self, BodyOnly) else ()
+        return Expect(scores=(), upload=self.arrayrecord_key, required=True, keep=keep, weight="metrics",
+                      finite=True)
+
     def aggregate_train(self, server_round, replies):
         # in client order: replies arrive in whatever order the actors finish, and a float sum depends on its order
         replies = sorted(replies, key=lambda r: self.fed.client_id(r.metadata.src_node_id))
-        self.fed.collect(self._by_node("train", server_round, replies), self.method, server_round, "train",
-                         sent_down=self._sent.get(("train", server_round)), up_key=self.arrayrecord_key)
-        with PhaseTimer() as t:
-            out = super().aggregate_train(server_round, replies)
-        self.fed.server_record(self.method, server_round, "aggregate", t,
-                               detail=f"{sum(not r.has_error() for r in replies)} updates")
+        sent = self._sent.get(("train", server_round), {})
+        ok = self.fed.collect(self._by_node("train", server_round, replies), self.method, server_round, "train",
+                              self.update_expect(), {n: self._arrays for n in sent}, sent_down=sent,
+                              up_key=self.arrayrecord_key)
+        with PhaseTimer() as t:   # only the replies that passed: Flower's strategy reads the others' records too
+            out = super().aggregate_train(server_round, [r for r in replies if r.metadata.src_node_id in ok])
+        self.fed.server_record(self.method, server_round, "aggregate", t, detail=f"{len(ok)} updates")
         return out
 
     def aggregate_evaluate(self, server_round, replies):
@@ -82,7 +94,7 @@ class Recording:
         else:
             line = f"{len(ok)} clients evaluated"
         self.fed.progress(self.method, server_round, self.fed.spec.rounds, line)
-        return super().aggregate_evaluate(server_round, replies)
+        return super().aggregate_evaluate(server_round, [r for r in replies if r.metadata.src_node_id in ok])
 
 
 class BodyOnly(FedAvg):

@@ -36,11 +36,13 @@ class Transport:
         self.spec = spec
         self.grid = GuardedGrid(grid, spec.stop, lambda: spec.concurrency, order=order)
 
-    def wait_for_nodes(self) -> list[int]:
+    def wait_for_nodes(self, identity: dict[int, int] | None = None) -> list[int]:
         """All `n_clients` simulated nodes, or a clear error after `node_wait_s` (a backend that failed to start
-        would otherwise leave the ServerApp waiting forever)."""
+        would otherwise leave the ServerApp waiting forever). With `identity` (the engine's node -> partition map,
+        filled as the engine registers its nodes), until it names every node too."""
         n, deadline = self.spec.n_clients, time.monotonic() + self.spec.node_wait_s
-        while len(ids := sorted(self.grid.get_node_ids())) < n:
+        while len(ids := sorted(self.grid.get_node_ids())) < n or (identity is not None
+                                                                  and not set(ids) <= set(identity)):
             if time.monotonic() > deadline:
                 raise FedtinaError(f"only {len(ids)} of {n} simulated clients registered within "
                                    f"{self.spec.node_wait_s:g} s: the Ray backend probably failed to start (see the "
