@@ -4,6 +4,8 @@
 * `roster` (fedtina.server.roster): who the clients are: their nodes, descriptions, old / new;
 * `ledger` (fedtina.server.ledger): per-client results, phase profiles, the per-round lines, the checkpoint;
 * `reference` (fedtina.server.reference): what the server holds itself (selection heads, held-out validation features).
+* `replies` (fedtina.server.replies): the check every reply passes where it enters (`collect`), so a method only
+  sees replies that hold what it reads; one that fails it fails its client alone.
 
 Methods call the parts through it (`fed.send(...)`, `fed.old`, `fed.result(...)`, ...), and read their resume state
 with `fed.state(name)`: their own and that of the methods they `require`. `fedtina.server.loop.run_all` plays them.
@@ -100,9 +102,10 @@ class Federation:
         return self.nodes
 
     def describe(self, record: bool = True, **extra) -> None:
-        """`query.describe` to every node (its config with `extra`): its client id and the text describing its
-        classes, parsed here. The first message starts the Ray actors (imports, torch), so it may take up to
-        `node_wait_s`. With `record` the clients' profiles of it go to `server_records`."""
+        """`query.describe` to every node (its config with `extra`): the text describing its classes, checked and
+        parsed here (its client id is the engine's: fedtina.server.roster). The first message starts the Ray actors
+        (imports, torch), so it may take up to `node_wait_s`. With `record` the clients' profiles of it go to
+        `server_records`; a node whose reply fails gets a `failed` row in every method that serves descriptions."""
         contents = {n: RecordDict({"config": self.config("describe", 0, **extra)}) for n in self.nodes}
         t0 = time.perf_counter()
         wait = max(self.spec.timeout_s, self.spec.node_wait_s)
