@@ -209,7 +209,7 @@ def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
     from fedtina.report.summary import format_by_labels, format_table
-    from fedtina.runtime.rundir import find_resumable, resume_command
+    from fedtina.runtime.rundir import check_resume_overrides, find_resumable, resume_command
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
@@ -220,7 +220,9 @@ def main(cfg: DictConfig) -> float | None:
                   f"--federation-config 'num_supernodes={cfg.clients}'")
             return None
         if cfg.get("resume") not in (None, False):
-            out_dir = find_resumable(str(cfg.resume), out_dir.parent).path
+            found = find_resumable(str(cfg.resume), out_dir.parent)
+            check_resume_overrides(found, _plain(cfg), list(HydraConfig.get().overrides.task))
+            out_dir = found.path
             outcome = run(None, out_dir, resume=True)
         else:
             outcome = run(cfg, out_dir)

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from fedtina.errors import FedtinaError
 from fedtina.runtime.grid import GuardedGrid, Interrupted, StopFlag
-from fedtina.runtime.rundir import RunDir, find_resumable
+from fedtina.runtime.rundir import RunDir, check_resume_overrides, find_resumable
 
 
 @dataclass
@@ -160,6 +160,21 @@ def test_find_resumable(tmp_path):
         find_resumable(str(root / "c"), root)
     with pytest.raises(FedtinaError, match="no killed, interrupted or failed run"):
         find_resumable("true", tmp_path / "empty")
+
+
+def test_resume_refuses_overrides_that_differ_from_the_run(tmp_path):
+    rd = RunDir(tmp_path / "run")
+    rd.path.mkdir()
+    rd.save_config({"clients": 100, "method": {"names": ["tina"]}, "partition": {"seed": 0}})
+    same = {"clients": 100, "method": {"names": ["tina"]}, "partition": {"seed": 0}, "resume": "x"}
+    check_resume_overrides(rd, same, ["resume=x", "clients=100", "hydra.run.dir=y"])   # nothing differs
+    other = {**same, "clients": 50, "method": {"names": ["tina", "fedavg"]}}
+    with pytest.raises(FedtinaError) as err:
+        check_resume_overrides(rd, other, ["resume=x", "clients=50", "method=compare", "partition.seed=0"])
+    assert str(err.value) == ('resume continues the run with its own config; these overrides differ from it: '
+                              'clients (this command: 50; the run: 100); method (this command: {"names": ["tina", '
+                              '"fedavg"]}; the run: {"names": ["tina"]}). Drop them to resume, or start a new run')
+    check_resume_overrides(RunDir(tmp_path / "none"), other, ["resume=x"])   # no override: the config is not read
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -163,3 +163,34 @@ def find_resumable(resume: str, root: Path) -> RunDir:
     if state == "running":
         raise FedtinaError(f"resume={resume}: the run in {rd.path} is still running (pid {rd.status().get('pid')})")
     return rd
+
+
+def check_resume_overrides(run: "RunDir", composed: dict[str, Any], overrides: list[str]) -> None:
+    """A resumed run continues with its own config: a command-line override (other than `resume` and `hydra.*`)
+    whose value differs from the run's is one line, not silently ignored. `composed`: the command's config with
+    those overrides applied, so a group choice (`method=pfl`) compares as the section it selects."""
+    keys = [k for k in (o.lstrip("+~").split("=", 1)[0] for o in overrides)
+            if k != "resume" and not k.startswith("hydra.")]
+    run_config = run.config() if keys else {}
+    differ = []
+    for key in keys:
+        mine, theirs = _select(composed, key), _select(run_config, key)
+        if mine != theirs:
+            differ.append(f"{key} (this command: {_short(mine)}; the run: {_short(theirs)})")
+    if differ:
+        raise FedtinaError(f"resume continues the run with its own config; these overrides differ from it: "
+                           f"{'; '.join(differ)}. Drop them to resume, or start a new run")
+
+
+def _select(cfg: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(cfg, dict) or part not in cfg:
+            return None
+        cfg = cfg[part]
+    return cfg
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
