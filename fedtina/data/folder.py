@@ -202,9 +202,9 @@ def read_names_file(path: str | Path) -> dict[str, str]:
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         parts = line.split("\t")
-        if len(parts) != 2 or not parts[0].strip() or not parts[1].strip():
+        key, value = (parts[0].strip(), " ".join(printable(parts[1]).split())) if len(parts) == 2 else ("", "")
+        if not key or not value:   # a name of control characters only is no name
             raise FedtinaError(f"names file {path} line {n}: expected 'id<TAB>readable name', got {line!r}")
-        key, value = parts[0].strip(), " ".join(printable(parts[1]).split())
         if key in names:
             raise FedtinaError(f"names file {path} line {n}: id {key!r} is given twice")
         names[key] = value
