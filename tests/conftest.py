@@ -29,3 +29,15 @@ def tiny(tmp_path_factory):
     plain = _plain(compose(cache))
     assets = build_assets(from_dict(CoreConfig, {k: plain[k] for k in CORE_KEYS if k in plain}), log=lambda _m: None)
     return cache, assets
+
+
+@pytest.fixture
+def task_identity():
+    """Messages are stamped with the running task's identity, which a unit test has to provide."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    before = {k: getattr(TaskIdentity, k, None) for k in ("_task_id", "_run_id", "_node_id")}
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    yield
+    for k, v in before.items():
+        setattr(TaskIdentity, k, v)

@@ -87,18 +87,6 @@ def test_mislabel_is_seeded_and_bounded():
 # mods
 
 
-@pytest.fixture
-def task_identity():
-    """Messages are stamped with the running task's identity, which a unit test has to provide."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    before = {k: getattr(TaskIdentity, k, None) for k in ("_task_id", "_run_id", "_node_id")}
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
-    yield
-    for k, v in before.items():
-        setattr(TaskIdentity, k, v)
-
-
 def _ctx(cid: int) -> Context:
     return Context(run_id=1, node_id=cid + 10, node_config={"partition-id": cid}, state=RecordDict(), run_config={})
 

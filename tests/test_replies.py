@@ -29,18 +29,6 @@ CLASSES = ["circle", "square", "star", "arrow"]
 D = 6
 
 
-@pytest.fixture
-def identity():
-    """Flower's Message needs the process's task identity (set by the engine in a real run)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    before = {k: getattr(TaskIdentity, k, None) for k in ("_task_id", "_run_id", "_node_id")}
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
-    yield
-    for k, v in before.items():
-        setattr(TaskIdentity, k, v)
-
-
 def _partition(n: int = 3) -> Partition:
     clients = [ClientSpec(i, (0, 1), ("circle", "square"), np.arange(5), np.arange(4), False, "circle, square")
                for i in range(n)]
@@ -232,7 +220,7 @@ def _reply(node: int, content: RecordDict) -> Message:
     return Message(content, reply_to=Message(RecordDict(), dst_node_id=node, message_type="evaluate.head"))
 
 
-def test_one_bad_reply_fails_its_client_alone_with_the_reason(identity, tmp_path):
+def test_one_bad_reply_fails_its_client_alone_with_the_reason(task_identity, tmp_path):
     roster = Roster(_partition(), CLASSES, D, identity={101: 0, 102: 1, 103: 2})
     roster.nodes = [101, 102, 103]
     ledger = Ledger(roster, RunLoggers([], tmp_path))
