@@ -208,7 +208,7 @@ def exit_status(outcome) -> int:
 def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
-    from fedtina.report.summary import format_by_labels, format_table
+    from fedtina.report.summary import format_by_labels, format_table, format_zoo_loop
     from fedtina.runtime.rundir import check_resume_overrides, find_resumable, resume_command
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -238,6 +238,8 @@ def main(cfg: DictConfig) -> float | None:
     for group in ("old_clients", "new_clients"):
         if by_labels := format_by_labels(outcome.summary, group):
             print(by_labels)
+    if loop := format_zoo_loop(outcome.zoo_growth):
+        print(loop)
     for name, status in outcome.summary.get("method_status", {}).items():
         if status != "ok":
             print(f"{name}: {status}")

@@ -35,7 +35,8 @@ def test_compare_every_method_on_the_same_clients(tiny, tmp_path):
     cache, assets = tiny
     cached_zoo = len(ZooStore(assets.zoo_dir))
     cfg = _compose(cache, "clients=4", "rounds=2", "method=compare", "method.tina.refresh_every=2",
-                   "method.tina.refresh_steps=5", "checks.max_acc_drop=1.0", "loggers=[tensorboard]")
+                   "method.tina.refresh_steps=5", "checks.max_acc_drop=1.0", "loggers=[tensorboard]",
+                   "head_ft.select=false")   # clients always move their head: their uploads are not echoes
     out = tmp_path / "run"
     outcome = run(cfg, out)  # assets from the cache, as `python -m fedtina.simulate` does
 
@@ -104,7 +105,8 @@ def test_faults_failed_refused_and_unknown_class_do_not_stop_the_run(tiny, tmp_p
     cached_zoo = len(ZooStore(assets.zoo_dir))
     cfg = _compose(cache, "clients=5", "rounds=1", "method.names=[tina,selection,fedavg]",
                    "method.tina.refresh_every=0", "partition.new_share=0", "checks.max_acc_drop=1.0", "faults.crash_clients=[1]",
-                   "faults.poison_clients=[2]", "faults.unknown_class_clients=[3]")
+                   "faults.poison_clients=[2]", "faults.unknown_class_clients=[3]",
+                   "head_ft.select=false")   # clients always move their head: their uploads are not echoes
     out = tmp_path / "run"
     outcome = run(cfg, out, assets=assets)
     doc = _summary(out)
@@ -142,9 +144,21 @@ def test_faults_failed_refused_and_unknown_class_do_not_stop_the_run(tiny, tmp_p
     sources = [e.source for e in zoo.entries()]
     assert "client:2" not in sources and {"client:0", "client:4"} <= set(sources)
     assert len(zoo) == cached_zoo + 2
-    assert doc["zoo_growth"] == [{"round": 1, "zoo_size": cached_zoo, "zoo_size_after": cached_zoo + 2, "mean_acc": pytest.approx(
-        np.mean([_by_client(doc, "tina")[c]["acc"] for c in (0, 2, 4)])), "std_acc": pytest.approx(
-        np.std([_by_client(doc, "tina")[c]["acc"] for c in (0, 2, 4)])), "accepted": 2, "refused": 1}]
+    (growth,) = doc["zoo_growth"]
+    assert {k: growth[k] for k in ("round", "zoo_size", "zoo_size_after", "mean_acc", "std_acc", "accepted",
+                                   "refused", "echoes", "refresh", "probe")} == {
+        "round": 1, "zoo_size": cached_zoo, "zoo_size_after": cached_zoo + 2, "mean_acc": pytest.approx(
+            np.mean([_by_client(doc, "tina")[c]["acc"] for c in (0, 2, 4)])), "std_acc": pytest.approx(
+            np.std([_by_client(doc, "tina")[c]["acc"] for c in (0, 2, 4)])), "accepted": 2, "refused": 1,
+        "echoes": 0, "refresh": "", "probe": None}   # refresh_every=0: no refresh, so no probe
+    # an accepted entry's evidence is the partition's count of its labelled images, not the client's word
+    from fedtina.data.partition import load_partition
+
+    part = load_partition(out / "partition.json")
+    evidence = {e.source: e.metrics["images_per_class"] for e in zoo.entries() if e.source.startswith("client:")}
+    assert evidence == {f"client:{c}": pytest.approx(len(part.clients[c].train_idx) / part.clients[c].k)
+                        for c in (0, 4)}
+    assert growth["accepted_images_per_class"] == pytest.approx(np.mean(list(evidence.values())))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -253,7 +267,7 @@ def test_clients_with_label_budgets_and_image_prompts(tiny, tmp_path):
         assert set(doc["summary"]["methods"][m]["acc_by_labels"]) == ({"1", "2"} if zero else {"0", "1", "2"}), m
         assert doc["summary"]["methods"][m]["old_clients"]["n_unserved"] == (2 if zero else 0), m
     ft = _by_client(doc, "tina_ft")
-    assert all(ft[c]["upload"] in ("accepted", "refused") for c in (1, 2, 4, 5)), ft
+    assert all(ft[c]["upload"] in ("accepted", "refused", "echo") for c in (1, 2, 4, 5)), ft
     from fedtina.report.summary import format_by_labels
 
     table = format_by_labels(outcome.summary, "old_clients")

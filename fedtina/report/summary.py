@@ -328,6 +328,25 @@ def _plot_phases(path: Path, summary: dict) -> Path:
     return path
 
 
+def format_zoo_loop(zoo_growth: list[dict] | None) -> str:
+    """Tina's upload loop, one line per cohort: the arriving clients' accuracy, the zoo before -> after, what the
+    cohort uploaded (accepted with their mean images per class, refused, echoes dropped), the refresh's verdict with
+    the probe scores, and Tina's probe accuracy after the cohort. Empty without a zoo loop."""
+    if not zoo_growth:
+        return ""
+    pct = lambda v: "" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    lines = [f"{'cohort':>6} {'tina acc':>8} {'zoo':>13} {'accepted':>8} {'img/class':>9} {'refused':>7} "
+             f"{'echoes':>6} {'refresh':>12} {'probe before -> after':>22} {'probe':>6}"]
+    for r in sorted(zoo_growth, key=lambda r: r["round"]):
+        img = r.get("accepted_images_per_class")
+        probe = (f"{pct(r.get('probe_before'))} -> {pct(r.get('probe_after'))}"
+                 if r.get("probe_before") is not None else "")
+        lines.append(f"{r['round']:>6} {pct(r.get('mean_acc')):>8} {r['zoo_size']:>6}->{r['zoo_size_after']:<6} "
+                     f"{r.get('accepted', 0):>8} {'' if img is None else f'{img:.1f}':>9} {r.get('refused', 0):>7} "
+                     f"{r.get('echoes', 0):>6} {r.get('refresh') or '-':>12} {probe:>22} {pct(r.get('probe')):>6}")
+    return "\n".join(["Tina's upload loop (accuracies in %)"] + lines)
+
+
 def _plot_zoo(path: Path, zoo_growth: list[dict]) -> Path:
     from matplotlib.figure import Figure
 
@@ -335,8 +354,8 @@ def _plot_zoo(path: Path, zoo_growth: list[dict]) -> Path:
     size = [r["zoo_size"] for r in rows]
     mean = [r["mean_acc"] if r.get("mean_acc") is not None else np.nan for r in rows]
     std = [r.get("std_acc") or 0.0 for r in rows]
-    fig = Figure(figsize=(9, 4), layout="constrained")
-    ax1, ax2 = fig.subplots(1, 2)
+    fig = Figure(figsize=(13, 4), layout="constrained")
+    ax1, ax2, ax3 = fig.subplots(1, 3)
     ax1.errorbar(size, mean, yerr=std, marker="o", capsize=3)
     for r, x, y in zip(rows, size, mean):
         ax1.annotate(f"r{r['round']}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
@@ -346,12 +365,26 @@ def _plot_zoo(path: Path, zoo_growth: list[dict]) -> Path:
     rounds = np.array([r["round"] for r in rows])
     acc_n = np.array([r.get("accepted", 0) for r in rows])
     ref_n = np.array([r.get("refused", 0) for r in rows])
+    echo_n = np.array([r.get("echoes", 0) for r in rows])
     ax2.bar(rounds, acc_n, label="accepted")
     ax2.bar(rounds, ref_n, bottom=acc_n, label="refused")
+    ax2.bar(rounds, echo_n, bottom=acc_n + ref_n, label="echoes (dropped)")
     ax2.set_xlabel("round")
     ax2.set_ylabel("uploaded heads")
     ax2.set_title("zoo uploads per round")
     ax2.legend(fontsize=8)
+    # Tina's probe accuracy after each cohort against the uploads accepted so far; rolled-back refreshes marked
+    seen = np.cumsum(acc_n)
+    probe = np.array([r["probe"] if r.get("probe") is not None else np.nan for r in rows])
+    ax3.plot(seen, probe, marker="o")
+    back = [i for i, r in enumerate(rows) if r.get("refresh") == "rolled back"]
+    if back:
+        ax3.scatter(seen[back], [r["probe_after"] for r in (rows[i] for i in back)], marker="x", color="red",
+                    label="refresh rolled back (its score)", zorder=3)
+        ax3.legend(fontsize=8)
+    ax3.set_xlabel("accepted uploads (cumulative)")
+    ax3.set_ylabel("Tina's probe accuracy")
+    ax3.set_title("probe accuracy vs accepted uploads")
     fig.savefig(path, dpi=120)
     return path
 
@@ -406,8 +439,8 @@ def write_report(out_dir: Path, summary: dict, results: list[ClientResult], reco
                  zoo_growth: list[dict] | None = None) -> list[Path]:
     """Write summary.json, clients.csv (one row per result; a tina_ft row says whether the server's gate accepted
     or refused the client's upload, and why), phases.csv (one row per record), comparison.csv (one row per method),
-    acc_by_method.png, time_by_phase.png and, with `zoo_growth` ({round, zoo_size, mean_acc, std_acc, accepted,
-    refused} per round), zoo_growth.png. Returns the paths written."""
+    acc_by_method.png, time_by_phase.png and, with `zoo_growth` (per round: zoo_size, mean_acc, std_acc, accepted,
+    refused, echoes, refresh, probe scores: `format_zoo_loop`), zoo_growth.png. Returns the paths written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [write_json_lists(out / "summary.json", _json_safe({"summary": summary, "table": format_table(summary),

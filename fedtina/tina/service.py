@@ -12,8 +12,13 @@ serving loop exists once.
   server's held-out images (`fedtina.server.reference`); a malformed upload is refused, never fatal.
 * Admission: accepted heads are appended to the zoo (the run's ZooStore, or an experiment's in-memory `ZooList`) and,
   with a row bank (method.tina.bank), to its rows.
+* Echoes: an upload that did not move from the head the server sent carries nothing Tina does not already know;
+  it is not appended (the caller counts it). Refreshing a generator on its own samples is the self-consuming loop
+  that drifts (fedtina/tina/probe.py).
 * Refresh: `tina.train.refresh`, warm-started from the current Tina, on the zoo (plus uploads not admitted, for an
-  experiment's what-if); saved atomically when asked (a resumed run restarts from that file).
+  experiment's what-if). With a probe set, the refreshed Tina replaces the current one only when its probe accuracy
+  is not lower; otherwise it is dropped (rolled back). An adopted Tina is saved atomically when asked (a resumed
+  run restarts from that file).
 """
 
 from __future__ import annotations
@@ -21,18 +26,22 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+import numpy as np
 from fedtina.errors import FedtinaError
 from fedtina.server.gate import CheckResult, HeadCheckConfig, check_head
 from fedtina.server.reference import ServerReference
+from fedtina.tina.probe import ProbeSet
 from fedtina.zoo.heads import Head, RowBank
 from fedtina.zoo.store import ZooEntry
 
 log = logging.getLogger("fedtina.federation")
 GENERATE_BATCH = 2048   # heads per sampler call: bounds the sampler's memory, and a stop request waits for one batch
+ECHO_MOVE = 1e-6        # relative parameter change below which an upload is the sent head itself (float32 is exact
+                        # through the transport, so an unchanged head moves 0; this only absorbs rounding)
 
 
 @dataclass(frozen=True)
@@ -45,10 +54,36 @@ class Upload:
     sent: Head                   # what Tina generated for it
     head: Head                   # what it uploads
     bad: bool = False            # an experiment's attacker
+    images: float = float("nan")  # labelled images per class it was fitted on (the server's partition says so)
+
+    @property
+    def moved(self) -> float:
+        """How far the head moved from the one the server sent: ||head - sent|| / ||sent|| over weights and biases."""
+        a = np.concatenate([np.ravel(self.head.weight), np.ravel(self.head.bias)]).astype(np.float64)
+        b = np.concatenate([np.ravel(self.sent.weight), np.ravel(self.sent.bias)]).astype(np.float64)
+        if a.shape != b.shape:
+            return float("inf")
+        return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
+
+    @property
+    def echo(self) -> bool:
+        """The sent head came back unchanged: nothing to learn from it."""
+        return self.moved < ECHO_MOVE
 
     def entry(self, metrics: dict[str, float] | None = None) -> ZooEntry:
-        return ZooEntry(class_names=self.names, params=self.head.params(), metrics=dict(metrics or {}),
+        """The zoo entry, with its evidence (images per class, how far it moved) beside the caller's metrics."""
+        evidence = {"images_per_class": float(self.images), "moved": self.moved}
+        return ZooEntry(class_names=self.names, params=self.head.params(), metrics={**evidence, **(metrics or {})},
                         source=f"client:{self.client}")
+
+
+@dataclass(frozen=True)
+class RefreshDecision:
+    """A refresh's outcome: adopted or rolled back, with Tina's probe accuracy before and after (NaN: no probe)."""
+
+    adopted: bool
+    before: float
+    after: float
 
 
 class ZooList:
@@ -100,6 +135,8 @@ class TinaService:
     sample_steps: int = 0        # DDIM steps; 0: the Tina's own
     gen_seed: int = 0
     bank: RowBank | None = None  # method.tina.bank: served rows of uploaded classes
+    probe: ProbeSet | None = None  # a refresh is adopted only if it does not lower this score (None: always)
+    probe_now: float | None = field(default=None, repr=False)  # the current Tina's probe score, once computed
 
     # ---------------------------------------------------------------- generation
     def generate(self, label_sets: Sequence[Sequence[str]], shots: Sequence | None = None, seed: int | None = None,
@@ -158,13 +195,30 @@ class TinaService:
                       seed=seed)
         return dataclasses.replace(self, tina=new)
 
-    def refresh(self, steps: int, save: Iterable[Path] = ()) -> None:
-        """Refresh Tina on the zoo, in place; written atomically to each of `save` (temp file + os.replace)."""
+    def probe_score(self, tina: Any = None) -> float:
+        """`tina`'s (default: the current Tina's) accuracy on the probe set, generating as the server serves."""
+        tina = self.tina if tina is None else tina
+        return self.probe.score(lambda sets: tina.generate(sets, steps=self.sample_steps or None, seed=self.gen_seed,
+                                                           use_names=True))
+
+    def refresh(self, steps: int, save: Iterable[Path] = ()) -> RefreshDecision:
+        """Refresh Tina on the zoo; with a probe set, adopt the refreshed Tina only when its probe accuracy is not
+        below the current one's (a tie adopts: the zoo it learnt from is the newer). An adopted Tina is written
+        atomically to each of `save` (temp file + os.replace); a rolled-back one is dropped."""
         from fedtina.tina.train import save_checkpoint
 
-        self.tina = self.refreshed(steps).tina
-        for path in save:
-            save_checkpoint(path, self.tina)
+        candidate = self.refreshed(steps).tina
+        before = after = float("nan")
+        if self.probe is not None and len(self.probe):
+            if self.probe_now is None:
+                self.probe_now = self.probe_score()
+            before, after = self.probe_now, self.probe_score(candidate)
+        decision = RefreshDecision(not after < before, before, after)
+        if decision.adopted:
+            self.tina, self.probe_now = candidate, (after if self.probe is not None else None)
+            for path in save:
+                save_checkpoint(path, self.tina)
+        return decision
 
 
 def restore_zoo(zoo_dir: Path, size: int) -> None:
