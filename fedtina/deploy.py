@@ -7,7 +7,9 @@ loopback, `flwr run` against them, followed to the end, everything stopped after
     python -m fedtina.deploy run_dir=outputs/prepared superlink=10.0.0.5:8000 tls=false auth=false   # join one
 
 Options are key=value (`DeployConfig`). With TLS the certificates are generated in the replay dir; with auth each
-SuperNode gets its own key pair there and only those keys are registered, so no other SuperNode can join. Each
+SuperNode gets its own key pair there and only those keys are registered, so no other SuperNode can join, and the
+ServerApp knows each client by the node its key was given (`deployment/node_partitions.json`), not by the id it
+claims; without auth it has only the claims (checked to be free partition ids) and warns so in its log. Each
 replay runs in a fresh dir (default `<run_dir>/replays/<stamp>`) that starts from the prepared state; its results
 (summary.json, clients.csv, ...) land there as a simulation's do. Ctrl-C or SIGTERM stops every process it started
 and prints one line; a second signal aborts at once.

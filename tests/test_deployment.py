@@ -1,6 +1,7 @@
 """Flower's deployment runtime on loopback: a SuperLink and 3 SuperNodes as real processes, `flwr run` against them;
 the per-client results equal the simulation's on the same clients and seeds. Every process is stopped, also when
-the run fails or the deploy is sent SIGTERM. With auth, a SuperNode without a registered key is refused."""
+the run fails or the deploy is sent SIGTERM. With auth, a SuperNode without a registered key is refused, and the
+ServerApp knows each client by the node its key gives it (the node -> partition map), never by what it claims."""
 
 from __future__ import annotations
 
@@ -17,9 +18,11 @@ import pytest
 from simkit import compose, summary
 
 from fedtina.errors import FedtinaError
-from fedtina.runtime.deployment import Deployment, fresh_replay
+from fedtina.runtime.deployment import Deployment, fresh_replay, partition_map
+from fedtina.runtime.spec import read_node_partitions, write_node_partitions
 
 METHODS = "method.names=[tina,selection,fedavg]"
+NO_MAP = "no node -> partition map from the engine"   # the ServerApp's warning when client ids are claimed
 
 
 def _alive(pid: int) -> bool:
@@ -69,6 +72,12 @@ def test_deployment_runtime_gives_the_simulations_results(tiny, prepared, tmp_pa
     doc = replay(small, tmp_path / "replay_tls", tls=True, auth=True, timeout_s=600)
     assert _accs(doc) == _accs(simulated) and len(_accs(doc)) == 3
     assert (tmp_path / "replay_tls" / "deployment" / "certs" / "ca.pem").exists()
+    assert sorted(r["client_id"] for r in doc["clients"]) == [0, 1, 2]   # one row per partition
+    # the ServerApp took the clients' ids from the keys' node -> partition map; the insecure run had none
+    assert sorted(read_node_partitions(tmp_path / "replay_tls" / "deployment" / "node_partitions.json").values()) \
+        == [0, 1, 2]
+    assert NO_MAP not in (tmp_path / "replay_tls" / "deployment" / "flwr_run.log").read_text()
+    assert NO_MAP in (tmp_path / "replay" / "deployment" / "flwr_run.log").read_text()
 
 
 @pytest.mark.slow
@@ -146,7 +155,7 @@ def test_a_supernode_without_a_registered_key_is_refused(tmp_path):
     none, is refused at once and never counted; every key file is readable by its owner only."""
     from fedtina.runtime.deployment import make_node_keys
 
-    with Deployment(tmp_path / "d", 1, tls=True, auth=True) as d:
+    with Deployment(tmp_path / "d", 2, tls=True, auth=True) as d:
         (rogue_key, _), = make_node_keys(tmp_path / "rogue", 1)
         rogues = [d._spawn("rogue_key", ["flower-supernode", *d.node_args(rogue_key)])[0],
                   d._spawn("rogue_nokey", ["flower-supernode", *d.node_args()])[0]]
@@ -154,10 +163,94 @@ def test_a_supernode_without_a_registered_key_is_refused(tmp_path):
         assert [r.returncode for r in rogues] != [0, 0]
         assert "registered via the CLI" in (tmp_path / "d" / "rogue_nokey.log").read_text()
         nodes = json.loads(d.flwr("list", "supernode", "list", "--format", "json", "fedtina-local"))["nodes"]
-        assert len(nodes) == 1
+        assert len(nodes) == 2
         keys = [*(tmp_path / "d" / "keys").glob("supernode_*"), tmp_path / "d" / "certs" / "server.key"]
         private = {p.name: oct(p.stat().st_mode & 0o777) for p in keys if p.suffix != ".pub"}
-        assert private == {"supernode_0": "0o600", "server.key": "0o600"}
+        assert private == {"supernode_0": "0o600", "supernode_1": "0o600", "server.key": "0o600"}
+        # the node -> partition map: SuperNode i (partition-id=i) runs as the node the map gives partition i
+        mapping = read_node_partitions(d.node_partitions)
+        assert sorted(mapping) == sorted(int(n["node-id"]) for n in nodes) and sorted(mapping.values()) == [0, 1]
+        logs = [tmp_path / "d" / f"supernode_{i}.log" for i in range(2)]
+        _wait_for(lambda: all("SuperNode ID:" in log.read_text() for log in logs), 60, "the SuperNodes' ids")
+        for i, log in enumerate(logs):
+            node = int(log.read_text().split("SuperNode ID:")[1].split()[0])
+            assert mapping[node] == i, (node, mapping)
+
+
+def test_the_node_partition_map_comes_from_the_keys_registrations(tmp_path):
+    """Key i's registration answer names the node of partition i; anything else in an answer is one error line,
+    and so is a map file that is not one."""
+    answers = ['{"success": true, "node-id": 907}', '{\n  "success": true,\n  "node-id": 18446744073709551000\n}']
+    assert partition_map(answers) == {907: 0, 18446744073709551000: 1}
+    for bad, why in [('{"success": false, "error-message": "key in use"}', "no node id for SuperNode 1"),
+                     ("not json", "no node id for SuperNode 1"), ('{"success": true, "node-id": "3"}', "no node id"),
+                     ('{"success": true, "node-id": 0}', "no node id"), ("[1]", "no node id"),
+                     ('{"success": true, "node-id": 907}', "gave node 907 to SuperNodes 0 and 1")]:
+        with pytest.raises(FedtinaError, match=why):
+            partition_map([answers[0], bad])
+    path = write_node_partitions(tmp_path / "m.json", {907: 0, 311: 2})
+    assert read_node_partitions(path) == {907: 0, 311: 2}
+    for text, why in [("[1, 2]", "not a node -> partition map"), ('{"x": 1}', "not a node -> partition map"),
+                      ('{"5": 0, "6": 0}', "a partition twice"), ('{"5": -1}', r"\(5, -1\)"),
+                      ('{"5": "0"}', r"\(5, '0'\)"), ('{"-5": 0}', r"\(-5, 0\)")]:
+        path.write_text(text)
+        with pytest.raises(FedtinaError, match=why):
+            read_node_partitions(path)
+    with pytest.raises(FedtinaError, match="No such file"):
+        read_node_partitions(tmp_path / "missing.json")
+
+
+class _Grid:
+    def __init__(self, nodes):
+        self.nodes = nodes
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+
+def _roster(identity):
+    import numpy as np
+
+    from fedtina.data.partition import ClientSpec, Partition, PartitionConfig
+    from fedtina.server.roster import Roster
+
+    clients = [ClientSpec(i, (0, 1), ("circle", "square"), np.arange(5), np.arange(4), False, "circle, square")
+               for i in range(3)]
+    return Roster(Partition(clients, np.arange(2), PartitionConfig()), ["circle", "square"], 4, identity=identity)
+
+
+def test_under_deployment_a_client_is_who_its_key_says_not_what_it_claims(tmp_path, caplog):
+    """The ServerApp under `flwr run` with the deployment's map: each client's id is its node's partition whatever
+    `desc.client_id` says; a node the map does not name is refused, never messaged; without a map (auth=false) the
+    claims stand, with one warning."""
+    from fedtina.runtime.spec import RunSpec, spec_from_run_config
+    from fedtina.server.replies import Description
+    from fedtina.server.transport import Transport
+
+    spec = RunSpec(str(tmp_path), "", "", "", str(tmp_path / "no_tina.pt"), 3, 1, ["selection"], node_wait_s=5.0)
+    spec.save()
+    write_node_partitions(tmp_path / "nodes.json", {907: 0, 311: 1, 555: 2})
+    with pytest.MonkeyPatch.context() as mp:   # the assets are not what this test is about
+        mp.setattr("fedtina.assets.build_assets", lambda *a, **k: None)
+        spec = spec_from_run_config({"run-dir": str(tmp_path), "node-partitions": str(tmp_path / "nodes.json")})
+    assert spec.node_partitions == {907: 0, 311: 1, 555: 2}
+    with caplog.at_level("WARNING", logger="fedtina.federation"):
+        roster = _roster(spec.node_partitions)
+    assert NO_MAP not in caplog.text
+    transport = Transport(_Grid([555, 4242, 311, 907]), spec, order=roster.queue_position)   # 4242: a rogue
+    ids = transport.wait_for_nodes(roster.identity)
+    assert roster.seat(ids) == [4242] and roster.nodes == [311, 555, 907]
+    for node, lie in [(907, 2), (311, 0), (555, 1)]:   # every client claims another's partition
+        assert roster.add(node, Description("circle, square", lie, None)).client_id == roster.identity[node]
+    assert [roster.client_id(n) for n in roster.old] == [0, 1, 2] and 4242 not in roster.old
+    # without auth: no map, the claims are the ids (one warning), a rogue is seated like any node
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("fedtina.assets.build_assets", lambda *a, **k: None)
+        spec = spec_from_run_config({"run-dir": str(tmp_path), "node-partitions": ""})
+    with caplog.at_level("WARNING", logger="fedtina.federation"):
+        roster = _roster(spec.node_partitions)
+    assert spec.node_partitions is None and caplog.text.count(NO_MAP) == 1
+    assert roster.seat([907, 311]) == [] and roster.add(907, Description("circle, square", 2, None)).client_id == 2
 
 
 def test_deploy_options_are_key_value_and_checked(tmp_path, capsys):

@@ -8,12 +8,21 @@ stops every process it started on exit -- also when the run or the start fails (
 group, so the ServerApp and ClientApp processes they spawn go with them). The installed environment is used as it
 is: the SuperLink runs with `--disable-runtime-dependency-installation` (no per-run `uv sync`), SuperNodes install
 nothing by default. SuperNode i gets `--node-config "partition-id=i num-partitions=N"`: the ClientApp's partition.
+
+Who a client is. With authentication the SuperLink gives each registered public key its node id at registration
+(`flwr supernode register` answers it) and serves that node to whoever signs with the key's private half, and to no
+one else (flwr 1.42: `Fleet.ActivateNode` looks the node up by the request's public key, and the auth interceptor
+refuses any later request whose node id is not that key's). Key pair i is SuperNode i's, so the registrations give
+the node -> partition map; it is written to `node_partitions.json` and handed to the ServerApp (`--run-config
+node-partitions=...`), which takes each client's id from it, not from what the client says (fedtina.server.roster).
+Without authentication the node ids are the SuperNodes' own choice and the ServerApp has no map.
 """
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import os
 import signal
 import socket
@@ -132,6 +141,26 @@ def check_security(tls: bool, auth: bool, superlink: str | None) -> None:
                            "unauthenticated here; set tls=false auth=false to join it")
 
 
+def partition_map(answers: list[str]) -> dict[int, int]:
+    """The node -> partition map from `flwr supernode register --format json`'s answers, `answers[i]` the one for
+    SuperNode i's key ({"success": true, "node-id": N}); a missing, non-positive or repeated node id is one
+    FedtinaError."""
+    mapping: dict[int, int] = {}
+    for i, text in enumerate(answers):
+        try:
+            doc = json.loads(text)
+            node = doc.get("node-id") if doc.get("success") is True else None
+        except (ValueError, AttributeError):
+            node = None
+        if not isinstance(node, int) or isinstance(node, bool) or node <= 0:
+            raise FedtinaError(f"flwr supernode register gave no node id for SuperNode {i}: "
+                               f"{' '.join(text.split())[:200]!r}")
+        if node in mapping:
+            raise FedtinaError(f"flwr supernode register gave node {node} to SuperNodes {mapping[node]} and {i}")
+        mapping[node] = i
+    return mapping
+
+
 @dataclass
 class RunResult:
     returncode: int
@@ -158,6 +187,7 @@ class Deployment:
         self.port = 0
         self.certs: dict[str, Path] = {}
         self.keys: list[tuple[Path, Path]] = []   # per SuperNode: (private key, public key) when auth
+        self.node_partitions: Path | None = None   # the node -> partition map's file when auth
 
     # ---------------------------------------------------------------- processes
     def _env(self) -> dict[str, str]:
@@ -212,9 +242,13 @@ class Deployment:
         _wait_for_port(self.host, self.port, link, self.start_timeout_s, "the SuperLink", log)
         self._write_profile()
         if self.auth:
+            from fedtina.runtime.spec import write_node_partitions
+
             self.keys = make_node_keys(self.work_dir / "keys", self.n)
-            for i, (_, public) in enumerate(self.keys):
-                self.flwr(f"register_{i}", "supernode", "register", str(public), PROFILE)
+            answers = [self.flwr(f"register_{i}", "supernode", "register", str(public), PROFILE, "--format", "json")
+                       for i, (_, public) in enumerate(self.keys)]
+            self.node_partitions = write_node_partitions(self.work_dir / "node_partitions.json",
+                                                         partition_map(answers))
         self._start_nodes()
 
     def _write_profile(self) -> None:
@@ -250,15 +284,19 @@ class Deployment:
                                            "--node-config", f"partition-id={i} num-partitions={self.n}"])
 
     def run(self, project_dir: str | Path, run_dir: str | Path, timeout_s: float = 1800.0) -> RunResult:
-        """`flwr run <project_dir> <profile> --stream --run-config 'run-dir="<run_dir>"'`, followed to its end."""
+        """`flwr run <project_dir> <profile> --stream --run-config 'run-dir="<run_dir>"'` (and, with auth,
+        `node-partitions="<its map>"`), followed to its end."""
         log = self.work_dir / "flwr_run.log"
         exe = str(Path(sys.executable).parent / "flwr")
+        config = f'run-dir="{Path(run_dir).resolve()}"'
+        if self.node_partitions is not None:
+            config += f' node-partitions="{self.node_partitions.resolve()}"'
         t0 = time.perf_counter()
         with open(log, "w") as f:
             try:
-                rc = subprocess.run([exe, "run", str(project_dir), PROFILE, "--stream", "--run-config",
-                                     f'run-dir="{Path(run_dir).resolve()}"'], stdout=f, stderr=subprocess.STDOUT,
-                                    env=self._env(), cwd=str(project_dir), timeout=timeout_s).returncode
+                rc = subprocess.run([exe, "run", str(project_dir), PROFILE, "--stream", "--run-config", config],
+                                    stdout=f, stderr=subprocess.STDOUT, env=self._env(), cwd=str(project_dir),
+                                    timeout=timeout_s).returncode
             except subprocess.TimeoutExpired:
                 raise FedtinaError(f"flwr run did not finish within {timeout_s:g} s; see {log}") from None
         return RunResult(rc, time.perf_counter() - t0, log)

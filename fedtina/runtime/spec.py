@@ -88,7 +88,8 @@ class RunSpec:
     concurrency: int | None = field(default=None, repr=False, compare=False)   # ClientApp actors (None: unknown)
     resume: bool = field(default=False, repr=False, compare=False)   # continue from the run dir's checkpoint
     node_partitions: dict[int, int] | None = field(default=None, repr=False, compare=False)   # node id -> partition
-    # id as the simulation engine assigned them (fedtina.runtime.node_partitions); None: unknown (a deployment),
+    # id as the engine assigned them: the simulation engine's (fedtina.runtime.node_partitions), or under `flwr run`
+    # the deployment's (`read_node_partitions`); None: unknown (a deployment without SuperNode authentication),
     # then a client's id is its own word
 
     def __post_init__(self) -> None:
@@ -168,15 +169,40 @@ def get_run_spec() -> RunSpec | None:
         return _spec
 
 
+def write_node_partitions(path: str | Path, mapping: dict[int, int]) -> Path:
+    """A deployment's node -> partition map as JSON ({"<node id>": partition id}), for its ServerApp."""
+    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps({str(n): p for n, p in mapping.items()})))
+
+
+def read_node_partitions(path: str | Path) -> dict[int, int]:
+    """The map `write_node_partitions` wrote: node ids (positive) -> distinct partition ids (>= 0); anything else
+    is one FedtinaError naming the file."""
+    try:
+        doc = json.loads(Path(path).read_text())
+        mapping = {int(n): p for n, p in doc.items()}
+    except (OSError, ValueError, AttributeError) as e:
+        raise FedtinaError(f"node-partitions={str(path)!r}: not a node -> partition map "
+                           f"({type(e).__name__}: {e})".splitlines()[0]) from None
+    bad = [(n, p) for n, p in mapping.items() if n <= 0 or not isinstance(p, int) or isinstance(p, bool) or p < 0]
+    if bad or len(set(mapping.values())) != len(mapping):
+        raise FedtinaError(f"node-partitions={str(path)!r}: node ids must be positive and map to distinct partition "
+                           f"ids >= 0, got {bad[0] if bad else 'a partition twice'}")
+    return mapping
+
+
 def spec_from_run_config(run_config: dict[str, Any], log=print) -> RunSpec:
     """Under `flwr run`: rebuild the spec of a run dir prepared by `python -m fedtina.simulate`
-    (`--run-config 'run-dir="outputs/simulate/<stamp>"'`); the assets come from the cache."""
+    (`--run-config 'run-dir="outputs/simulate/<stamp>"'`); the assets come from the cache. With
+    `node-partitions="<file>"` (fedtina.deploy with SuperNode authentication) the clients' ids are that file's
+    node -> partition map."""
     run_dir = str(run_config.get("run-dir") or "")
     if not run_dir:
         raise FedtinaError("no RunSpec: the ServerApp was started without `python -m fedtina.simulate` and "
                            "run_config has no 'run-dir'. Run `python -m fedtina.simulate clients=N` instead, or pass "
                            "--run-config 'run-dir=\"<a run dir written by fedtina.simulate>\"'")
     spec = RunSpec.load(Path(run_dir).expanduser())
+    nodes = str(run_config.get("node-partitions") or "")
+    spec.node_partitions = read_node_partitions(Path(nodes).expanduser()) if nodes else None
     from fedtina.assets import build_assets
     from fedtina.config import CoreConfig
 

@@ -25,6 +25,7 @@ from fedtina.config import LimitsConfig, from_dict
 from fedtina.data.partition import load_partition
 from fedtina.errors import FedtinaError
 from fedtina.report.loggers import RunLoggers
+from fedtina.report.profiling import PhaseRecord
 from fedtina.runtime.spec import RunSpec, head_record
 from fedtina.server.reference import ServerReference
 from fedtina.server.ledger import Ledger, Outcome, Progress, save_checkpoint
@@ -98,7 +99,13 @@ class Federation:
 
     # ---------------------------------------------------------------- nodes
     def wait_for_nodes(self) -> list[int]:
-        self.roster.nodes = self.transport.wait_for_nodes(self.roster.identity)
+        """The run's nodes once all have registered; one the engine's map does not name is refused (a `refused`
+        describe record, client id -1) and never messaged."""
+        for node in self.roster.seat(self.transport.wait_for_nodes(self.roster.identity)):
+            detail = f"node {node} is not in the engine's node -> partition map: refused"
+            log.warning("[federation] %s", detail)
+            self.out.server_records.append(PhaseRecord("describe", 0, -1, "describe", status="refused",
+                                                        detail=detail))
         return self.nodes
 
     def describe(self, record: bool = True, **extra) -> None:

@@ -5,14 +5,16 @@ each method serves them by its new-client procedure). Node ids are random per si
 depend on them (the order of sends, of uploads, of a strategy's nodes) goes by client id.
 
 A client's id is its partition id as the engine assigned it to the node (`identity`: the simulation engine's
-node -> partition map, fedtina.runtime.node_partitions), never a field the client writes: a ClientApp that says it
-is client 0 while holding client 1's partition is client 1. Only where the engine's map is unknown (a deployment
-the ServerApp did not launch) is the id the client's own word, and then an id outside the partition or one that
-another node claimed first is refused.
+node -> partition map, fedtina.runtime.node_partitions, or under fedtina.deploy the one its SuperNode keys give,
+fedtina.runtime.deployment), never a field the client writes: a ClientApp that says it is client 0 while holding
+client 1's partition is client 1, and a node the map does not name is refused (never messaged). Only where the map
+is unknown (a deployment without SuperNode authentication) is the id the client's own word, and then an id outside
+the partition or one that another node claimed first is refused.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -20,6 +22,8 @@ import numpy as np
 from fedtina.data.partition import Partition
 from fedtina.server.replies import BadReply, Description, Holds
 from fedtina.tina.generator import parse_label_text
+
+log = logging.getLogger("fedtina.federation")
 
 
 @dataclass
@@ -48,12 +52,23 @@ class Roster:
         self.clients: dict[int, Client] = {}           # node id -> Client
         self.failed: dict[int, str] = {}               # node id -> why its `describe` failed
         self.nodes: list[int] = []
+        if identity is None:
+            log.warning("[federation] no node -> partition map from the engine (a deployment without SuperNode "
+                        "authentication): each client's id is the one it claims, checked only to be a free "
+                        "partition id")
 
     # ---------------------------------------------------------------- ids and order
     def queue_position(self, node: int) -> int:
         """The simulation engine queues messages by partition id (= client id), so sends go in that order."""
         c = self.clients.get(node)
         return c.client_id if c is not None else len(self.nodes)
+
+    def seat(self, ids: Iterable[int]) -> list[int]:
+        """The registered nodes `ids` become the run's `nodes`, all of them or, with the engine's map, those it
+        names; the others are refused (returned): no message goes to them."""
+        ids = list(ids)
+        self.nodes = ids if self.identity is None else [n for n in ids if n in self.identity]
+        return [n for n in ids if n not in self.nodes]
 
     def client_id(self, node: int) -> int:
         """The node's partition id (-1: unknown, a node that never described itself in a deployment)."""

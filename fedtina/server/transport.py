@@ -37,19 +37,22 @@ class Transport:
         self.grid = GuardedGrid(grid, spec.stop, lambda: spec.concurrency, order=order)
 
     def wait_for_nodes(self, identity: dict[int, int] | None = None) -> list[int]:
-        """All `n_clients` simulated nodes, or a clear error after `node_wait_s` (a backend that failed to start
-        would otherwise leave the ServerApp waiting forever). With `identity` (the engine's node -> partition map,
-        filled as the engine registers its nodes), until it names every node too."""
+        """The registered nodes once `n_clients` are there, or a clear error after `node_wait_s` (a backend that
+        failed to start would otherwise leave the ServerApp waiting forever). With `identity` (the engine's node ->
+        partition map; the simulation engine fills it as it registers its nodes), `n_clients` nodes it names:
+        others may be there too (the caller refuses them)."""
         n, deadline = self.spec.n_clients, time.monotonic() + self.spec.node_wait_s
-        while len(ids := sorted(self.grid.get_node_ids())) < n or (identity is not None
-                                                                  and not set(ids) <= set(identity)):
+        while True:
+            ids = sorted(self.grid.get_node_ids())
+            known = ids if identity is None else [i for i in ids if i in identity]
+            if len(known) >= n:
+                return ids
             if time.monotonic() > deadline:
-                raise FedtinaError(f"only {len(ids)} of {n} simulated clients registered within "
+                raise FedtinaError(f"only {len(known)} of {n} simulated clients registered within "
                                    f"{self.spec.node_wait_s:g} s: the Ray backend probably failed to start (see the "
                                    f"log above), or node_wait_s is too short for this many clients")
             self.spec.stop.wait(0.1)
             self.spec.stop.check()
-        return ids
 
     def config(self, method: str, rnd: int | None, **extra) -> ConfigRecord:
         """The ConfigRecord every message carries: data paths, method/round (for profiles), faults, extras.
