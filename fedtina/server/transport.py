@@ -48,9 +48,10 @@ class Transport:
             if len(known) >= n:
                 return ids
             if time.monotonic() > deadline:
-                raise FedtinaError(f"only {len(known)} of {n} simulated clients registered within "
-                                   f"{self.spec.node_wait_s:g} s: the Ray backend probably failed to start (see the "
-                                   f"log above), or node_wait_s is too short for this many clients")
+                raise FedtinaError(f"only {len(known)} of {n} clients registered within "
+                                   f"{self.spec.node_wait_s:g} s: the Ray backend (or the deployment's SuperNodes) "
+                                   f"probably failed to start (see the log above), or node_wait_s is too short for "
+                                   f"this many clients")
             self.spec.stop.wait(0.1)
             self.spec.stop.check()
 
