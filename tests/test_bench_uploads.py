@@ -50,7 +50,8 @@ def test_two_cohorts_on_the_tiny_assets(tiny):
     from fedtina.simulate import _plain
 
     cache, assets = tiny
-    cfg = _plain(compose(cache, "clients=32", "partition.unseen_share=0.6", "partition.new_share=0.25"))
+    cfg = _plain(compose(cache, "clients=32", "partition.unseen_share=0.6", "partition.new_share=0.25",
+                         "head_ft.select=false"))   # contributors move their heads: no echoes, so uploads count
     cfg.update(cohorts=2, withheld_share=0.3, steps_per_head=0.5, retrain_at=[], near_words=1)
     result = run_uploads(assets, cfg)
     pairs = result["pairs"]
@@ -70,5 +71,8 @@ def test_two_cohorts_on_the_tiny_assets(tiny):
     uploaded = [(p["probe"], p["class"]) for p in pairs if p["cohort"] == 2 and p["uploads"] > 0]
     by = {(p["method"], p["probe"], p["class"]): p["recall"] for p in pairs if p["cohort"] == 2}
     assert uploaded and any(by["tina_bank", *k] != by["tina", *k] for k in uploaded)   # the uploaded rows served
+    for c in result["costs"]:   # each cohort's refresh was judged on the server's probe set, and its verdict kept
+        assert c["echoes"] == 0 and c["accepted"] > 0 and c["refresh"] in ("adopted", "rolled back"), c
+        assert (c["refresh"] == "adopted") == (c["probe_after"] >= c["probe_before"]), c
     s = summarize(result)
     assert set(s["methods"]) == {"tina", "tina_bank", "row_bank", "fedavg", "selection", "local_ft"} and "0" in s["by_bin"]

@@ -6,8 +6,12 @@ The simulation's partition, with more clients holding classes the backbone never
 new clients are the fixed probe set: the same clients and images at every measurement, never uploading. A share of
 the unseen classes is withheld: contributors holding one never upload, so those classes reach no zoo (the "near
 names" question). The other old clients contribute in `cohorts`: each gets Tina's head, fine-tunes it on its labels
-(head_ft) and uploads it; the server's gate (checks) admits it to the zoo (the Tina service, fedtina/tina/service.py); Tina is refreshed after every cohort
-(`steps_per_head` x accepted heads, warm start: the simulation's 30 steps per 20 heads). After each cohort the probes
+(head_ft) and uploads it; an echo (the sent head unchanged) is dropped; the server's gate (checks) admits the rest to
+the zoo (the Tina service, fedtina/tina/service.py); Tina is refreshed after every cohort with an accepted head
+(`steps_per_head` x accepted heads, warm start: the simulation's 30 steps per 20 heads), adopted only when the
+server's probe set (method.tina.probe_tasks label sets over its held-out images) does not score it lower.
+The many-clients regime, where a contributor holds about one labelled image per class as at 10,000 simulated
+clients: `'partition.labels_per_class=[1,2]'`. After each cohort the probes
 are served zero-shot, and each (probe, unseen class) pair is scored by the class's recall inside the probe's task,
 against the number of accepted uploads that contained the class so far. On the same probes and uploads:
 
@@ -39,6 +43,7 @@ from fedtina.data.partition import PartitionConfig
 from fedtina.errors import FedtinaError
 from fedtina.experiments.harness import Result
 from fedtina.methods.fedavg import FedAvgOptions
+from fedtina.methods.tina import TinaOptions
 from fedtina.server.gate import HeadCheckConfig
 from fedtina.server.strategy import fedavg_mean
 from fedtina.tina.offline import World, finetune, make_world, recalls, serve
@@ -112,7 +117,8 @@ def run_uploads(assets, cfg: dict) -> dict:
 
     part = from_dict(PartitionConfig, cfg["partition"])
     world = make_world(assets, int(cfg["clients"]), part)
-    service = world.service(from_dict(HeadCheckConfig, cfg["checks"]))
+    probe_tasks = from_dict(TinaOptions, cfg["method"].get("tina")).probe_tasks
+    service = world.service(from_dict(HeadCheckConfig, cfg["checks"]), probe_tasks=probe_tasks)
     ft = from_dict(HeadTrainConfig, cfg["head_ft"])
     names = list(assets.dataset.class_names)
     unseen = sorted(names[c] for c in assets.split.unseen)
@@ -137,6 +143,8 @@ def run_uploads(assets, cfg: dict) -> dict:
         sent = serve(service, world, ids)
         honest = finetune(world, sent, ft)
         ups = [world.upload(i, sent[i], honest[i]) for i in ids]
+        echoes = sum(u.echo for u in ups)                       # the sent head unchanged: dropped, as the server does
+        ups = [u for u in ups if not u.echo]
         ok = [u for u, v in zip(ups, service.gate(ups)) if v.accepted]
         service.admit([u.entry() for u in ok])
         accepted_at += [(t, u) for u in ok]
@@ -146,11 +154,15 @@ def run_uploads(assets, cfg: dict) -> dict:
         fedavg = fedavg_round(fedavg, [world.data[i] for i in ids], fedavg_opts)
         steps = max(1, int(round(float(cfg["steps_per_head"]) * len(ok))))
         t1 = time.perf_counter()
-        service.refresh(steps)
+        decision = service.refresh(steps) if ok else None
         refresh_s = time.perf_counter() - t1
         heads = _heads(service, banks, selection, fedavg, local_ft, world)
-        cost = {"cohort": t, "contributors": len(ids), "accepted": len(ok), "zoo": len(service.zoo),
-                "refresh_steps": steps, "refresh_s": refresh_s}
+        cost = {"cohort": t, "contributors": len(ids), "accepted": len(ok), "echoes": echoes, "zoo": len(service.zoo),
+                "images_per_class": float(np.mean([u.images for u in ok])) if ok else None,
+                "refresh_steps": steps if ok else 0, "refresh_s": refresh_s,
+                "refresh": "" if decision is None else ("adopted" if decision.adopted else "rolled back"),
+                "probe_before": None if decision is None else decision.before,
+                "probe_after": None if decision is None else decision.after}
         if t in [int(x) for x in cfg["retrain_at"]]:
             t2 = time.perf_counter()
             scratch = train_tina(service.zoo.entries(), assets.encoder, assets.tina.cfg, log=None,
@@ -223,10 +235,14 @@ def format_table(result: dict, summary: dict) -> str:
               f"never uploaded), per cohort:", "| cohort | " + " | ".join(ms) + " |", "|---|" + "---|" * len(ms)]
     for t, row in summary["near"].items():
         lines.append(f"| {t} | " + " | ".join(_cell(row.get(m)) for m in ms) + " |")
-    lines += ["", "| cohort | contributors | accepted | zoo | refresh steps | refresh s | retrain s |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "| cohort | contributors | accepted | images/class | echoes | zoo | refresh steps | refresh | "
+                  "server probe before -> after (%) | refresh s | retrain s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in result["costs"]:
-        lines.append(f"| {c['cohort']} | {c['contributors']} | {c['accepted']} | {c['zoo']} | {c['refresh_steps']} | "
+        img = "-" if c.get("images_per_class") is None else f"{c['images_per_class']:.1f}"
+        probe = ("-" if c.get("probe_before") is None or c["probe_before"] != c["probe_before"]
+                 else f"{100 * c['probe_before']:.1f} -> {100 * c['probe_after']:.1f}")
+        lines.append(f"| {c['cohort']} | {c['contributors']} | {c['accepted']} | {img} | {c.get('echoes', 0)} | "
+                     f"{c['zoo']} | {c['refresh_steps']} | {c.get('refresh') or '-'} | {probe} | "
                      f"{c['refresh_s']:.1f} | {c.get('retrain_s', float('nan')):.0f} |")
     return "\n".join(lines)
 

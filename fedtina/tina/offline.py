@@ -19,6 +19,7 @@ from fedtina.config import HeadTrainConfig
 from fedtina.data.partition import Partition, PartitionConfig, make_partition
 from fedtina.server.gate import HeadCheckConfig, plausible_row_norm
 from fedtina.server.reference import ServerReference
+from fedtina.tina.probe import draw_class_sets, probe_set
 from fedtina.tina.service import TinaService, Upload, ZooList, uploaded_rows
 from fedtina.zoo.heads import Head
 
@@ -39,17 +40,25 @@ class World:
     def probes(self) -> list[int]:
         return [c.client_id for c in self.partition.clients if c.is_new]
 
-    def service(self, check_cfg: HeadCheckConfig, bank: bool = False) -> TinaService:
+    def service(self, check_cfg: HeadCheckConfig, bank: bool = False, probe_tasks: int = 0) -> TinaService:
         """A Tina service for these clients: the cached Tina, a copy of the prepared zoo in memory, the gate's row-norm
-        scale from it; `bank`: serve uploaded rows (method.tina.bank)."""
+        scale from it; `bank`: serve uploaded rows (method.tina.bank); `probe_tasks`: the server's probe set that
+        gates a refresh, as the simulation draws it (0: every refresh adopted)."""
         zoo = ZooList(self.assets.zoo.entries())
         norm = plausible_row_norm(zoo.entries(), self.assets.bank.generic_weight)
-        return TinaService(self.assets.tina, self.assets, ServerReference(self.assets, self.partition.server_val_idx),
-                           zoo, check_cfg, norm, bank=uploaded_rows(zoo) if bank else None)
+        reference = ServerReference(self.assets, self.partition.server_val_idx)
+        gate = None
+        if probe_tasks:
+            sets = draw_class_sets(self.partition, self.assets.dataset.labels, probe_tasks)
+            gate = probe_set(sets, self.assets.dataset.class_names, reference.val_data)
+        return TinaService(self.assets.tina, self.assets, reference, zoo, check_cfg, norm,
+                           bank=uploaded_rows(zoo) if bank else None, probe=gate)
 
     def upload(self, client: int, sent: Head, head: Head, bad: bool = False) -> Upload:
+        """The client's upload, with its evidence: its labelled images per class."""
         data = self.data[client]
-        return Upload(client, data.class_names, data.class_ids, sent, head, bad)
+        return Upload(client, data.class_names, data.class_ids, sent, head, bad,
+                      images=len(data.train_y) / max(len(data.class_names), 1))
 
 
 def make_world(assets, n_clients: int, part_cfg: PartitionConfig) -> World:
