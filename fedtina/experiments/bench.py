@@ -198,7 +198,8 @@ def run(cfg: dict, assets: Assets, out_dir: Path) -> Result:
     result = run_bench(assets, bench)
     report = {"dataset": assets.dataset.name, "encoder": assets.encoder.id, "num_tasks": bench.num_tasks,
               "timings": assets.timings, "id_gain_captured": gain_captured(result, "id"), **result,
-              "seen_classes": [assets.dataset.class_names[c] for c in assets.split.seen],   # the backbone's classes
+              "seen_classes": [assets.dataset.class_names[c] for c in assets.split.seen],   # the zoo's classes
+              "novel_classes": [assets.dataset.class_names[c] for c in assets.split.novel],  # seen, not the backbone's
               "unseen_classes": [assets.dataset.class_names[c] for c in assets.split.unseen]}
     return Result(report, format_report, {"shots.png": plot_shots} if "shots" in result else {})
 
