@@ -23,7 +23,7 @@ from fedtina.data import ImageDataset, load_dataset
 from fedtina.data.descriptions import load_descriptions
 from fedtina.errors import CorruptFileError
 from fedtina.io import atomic_write, cache_lock
-from fedtina.data.split import ProtocolSplit, make_split
+from fedtina.data.split import ProtocolSplit, check_task_size, make_split
 from fedtina.features.text import CachedTextEncoder, make_encoder
 from fedtina.tina.generator import TinaGenerator
 from fedtina.zoo.store import ZooStore, build_zoo
@@ -147,9 +147,10 @@ def build_assets(cfg: CoreConfig, log: Callable[[str], None] = print, with_tina:
     t0 = time.perf_counter()
     ds = load_dataset(cfg.dataset, cache)
     split = make_split(ds, cfg.protocol)
+    check_task_size(split, cfg.zoo.k_max, "zoo.k_max", cfg.protocol.novel_share)   # before the backbone trains
     timings["dataset_s"] = time.perf_counter() - t0
     log(f"[data] {ds.name}: {len(ds.images)} images, {ds.num_classes} classes "
-        f"({len(split.seen)} seen, {len(split.unseen)} unseen)")
+        f"({len(split.seen)} seen, of which {len(split.novel)} novel, {len(split.unseen)} unseen)")
 
     t0 = time.perf_counter()
     bank = build_feature_bank(ds, split, cfg.backbone, cache, log=log)

@@ -82,6 +82,9 @@ class ProtocolConfig:
     backbone_fraction: float = 0.5    # per class: images for the generic model
     zoo_fraction: float = 0.25        # per class: images for zoo heads and clients; the rest is test
     seed: int = bounded(0, NON_NEGATIVE)
+    novel_share: float = bounded(0.0, BELOW_ONE)  # share of the seen classes held out of the generic model's training
+                                      # (split.novel): the zoo still holds heads over them, rows for classes the
+                                      # features were not shaped for, as every unseen class is at test time
 
 
 @dataclass
@@ -95,6 +98,8 @@ class BackboneConfig:
     seed: int = bounded(0, NON_NEGATIVE)
     device: str = "auto"
     precision: str = "auto"           # auto (bf16 where the CPU/GPU runs it natively) | fp32 | bf16
+    classifier: str = "linear"        # the generic head: linear | cosine (L2-normalised features and rows, one
+                                      # learned scale: every row of every source then lives on the generic rows' scale)
 
 
 @dataclass

@@ -45,7 +45,7 @@ def validate_core_config(cfg: dict[str, Any]) -> None:
     """The core pipeline's sections (those present), then the rules across keys that would otherwise fail only
     after the backbone or the zoo was built."""
     from fedtina.assets import IMAGE_PROMPTS
-    from fedtina.features.backbone import BACKBONES
+    from fedtina.features.backbone import BACKBONES, CLASSIFIERS
     from fedtina.features.text import ENCODERS
     from fedtina.tina.diffusion import PREDICTIONS, NoiseSchedule
     from fedtina.tina.train import check_objective
@@ -56,6 +56,7 @@ def validate_core_config(cfg: dict[str, Any]) -> None:
     core = _sections(CoreConfig, cfg)   # an unknown dataset.name: one line listing the registered ones
     zoo, tina = core.zoo, core.tina
     one_of("backbone.arch", core.backbone.arch, sorted(BACKBONES))
+    one_of("backbone.classifier", core.backbone.classifier, CLASSIFIERS)
     one_of("encoder.name", core.encoder.name, sorted(ENCODERS))
     one_of("encoder.image_prompts", core.encoder.image_prompts, IMAGE_PROMPTS)
     if core.encoder.image_prompts == "clip" and core.encoder.name != "clip":

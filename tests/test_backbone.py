@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import json
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pytest
 import torch
 
 import fedtina.features.backbone as bb
-from fedtina.config import BackboneConfig
+from fedtina.config import BackboneConfig, ProtocolConfig
 from fedtina.data.base import ImageDataset
+from fedtina.data.split import make_split
 from fedtina.errors import CorruptFileError, FedtinaError, UnknownClassError
 
 COLOURS = np.array([[230, 40, 40], [40, 200, 60], [40, 70, 230], [230, 220, 40], [200, 60, 220]], dtype=np.float64)
@@ -26,10 +28,15 @@ class FakeSplit:
     zoo_idx: np.ndarray
     test_idx: np.ndarray
     tag: str = "a"
+    novel: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     @property
     def key(self) -> str:
         return f"fake{self.tag}"
+
+    @property
+    def backbone_classes(self) -> np.ndarray:
+        return self.seen[~np.isin(self.seen, self.novel)]
 
 
 def squares_dataset(per_class: int = 40, seed: int = 0) -> ImageDataset:
@@ -240,3 +247,93 @@ def test_damaged_or_missing_backbone_beside_a_feature_bank_is_named(data, traine
     path.unlink()
     with pytest.raises(CorruptFileError, match=f"{path}.*delete {folder}"):
         bb.build_feature_bank(ds, split, TINY, tmp_path, log=lambda s: None)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# novel classes (protocol.novel_share) and the cosine classifier (backbone.classifier)
+
+
+def test_novel_classes_never_reach_the_generic_model(tmp_path, monkeypatch):
+    """The real split of the squares: 4 seen classes, one of them novel. No image of it is in the training set (the
+    images are noise, so every one is distinct), the generic head has no row for it."""
+    ds = squares_dataset()
+    split = make_split(ds, ProtocolConfig(novel_share=0.25))
+    (novel,) = split.novel
+    assert len(split.seen) == 4 and len(split.backbone_classes) == 3
+    images, labels = bb._backbone_training_set(ds, split)
+    novel_images = {im.tobytes() for im in ds.images[ds.labels == novel]}
+    assert not novel_images & {im.tobytes() for im in images}
+    assert len(images) == len(split.backbone_idx) and set(split.backbone_classes[labels]) <= set(split.seen) - {novel}
+    trained_on = []
+    real = bb.train_generic
+    monkeypatch.setattr(bb, "train_generic", lambda ds_, sp, *a, **k: trained_on.append(sp) or real(ds_, sp, *a, **k))
+    bank = bb.build_feature_bank(ds, split, replace(TINY, epochs=1), tmp_path, log=lambda s: None)
+    assert len(trained_on) == 1 and bank.generic_weight.shape[0] == 3
+    assert np.array_equal(bank.seen, split.backbone_classes) and novel not in bank.seen
+    with pytest.raises(UnknownClassError, match=str(novel)):
+        bank.generic_row(int(novel))
+
+
+def test_cosine_logits_are_scale_times_cosine():
+    torch.manual_seed(0)
+    model = bb.build_backbone(BackboneConfig(width=8, classifier="cosine"), num_classes=3).eval()
+    with torch.no_grad():
+        model.fc.scale.fill_(7.5)
+        x = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+        raw = model.embed(model.normalize(x))
+        w = model.fc.weight
+        cos = (raw @ w.T) / (raw.norm(dim=1, keepdim=True) * w.norm(dim=1)[None])
+        torch.testing.assert_close(model(x), 7.5 * cos)
+        feats = model.features(x)
+        torch.testing.assert_close(feats.norm(dim=1), torch.ones(5))
+        rows, bias = model.head_rows()
+        np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 7.5, rtol=1e-5)
+        np.testing.assert_allclose(feats.numpy() @ rows.T + bias, model(x).numpy(), rtol=1e-4, atol=1e-5)
+    assert model.classifier == "cosine" and bias.tolist() == [0.0] * 3
+    assert bb.build_backbone(BackboneConfig(width=8), 3).classifier == "linear"
+    with pytest.raises(FedtinaError, match="backbone.classifier='arc' is invalid"):
+        bb.build_backbone(BackboneConfig(classifier="arc"), 3)
+
+
+def test_cosine_feature_bank_puts_every_generic_row_on_one_scale(data, tmp_path):
+    ds, split = data
+    cosine = replace(TINY, classifier="cosine")
+    bank = bb.build_feature_bank(ds, split, cosine, tmp_path, log=lambda s: None)
+    model = bb.load_backbone(bank.backbone_path, "cpu", classifier="cosine")
+    scale = float(model.fc.scale.detach())
+    np.testing.assert_allclose(np.linalg.norm(bank.features, axis=1), 1.0, rtol=1e-3)
+    np.testing.assert_allclose(np.linalg.norm(bank.generic_weight, axis=1), scale, rtol=1e-5)
+    assert not bank.generic_bias.any() and scale != bb.COSINE_INIT_SCALE   # the scale learned
+    x = torch.from_numpy(ds.images[:20])
+    with torch.no_grad():
+        logits = model(x).numpy()
+    np.testing.assert_allclose(bank.features[:20] @ bank.generic_weight.T, logits, atol=0.05 * scale)
+
+
+def test_the_classifier_is_in_the_cache_key_and_linear_keys_stay(data):
+    """The linear key is pinned to its value before `backbone.classifier` existed: cached backbones keep their key."""
+    ds, split = data
+    key = bb.feature_cache_key(ds, split, TINY)
+    assert key == "squares-b4a2320c3842-resnet20-w8-e3-s0-fakea-532cb591"
+    assert bb.feature_cache_key(ds, split, replace(TINY, classifier="cosine")) != key
+
+
+def test_a_checkpoint_of_the_wrong_classifier_is_refused(data, trained, tmp_path):
+    ds, split = data
+    path = tmp_path / "backbone.safetensors"
+    bb.save_backbone(trained, path, "resnet20", 8)
+    assert bb.load_backbone(path, classifier="linear").classifier == "linear"
+    with pytest.raises(FedtinaError, match="has a linear classifier but backbone.classifier=cosine"):
+        bb.load_backbone(path, classifier="cosine")
+    # a cosine config that finds a linear checkpoint in its cache folder (no features yet): refused, not mixed
+    cosine = replace(TINY, classifier="cosine")
+    folder = tmp_path / "cache" / "features" / bb.feature_cache_key(ds, split, cosine)
+    folder.mkdir(parents=True)
+    (folder / "backbone.safetensors").write_bytes(path.read_bytes())
+    with pytest.raises(FedtinaError, match="linear classifier but backbone.classifier=cosine"):
+        bb.build_feature_bank(ds, split, cosine, tmp_path / "cache", log=lambda s: None)
+    # a checkpoint written before the option has no classifier in its spec: it is linear
+    tensors, meta = bb.backbone_tensors(path)
+    legacy = json.loads(meta)
+    del legacy["classifier"]
+    assert bb.backbone_from_tensors(tensors, json.dumps(legacy)).classifier == "linear"

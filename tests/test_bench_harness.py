@@ -78,3 +78,15 @@ def test_bad_input_is_one_error_before_anything_runs(tmp_path):
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "ERROR" in line]
     assert proc.returncode == 2 and len(errors) == 1 and "clients=7: need a list" in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_a_novel_share_too_large_for_bench_k_fails_before_any_build(tmp_path, monkeypatch):
+    import fedtina.assets
+
+    monkeypatch.setattr(fedtina.assets, "build_assets", lambda *a, **k: pytest.fail("assets were built"))
+    cfg = harness.compose("bench", ["dataset.images_per_class=4", f"cache_dir={tmp_path / 'cache'}",
+                                    "protocol.novel_share=0.8", "zoo.k_min=5", "zoo.k_max=5"])
+    with pytest.raises(FedtinaError, match=r"^protocol.novel_share=0.8 leaves the generic model 13 of the 66 seen "
+                                           r"classes, fewer than bench.k=20"):
+        harness.execute("bench", {**cfg, "bench": {**cfg["bench"], "k": 20}}, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

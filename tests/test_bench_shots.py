@@ -124,3 +124,69 @@ def test_novelty_is_zero_for_a_generator_that_copies_the_zoo():
     task = BenchTask((0, 1), ("a", "b"), x, y, x, y, x)
     nv = novelty(assets, [task], [copied], [copied], HeadTrainConfig(steps=20, lr=0.1), seed=0)
     assert nv["to_zoo"] == 0.0 and nv["between_fine_tunes"] > 0.0
+
+
+@pytest.mark.slow
+def test_novel_classes_and_cosine_rows_through_the_pipeline(tmp_path):
+    """The tiny pipeline with a quarter of the seen classes novel and a cosine generic head: the generic model and
+    its head leave the novel classes out, the zoo holds heads over them, every consumer of generic rows treats them as
+    unseen ones, and the bench's mixed row keeps the generic rows and imprints the others on their one scale."""
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from omegaconf import OmegaConf
+    from simkit import compose
+
+    from fedtina.assets import build_assets
+    from fedtina.config import BenchConfig, core_config
+    from fedtina.server.gate import plausible_row_norm
+    from fedtina.server.reference import ServerReference
+    from fedtina.tina.shots import shot_rows
+    from fedtina.zoo.baselines import TextBaselines
+    from fedtina.zoo.heads import Head, generic_rows
+    from fedtina.zoo.tasks import sample_task_sets, selection_heads, task_data
+
+    cfg = OmegaConf.to_container(compose(tmp_path, "protocol.novel_share=0.25", "backbone.classifier=cosine"),
+                                 resolve=True)
+    assets = build_assets(core_config(cfg), log=lambda _m: None, with_tina=False)
+    split, bank, names = assets.split, assets.bank, assets.dataset.class_names
+    novel = {names[c] for c in split.novel}
+    assert len(novel) == round(0.25 * len(split.seen)) and np.array_equal(bank.seen, split.backbone_classes)
+    assert not np.isin(assets.dataset.labels[split.backbone_idx], split.novel).any()
+    rows = generic_rows(bank, names)
+    assert not novel & set(rows) and len(rows) == len(split.backbone_classes)
+    scale = float(np.linalg.norm(bank.generic_weight, axis=1).mean())
+    np.testing.assert_allclose(np.linalg.norm(bank.generic_weight, axis=1), scale, rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(bank.features, axis=1), 1.0, rtol=1e-3)
+    assert any(novel & set(e.class_names) for e in assets.zoo.entries())        # zoo heads over novel classes
+
+    bench = BenchConfig(num_tasks=4, k=5, ood_unseen=1)
+    sets = sample_task_sets(assets, bench)
+    tasks = [task_data(assets, ids) for ids in sets["id"] + sets["ood"]]
+    assert any(novel & set(t.class_names) for t in tasks)
+    selection = selection_heads(assets, tasks)                                   # nearest named generic row
+    text = TextBaselines(assets)
+    assert not novel & set(text.seen)
+    for t in tasks:
+        for head in (text.ridge(t.class_names), text.soft_selection(t.class_names), text.retrieval(t.class_names)):
+            assert head.weight.shape == (5, bank.dim) and np.isfinite(head.weight).all()
+    ref = ServerReference(assets, np.zeros(0, np.int64))
+    assert ref.global_head().k == len(names) and ref.selection(tuple(sorted(novel)[:2])).k == 2
+    assert plausible_row_norm([], bank.generic_weight) == pytest.approx(scale)
+
+    class Echo:   # stands in for Tina: the mixed row does not read it
+        def generate(self, label_sets, shots=None, use_names=True):
+            return [Head(tuple(n), np.zeros((len(n), bank.dim), np.float32), np.zeros(len(n), np.float32))
+                    for n in label_sets]
+
+    mixed = shot_rows(SimpleNamespace(tina=Echo(), bank=bank, dataset=assets.dataset), tasks, 2, bench, selection,
+                      0, lambda _row, fn: fn())["mixed"]
+    for t, h in zip(tasks, mixed):
+        np.testing.assert_allclose(np.linalg.norm(h.weight, axis=1), scale, rtol=1e-4)   # one scale
+        for j, n in enumerate(t.class_names):
+            if n in rows:
+                np.testing.assert_array_equal(h.weight[j], rows[n][0])
+            else:
+                assert not any(np.allclose(h.weight[j], r) for r, _ in rows.values())   # imprinted, not selected

@@ -10,8 +10,8 @@ import fedtina.zoo.heads as heads_mod
 from fedtina.config import HeadTrainConfig
 from fedtina.errors import FedtinaError, LabelSetError, UnknownClassError
 from fedtina.zoo.heads import (Head, OracleGrid, _check_tasks, _grad, _objective, _pack, _pull_terms, accuracy,
-                           finetune_heads, generic_rows, oracle_heads, oracle_search, selection_head,
-                           stratified_split, train_scratch_heads)
+                           finetune_heads, generic_rows, generic_scale, imprint_rows, mixed_head, oracle_heads,
+                           oracle_search, selection_head, stratified_split, train_scratch_heads)
 
 D = 16
 
@@ -174,6 +174,42 @@ def test_generic_rows_from_bank():
     assert list(rows) == ["e", "a", "c"]
     np.testing.assert_array_equal(rows["a"][0], [2, 3])
     assert rows["c"][1] == np.float32(0.3)
+
+
+def test_mixed_head_keeps_generic_rows_and_imprints_the_others_on_their_scale():
+    """Toy world on unit features (a cosine generic head): 4 classes have generic rows of norm 6, 2 (unseen or novel)
+    have none. The mixed head keeps the 4 rows as they are, imprints the 2 at norm 6 with the generic mean bias,
+    classifies every cluster, and is selection's head when every class has a generic row."""
+    rng = np.random.default_rng(0)
+    centres = np.eye(6, D, dtype=np.float32)
+    x = centres[np.repeat(np.arange(6), 10)] + 0.05 * rng.standard_normal((60, D)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    y = np.repeat(np.arange(6), 10)
+    names = [f"c{i}" for i in range(6)]
+    rows = {names[i]: (6 * centres[i], np.float32(0.0)) for i in range(4)}
+    bank = type("Bank", (), {"generic_weight": 6 * centres[:4], "generic_bias": np.zeros(4, np.float32),
+                             "seen": np.arange(4)})
+    scale, bias = generic_scale(bank)
+    assert scale == pytest.approx(6.0) and bias == 0.0
+    order = ["c4", "c1", "c5", "c0"]                                  # positions: labels follow this order
+    pos = np.array([order.index(n) if n in order else -1 for n in names])
+    keep = pos[y] >= 0
+    head = mixed_head(order, x[keep], pos[y[keep]], rows, scale, bias=0.25)
+    np.testing.assert_array_equal(head.weight[[1, 3]], 6 * centres[[1, 0]])
+    for j, c in ((0, 4), (2, 5)):
+        m = x[y == c].mean(0)
+        np.testing.assert_allclose(head.weight[j], 6 * m / np.linalg.norm(m), rtol=1e-5)
+    assert head.bias.tolist() == [0.25, 0.0, 0.25, 0.0]
+    np.testing.assert_allclose(np.linalg.norm(head.weight, axis=1), 6.0, rtol=1e-5)   # one scale
+    assert accuracy(head, x[keep], pos[y[keep]]) == 1.0
+    known = ["c2", "c0"]
+    sel, mix = selection_head(known, rows), mixed_head(known, x[:2], np.array([0, 1]), rows, scale, 0.25)
+    np.testing.assert_array_equal(sel.weight, mix.weight)
+    np.testing.assert_array_equal(sel.bias, mix.bias)
+    with pytest.raises(LabelSetError, match="an image of every class"):
+        mixed_head(["c4", "c5"], x[y == 4], np.zeros(10, int), rows, scale, bias)   # no image of c5
+    np.testing.assert_allclose(imprint_rows(x[y == 4], np.zeros(10, int), 1, 2.0)[0],
+                               2 * x[y == 4].mean(0) / np.linalg.norm(x[y == 4].mean(0)), rtol=1e-5)
 
 
 def test_stratified_split_keeps_every_class_in_train():

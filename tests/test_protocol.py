@@ -11,7 +11,8 @@ import pytest
 from fedtina.config import ProtocolConfig
 from fedtina.data.base import ImageDataset
 from fedtina.errors import FedtinaError
-from fedtina.data.split import ProtocolSplit, make_split, part_sizes, sample_ood_tasks, sample_tasks
+from fedtina.data.split import (ProtocolSplit, check_task_size, make_split, part_sizes, sample_ood_tasks,
+                                sample_tasks)
 
 SIZES = [2, 3, 5, 7, 8, 9, 13, 20, 40, 11, 6, 30]   # images per class, deliberately uneven and some tiny
 
@@ -129,6 +130,61 @@ def test_too_few_images_or_seen_classes_are_errors():
         make_split(_dataset([4, 1, 5]), ProtocolConfig())
     with pytest.raises(FedtinaError, match="seen_fraction=0.1 of 12 classes leaves 1 seen"):
         make_split(_dataset(), ProtocolConfig(seen_fraction=0.1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# novel classes: seen classes held out of the generic model (protocol.novel_share)
+
+BIG = [24] * 40   # 40 classes of 24 images: 32 seen
+
+
+def test_no_novel_share_is_the_split_of_before_the_option():
+    """The keys pinned here were computed by the code before `novel_share` existed: every cached backbone, zoo and
+    Tina of a default config keeps its key."""
+    for seed, key in ((0, "60fffc7589e5"), (3, "1c01222d6364")):
+        split = make_split(_dataset(), ProtocolConfig(seed=seed))
+        assert split.key == key
+        assert len(split.novel) == 0 and np.array_equal(split.backbone_classes, split.seen)
+
+
+@pytest.mark.parametrize("share", [0.1, 0.25, 0.5])
+def test_novel_images_never_reach_the_backbone_part(share):
+    ds = _dataset(BIG)
+    base, split = make_split(ds, ProtocolConfig()), make_split(ds, ProtocolConfig(novel_share=share))
+    assert len(split.novel) == round(share * 32) and set(split.novel.tolist()) <= set(split.seen.tolist())
+    assert np.array_equal(np.sort(np.concatenate([split.novel, split.backbone_classes])), split.seen)
+    novel_images = np.flatnonzero(np.isin(ds.labels, split.novel))
+    assert np.intersect1d(split.backbone_idx, novel_images).size == 0            # disjoint
+    assert set(np.unique(ds.labels[split.backbone_idx]).tolist()) == set(split.backbone_classes.tolist())
+    # the share moves the backbone part alone: classes, zoo and test parts, the other classes' backbone images
+    for name in ("seen", "unseen", "zoo_idx", "test_idx"):
+        assert np.array_equal(getattr(split, name), getattr(base, name)), name
+    assert np.array_equal(split.backbone_idx, np.setdiff1d(base.backbone_idx, novel_images))
+    assert split.key != base.key and all(len(split.part_of(c, "zoo")) for c in split.novel)
+
+
+def test_novel_classes_are_seeded_and_bad_shares_are_named():
+    ds = _dataset(BIG)
+    a, b = (make_split(ds, ProtocolConfig(novel_share=0.25)) for _ in range(2))
+    assert np.array_equal(a.novel, b.novel) and a.key == b.key
+    assert not np.array_equal(make_split(ds, ProtocolConfig(novel_share=0.25, seed=1)).novel, a.novel)
+    assert len(make_split(ds, ProtocolConfig(novel_share=0.001)).novel) == 1    # a positive share holds one out
+    with pytest.raises(FedtinaError, match="protocol.novel_share=0.97 of 32 seen classes leaves the generic model 1"):
+        make_split(ds, ProtocolConfig(novel_share=0.97))
+    with pytest.raises(FedtinaError, match="novel classes must be seen"):
+        ProtocolSplit(seen=[0, 1], unseen=[2], backbone_idx=[], zoo_idx=[], test_idx=[], labels=[0, 1, 2], novel=[2])
+
+
+def test_a_task_larger_than_the_backbone_classes_is_named():
+    ds = _dataset(BIG)
+    split = make_split(ds, ProtocolConfig(novel_share=0.75))                 # 8 of 32 seen classes stay
+    check_task_size(split, 8, "bench.k", 0.75)
+    with pytest.raises(FedtinaError, match="protocol.novel_share=0.75 leaves the generic model 8 of the 32 seen "
+                                           "classes, fewer than bench.k=10"):
+        check_task_size(split, 10, "bench.k", 0.75)
+    with pytest.raises(FedtinaError, match="zoo.k_max=33 exceeds the 32 seen classes"):
+        check_task_size(split, 33, "zoo.k_max", 0.75)
+    check_task_size(make_split(ds, ProtocolConfig()), 32, "zoo.k_max", 0.0)
 
 
 # ----------------------------------------------------------------------------------------------------------------

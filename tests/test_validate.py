@@ -110,6 +110,7 @@ def test_top_level_values(override, match):
     ("zoo__finetune__lr", 0.0),
     ("dataset__images_per_class", 0), ("dataset__seed", "x"),
     ("backbone__epochs", 0), ("backbone__batch_size", -1), ("backbone__width", 2.0), ("backbone__lr", 0),
+    ("protocol__novel_share", 1.0), ("protocol__novel_share", -0.1), ("backbone__classifier", 1),
     ("tina__max_classes", 0), ("tina__d_model", 0), ("tina__depth", 0), ("tina__train_steps", 0),
     ("tina__sample_steps", 0), ("tina__lr", 0), ("tina__ema_decay", 1.0), ("tina__subset_prob", 2.0),
     ("tina__warmup_steps", -1),
@@ -268,6 +269,7 @@ def test_a_missing_mandatory_value_is_named(base):
 @pytest.mark.parametrize("overrides, match", [
     (("dataset.name=mnist",), r"^dataset.name='mnist' is invalid; valid: \['shapes'"),
     (("backbone.arch=vgg",), r"^backbone.arch='vgg' is invalid; valid: \["),
+    (("backbone.classifier=arc",), r"^backbone.classifier='arc' is invalid; valid: \['linear', 'cosine'\]$"),
     (("encoder.name=bert",), r"^encoder.name='bert' is invalid; valid: \["),
     (("partition.k_min=21", "partition.k_max=30"), r"^partition.k_max=30 exceeds tina.max_classes=20"),
     (("partition.k_min=8", "partition.k_max=6"), r"^partition.k_min=8, partition.k_max=6: need 1 <= k_min <= k_max"),
@@ -418,6 +420,19 @@ def test_prepare_checks_the_partition_before_the_backbone(monkeypatch, tmp_path)
     with pytest.raises(FedtinaError, match=r"^partition.scheme=pathological cannot deal \d+ images of \d+ seen "
                                            r"classes to 40 clients: "):
         simulate.prepare(cfg, tmp_path / "run")
+
+
+def test_a_novel_share_that_leaves_too_few_classes_fails_before_the_backbone(monkeypatch, tmp_path):
+    """66 seen shape classes, 0.9 of them novel: 7 stay with the generic model, fewer than a zoo task's 10."""
+    import fedtina.assets
+    from fedtina.config import core_config
+
+    monkeypatch.setattr(fedtina.assets, "build_feature_bank", lambda *a, **k: pytest.fail("the backbone trained"))
+    cfg = _compose("dataset.images_per_class=4", f"cache_dir={tmp_path}", "protocol.novel_share=0.9")
+    validate_simulate_config(cfg)
+    with pytest.raises(FedtinaError, match=r"^protocol.novel_share=0.9 leaves the generic model 7 of the 66 seen "
+                                           r"classes, fewer than zoo.k_max=10: lower protocol.novel_share$"):
+        fedtina.assets.build_assets(core_config(cfg), log=lambda _m: None)
 
 
 @pytest.mark.parametrize("override, key", [("clients=abc", "clients"),

@@ -338,7 +338,8 @@ def fake_assets(num_classes=10, per_class=30, d=12, seed=0):
                            generic_bias=np.zeros(8, np.float32), seen=seen)
     part = np.tile(np.arange(per_class), num_classes)
     split = SimpleNamespace(seen=seen, unseen=np.arange(8, num_classes), backbone_idx=np.flatnonzero(part < 10),
-                            zoo_idx=np.flatnonzero((part >= 10) & (part < 20)), test_idx=np.flatnonzero(part >= 20))
+                            zoo_idx=np.flatnonzero((part >= 10) & (part < 20)), test_idx=np.flatnonzero(part >= 20),
+                            backbone_classes=seen)
     return bank, split, [f"class {c}" for c in range(num_classes)], labels
 
 
@@ -426,11 +427,34 @@ def test_a_failed_build_leaves_no_zoo(tmp_path, monkeypatch):
 
 def test_build_zoo_rejects_bank_without_generic_rows_for_seen(tmp_path):
     bank, split, names, labels = fake_assets()
-    split.seen = np.arange(9)  # class 8 has no generic row
-    with pytest.raises(FedtinaError, match="class 8"):
+    split.seen = split.backbone_classes = np.arange(9)  # class 8 should be the generic model's, but has no row
+    with pytest.raises(FedtinaError, match="covers 8 classes, not the split's 9 backbone classes"):
         build_zoo(tmp_path / "key", bank, split, names, labels, ZooConfig(num_tasks=2, k_min=2, k_max=2),
                   log=lambda _: None)
     assert not (tmp_path / "key").exists()
+
+
+def test_zoo_heads_over_novel_classes_start_from_imprinted_rows(tmp_path, monkeypatch):
+    """Novel classes (seen, no generic row): the zoo still holds heads over them; each starts from its class mean on
+    the generic rows' scale (and mean bias), beside the generic rows of the other classes."""
+    bank, split, names, labels = fake_assets()
+    split.seen, split.novel = np.arange(10), np.array([8, 9])
+    split.unseen = np.zeros(0, np.int64)
+    starts = []
+    monkeypatch.setattr(zoo, "finetune_heads", lambda inits, *a, **k: starts.extend(inits) or list(inits))
+    entries = build_zoo(tmp_path / "key", bank, split, names, labels, ZOO, log=lambda _: None).entries()
+    with_novel = [e for e in entries if {"class 8", "class 9"} & set(e.class_names)]
+    assert with_novel and len(starts) == len(entries)
+    scale = np.linalg.norm(bank.generic_weight, axis=1).mean()
+    for head in starts:
+        for j, n in enumerate(head.class_names):
+            c = names.index(n)
+            if c < 8:
+                np.testing.assert_array_equal(head.weight[j], bank.generic_weight[c])
+                continue
+            zoo_x = bank.features[split.zoo_idx[labels[split.zoo_idx] == c]].mean(0)
+            np.testing.assert_allclose(head.weight[j], scale * zoo_x / np.linalg.norm(zoo_x), rtol=1e-5)
+            assert head.bias[j] == pytest.approx(bank.generic_bias.mean())
 
 
 def test_build_zoo_is_deterministic(tmp_path):

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import torch
 
 HEAD_KEYS = ("fc.weight", "fc.bias")
+HEAD_KIND = "linear"   # the image models' heads are linear layers (HEAD_KEYS), whatever the generic model's classifier
 
 
 @dataclass
@@ -66,7 +67,8 @@ def build(state: dict[str, np.ndarray], arch: str = "resnet20") -> "torch.nn.Mod
     if "fc.weight" not in state:
         raise FedtinaError(f"model state has no 'fc.weight' (keys: {sorted(state)[:5]}...)")
     width = int(state["stem.0.weight"].shape[0]) if "stem.0.weight" in state else int(state["fc.weight"].shape[1]) // 4
-    model = build_backbone(BackboneConfig(arch=arch, width=width), num_classes=int(state["fc.weight"].shape[0]))
+    model = build_backbone(BackboneConfig(arch=arch, width=width, classifier=HEAD_KIND),
+                           num_classes=int(state["fc.weight"].shape[0]))
     model.load_state_dict({k: torch.as_tensor(np.array(v)) for k, v in state.items()}, strict=True)
     return model
 
@@ -79,7 +81,7 @@ def to_numpy(model: "torch.nn.Module") -> dict[str, np.ndarray]:
 
 def init_state(num_classes: int, cfg: BackboneConfig, seed: int = 0,
                backbone_path: str | None = None) -> dict[str, np.ndarray]:
-    """A fresh `cfg.arch` with a `num_classes`-way fc (seeded), warm-started from the generic backbone at
+    """A fresh `cfg.arch` with a linear `num_classes`-way fc (seeded), warm-started from the generic backbone at
     `backbone_path` (all weights but the fc, pixel normalisation included) when given."""
     import torch
 
@@ -87,7 +89,8 @@ def init_state(num_classes: int, cfg: BackboneConfig, seed: int = 0,
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = build_backbone(cfg, num_classes=num_classes)
+        model = build_backbone(BackboneConfig(arch=cfg.arch, width=cfg.width, classifier=HEAD_KIND),
+                               num_classes=num_classes)
     if backbone_path is not None:
         generic = load_backbone(backbone_path, "cpu").state_dict()
         model.load_state_dict({k: v for k, v in generic.items() if not k.startswith("fc.")}, strict=False)

@@ -4,7 +4,14 @@
   test time, as new combinations of known words / new names).
 * Every class's images are split into **backbone** (generic model), **zoo** (zoo heads, clients' local data) and
   **test** (every accuracy) parts. Unseen classes have no backbone part: those images go to test, so `backbone_idx`
-  holds seen classes only and the three parts still cover the dataset exactly once.
+  holds seen classes only.
+* `protocol.novel_share` holds that share of the seen classes out of the generic model (**novel** classes): the zoo
+  and every task still use them, but their backbone-part images are used by nothing, so `backbone_idx` holds none of
+  their images and the generic head has no row for them. Their zoo and test parts, and every other class's parts,
+  stay exactly those of `novel_share=0`: the share moves the backbone alone, so every accuracy of both settings is
+  measured on the same test images and every zoo head trains on the same images (moving the images to the test part,
+  as for unseen classes, would change the test sets of the tasks compared). Without novel classes the three parts
+  cover the dataset exactly once.
 * A **task** is a set of class ids (a label set), kept as a tuple in random order: order never matters downstream.
 
 Everything is a pure function of the dataset's labels and a seed.
@@ -36,6 +43,8 @@ Task = tuple[int, ...]
 class ProtocolSplit:
     """Seen/unseen class ids and the image indices of each part (all sorted int64, read-only).
 
+    `novel`: the seen classes the generic model never trained on (`protocol.novel_share`; empty by default);
+    `backbone_classes`: the generic model's classes, the rest of the seen ones.
     `labels` are the dataset's labels, so that a split answers per-class questions (`part_of`) on its own.
     Compare splits by `key`, a short hash that also serves in cache keys.
     """
@@ -46,17 +55,29 @@ class ProtocolSplit:
     zoo_idx: np.ndarray
     test_idx: np.ndarray
     labels: np.ndarray = field(repr=False)
+    novel: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     def __post_init__(self) -> None:
-        for name in ("seen", "unseen", "backbone_idx", "zoo_idx", "test_idx", "labels"):
+        for name in ("seen", "unseen", "backbone_idx", "zoo_idx", "test_idx", "labels", "novel"):
             arr = np.array(getattr(self, name), dtype=np.int64)   # a private, read-only copy
             arr.setflags(write=False)
             object.__setattr__(self, name, arr)
+        if not np.isin(self.novel, self.seen).all():
+            raise FedtinaError("split: novel classes must be seen classes")
+
+    @cached_property
+    def backbone_classes(self) -> np.ndarray:
+        """The generic model's classes: the seen ones less the novel ones (sorted int64, read-only)."""
+        out = self.seen[~np.isin(self.seen, self.novel)]
+        out.setflags(write=False)
+        return out
 
     @cached_property
     def key(self) -> str:
         h = hashlib.sha256()
-        for arr in (self.seen, self.unseen, self.backbone_idx, self.zoo_idx, self.test_idx):
+        # novel classes only when there are some: a split without them keeps the key it had before they existed
+        for arr in (self.seen, self.unseen, self.backbone_idx, self.zoo_idx, self.test_idx) + (
+                (self.novel,) if len(self.novel) else ()):
             h.update(len(arr).to_bytes(8, "little"))
             h.update(arr.tobytes())
         return h.hexdigest()[:12]
@@ -107,10 +128,12 @@ def part_sizes(n: int, backbone_fraction: float, zoo_fraction: float) -> tuple[i
 
 
 def make_split(ds: ImageDataset, cfg: ProtocolConfig) -> ProtocolSplit:
-    """Split classes into seen/unseen and each class's images into backbone/zoo/test, deterministically in cfg.seed.
+    """Split classes into seen/unseen (and seen into novel/backbone classes) and each class's images into
+    backbone/zoo/test, deterministically in cfg.seed.
 
-    The class split and each class's image shuffle use separate streams, so a class's zoo and test images do not
-    depend on the other classes, nor on whether the class is seen.
+    The class split, the novel pick and each class's image shuffle use separate streams, so a class's zoo and test
+    images do not depend on the other classes, nor on whether the class is seen or novel, and the seen/unseen
+    classes do not depend on `novel_share`.
     """
     _check_fractions(cfg)
     num = ds.num_classes
@@ -121,6 +144,8 @@ def make_split(ds: ImageDataset, cfg: ProtocolConfig) -> ProtocolSplit:
     order = np.random.default_rng([cfg.seed, 0]).permutation(num)
     is_seen = np.zeros(num, dtype=bool)
     is_seen[order[:n_seen]] = True
+    is_novel = np.zeros(num, dtype=bool)
+    is_novel[novel_classes(np.flatnonzero(is_seen), cfg)] = True
 
     labels = np.asarray(ds.labels, dtype=np.int64)
     by_class = np.argsort(labels, kind="stable")
@@ -137,6 +162,8 @@ def make_split(ds: ImageDataset, cfg: ProtocolConfig) -> ProtocolSplit:
         backbone, zoo, test = idx[:nb], idx[nb:nb + nz], idx[nb + nz:]
         if not is_seen[c]:
             backbone, test = idx[:0], np.concatenate([backbone, test])
+        elif is_novel[c]:
+            backbone = idx[:0]   # unused: see the module docstring
         parts["backbone"].append(backbone)
         parts["zoo"].append(zoo)
         parts["test"].append(test)
@@ -147,7 +174,32 @@ def make_split(ds: ImageDataset, cfg: ProtocolConfig) -> ProtocolSplit:
         zoo_idx=np.sort(np.concatenate(parts["zoo"])),
         test_idx=np.sort(np.concatenate(parts["test"])),
         labels=labels,
+        novel=np.flatnonzero(is_novel),
     )
+
+
+def novel_classes(seen: np.ndarray, cfg: ProtocolConfig) -> np.ndarray:
+    """The seen classes held out of the generic model: round(novel_share * len(seen)) of them (at least one for a
+    positive share), picked by a stream of their own. The generic model keeps at least 2 classes."""
+    if cfg.novel_share == 0:
+        return np.zeros(0, np.int64)
+    n = max(1, round(cfg.novel_share * len(seen)))
+    if len(seen) - n < 2:
+        raise FedtinaError(f"protocol.novel_share={cfg.novel_share} of {len(seen)} seen classes leaves the generic "
+                           f"model {len(seen) - n} class(es); need >= 2")
+    return np.sort(np.random.default_rng([cfg.seed, 2]).choice(seen, n, replace=False))
+
+
+def check_task_size(split: ProtocolSplit, k: int, key: str, novel_share: float) -> None:
+    """Before anything trains: a task of `k` classes (option `key`) needs k seen classes, and the generic model at
+    least k classes of its own (a generic model over fewer classes than one task holds has no task's worth of
+    distinctions shaped into its features, and selection would repeat its rows inside a task)."""
+    n_seen, n_backbone = len(split.seen), len(split.backbone_classes)
+    if k > n_seen:
+        raise FedtinaError(f"{key}={k} exceeds the {n_seen} seen classes (protocol.seen_fraction)")
+    if k > n_backbone:
+        raise FedtinaError(f"protocol.novel_share={novel_share} leaves the generic model {n_backbone} of the "
+                           f"{n_seen} seen classes, fewer than {key}={k}: lower protocol.novel_share")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -19,7 +19,9 @@ from typing import Callable
 import numpy as np
 
 from fedtina.assets import Assets
-from fedtina.config import BenchConfig, HeadTrainConfig, from_dict
+from fedtina.config import BenchConfig, HeadTrainConfig, core_config, from_dict
+from fedtina.data import load_dataset
+from fedtina.data.split import check_task_size, make_split
 from fedtina.experiments.harness import Result
 from fedtina.tina.generator import TinaGenerator
 from fedtina.tina.shots import SHOT_ROWS, check_shots, run_shots
@@ -182,7 +184,13 @@ def plot_shots(path: Path, report: dict) -> Path:
 
 
 def check(cfg: dict) -> None:
-    check_shots(list(from_dict(BenchConfig, cfg.get("bench")).shots))
+    """bench.shots, and bench.k against the protocol's classes (the dataset and its split are cheap, the backbone is
+    not: a novel share that leaves the generic model fewer classes than a task fails here)."""
+    bench = from_dict(BenchConfig, cfg.get("bench"))
+    check_shots(list(bench.shots))
+    core = core_config(cfg)
+    split = make_split(load_dataset(core.dataset, core.cache_path), core.protocol)
+    check_task_size(split, bench.k, "bench.k", core.protocol.novel_share)
 
 
 def run(cfg: dict, assets: Assets, out_dir: Path) -> Result:
@@ -190,7 +198,8 @@ def run(cfg: dict, assets: Assets, out_dir: Path) -> Result:
     result = run_bench(assets, bench)
     report = {"dataset": assets.dataset.name, "encoder": assets.encoder.id, "num_tasks": bench.num_tasks,
               "timings": assets.timings, "id_gain_captured": gain_captured(result, "id"), **result,
-              "seen_classes": [assets.dataset.class_names[c] for c in assets.split.seen],   # the backbone's classes
+              "seen_classes": [assets.dataset.class_names[c] for c in assets.split.seen],   # the zoo's classes
+              "novel_classes": [assets.dataset.class_names[c] for c in assets.split.novel],  # seen, not the backbone's
               "unseen_classes": [assets.dataset.class_names[c] for c in assets.split.unseen]}
     return Result(report, format_report, {"shots.png": plot_shots} if "shots" in result else {})
 

@@ -1,5 +1,11 @@
-"""The frozen feature extractor: a CIFAR-style ResNet-20 trained once on the seen classes ("the generic model"), and the
-feature bank that caches its features for every image of the dataset, so later stages never run a convolution again.
+"""The frozen feature extractor: a CIFAR-style ResNet-20 trained once on the seen classes ("the generic model"; not on
+the split's novel classes), and the feature bank that caches its features for every image of the dataset, so later
+stages never run a convolution again.
+
+Its classifier (`backbone.classifier`) is `linear` or `cosine` (Gidaris & Komodakis 2018; Qi et al. 2018): with
+cosine, `features` are L2-normalised and logits are `scale * cos(feature, row)` with one learned scale, so the
+generic rows, as a linear head on those features, are the unit rows times that scale (zero bias): one scale that
+imprinted, generated and retrieved rows can share.
 
 Models take raw pixels (uint8 or float in 0..255, NCHW) and normalise them with per-channel statistics stored as
 buffers, so a checkpoint is self-contained: inference needs only uint8 images.
@@ -35,6 +41,9 @@ if TYPE_CHECKING:
 
 Log = Callable[[str], None]
 FORMAT_VERSION = 1  # bump when the checkpoint / feature-bank layout changes; it is part of the cache key
+CLASSIFIERS = ("linear", "cosine")
+LEGACY_CLASSIFIER = "linear"   # checkpoints and cache keys from before `backbone.classifier` existed are linear
+COSINE_INIT_SCALE = 10.0       # the cosine classifier's learned scale starts here (Gidaris & Komodakis 2018)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -67,11 +76,39 @@ class ImageBackbone(nn.Module):
         raise NotImplementedError
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw pixels [N, 3, H, W] or [N, H, W, 3] (uint8 or float, 0..255) -> features [N, feature_dim]."""
-        return self.embed(self.normalize(x))
+        """Raw pixels [N, 3, H, W] or [N, H, W, 3] (uint8 or float, 0..255) -> features [N, feature_dim]
+        (L2-normalised under a cosine classifier: the features every head is given)."""
+        f = self.embed(self.normalize(x))
+        return F.normalize(f.float(), dim=1) if self.classifier == "cosine" else f   # unit in fp32, under bf16 too
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x))
+
+    @property
+    def classifier(self) -> str:
+        return "cosine" if isinstance(self.fc, CosineClassifier) else "linear"
+
+    def head_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """The classifier as a linear head on `features`: (weight [C, d], bias [C]) float32."""
+        w, b = self.fc.rows() if isinstance(self.fc, CosineClassifier) else (self.fc.weight, self.fc.bias)
+        return w.detach().float().cpu().numpy(), b.detach().float().cpu().numpy()
+
+
+class CosineClassifier(nn.Module):
+    """logits = scale * cos(x, row): unit features times unit rows, one learned scale, no bias."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features).uniform_(-1, 1) / in_features ** 0.5)
+        self.scale = nn.Parameter(torch.tensor(COSINE_INIT_SCALE))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).T
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same logits as a linear layer on unit features: rows scale * unit(weight), zero bias."""
+        return self.scale * F.normalize(self.weight, dim=1), self.weight.new_zeros(self.out_features)
 
 
 class BasicBlock(nn.Module):
@@ -148,10 +185,15 @@ def resnet32(num_classes: int, width: int = 16) -> ImageBackbone:
 
 
 def build_backbone(cfg: BackboneConfig, num_classes: int) -> ImageBackbone:
-    """A fresh (untrained) backbone of `cfg.arch`; unknown names list the registered ones."""
+    """A fresh (untrained) backbone of `cfg.arch` with a `cfg.classifier` head; unknown names list the valid ones."""
     if cfg.arch not in BACKBONES:
         raise FedtinaError(f"unknown backbone arch {cfg.arch!r}; valid: {sorted(BACKBONES)}")
-    return BACKBONES[cfg.arch](num_classes, cfg.width)
+    if cfg.classifier not in CLASSIFIERS:
+        raise FedtinaError(f"backbone.classifier={cfg.classifier!r} is invalid; valid: {list(CLASSIFIERS)}")
+    model = BACKBONES[cfg.arch](num_classes, cfg.width)
+    if cfg.classifier == "cosine":
+        model.fc = CosineClassifier(model.feature_dim, num_classes)
+    return model
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -215,12 +257,13 @@ def remap_labels(labels: np.ndarray, classes: np.ndarray) -> np.ndarray:
 
 
 def _backbone_training_set(ds: ImageDataset, split: "ProtocolSplit") -> tuple[np.ndarray, np.ndarray]:
-    """The images the generic model may see: `split.backbone_idx` restricted to seen classes; labels 0..len(seen)-1."""
+    """The images the generic model may see: `split.backbone_idx` restricted to its classes (`backbone_classes`: the
+    seen ones less the novel ones); labels 0..len(backbone_classes)-1."""
     idx = np.asarray(split.backbone_idx, dtype=np.int64)
-    y = remap_labels(ds.labels[idx], np.asarray(split.seen, dtype=np.int64))
+    y = remap_labels(ds.labels[idx], np.asarray(split.backbone_classes, dtype=np.int64))
     keep = y >= 0
     if not keep.any():
-        raise FedtinaError(f"{ds.name}: split.backbone_idx holds no image of a seen class; nothing to train on")
+        raise FedtinaError(f"{ds.name}: split.backbone_idx holds no image of a backbone class; nothing to train on")
     return ds.images[idx[keep]], y[keep]
 
 
@@ -228,7 +271,8 @@ def train_generic(
     ds: ImageDataset, split: "ProtocolSplit", cfg: BackboneConfig, device: torch.device | str | None = None,
     log: Log = print,
 ) -> ImageBackbone:
-    """Train the generic model on `split.backbone_idx` images of `split.seen` classes (never on zoo or test images).
+    """Train the generic model on `split.backbone_idx` images of `split.backbone_classes` (never on zoo or test
+    images, never on a novel class).
 
     SGD (momentum 0.9, Nesterov), per-step cosine LR from `cfg.lr` to 0, weight decay on conv/linear weights only,
     random crop + flip. Deterministic given `cfg.seed` on the CPU (init, shuffling and augmentation are seeded)."""
@@ -238,7 +282,7 @@ def train_generic(
     gen = torch.Generator().manual_seed(cfg.seed)
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's global RNG
         torch.manual_seed(cfg.seed)
-        model = build_backbone(cfg, num_classes=len(split.seen))
+        model = build_backbone(cfg, num_classes=len(split.backbone_classes))
     model.set_normalization(mean, std)
     model.to(device, memory_format=torch.channels_last)  # NHWC convolutions: ~1.3x faster on CPU and on GPU
     amp = autocast_dtype(device, getattr(cfg, "precision", "auto"))
@@ -251,7 +295,8 @@ def train_generic(
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs * steps_per_epoch))
-    log(f"backbone: training {cfg.arch} (width {cfg.width}) on {n} images of {len(split.seen)} seen classes, "
+    log(f"backbone: training {cfg.arch} (width {cfg.width}, {cfg.classifier} classifier) on {n} images of "
+        f"{len(split.backbone_classes)} classes ({len(split.novel)} novel seen classes held out), "
         f"{cfg.epochs} epochs x {steps_per_epoch} steps, device {device}, {amp or torch.float32}")
     meter = Meter(cfg.epochs, "backbone", unit="epochs", lines=False)   # the epoch lines below say it off a terminal
     for epoch in range(cfg.epochs):
@@ -317,6 +362,7 @@ class BackboneSpec:
     pixel_std: list[float]
     format_version: int = FORMAT_VERSION
     extra: dict = field(default_factory=dict)
+    classifier: str = LEGACY_CLASSIFIER
 
 
 def save_backbone(model: ImageBackbone, path: Path, arch: str, width: int, extra: dict | None = None) -> None:
@@ -324,7 +370,8 @@ def save_backbone(model: ImageBackbone, path: Path, arch: str, width: int, extra
     from safetensors.torch import save_file
 
     spec = BackboneSpec(arch, width, model.fc.out_features, model.feature_dim,
-                        model.pixel_mean.tolist(), model.pixel_std.tolist(), extra=extra or {})
+                        model.pixel_mean.tolist(), model.pixel_std.tolist(), extra=extra or {},
+                        classifier=model.classifier)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"fedtina.features.backbone": json.dumps(asdict(spec))}),
                  fsync=True)
@@ -354,20 +401,28 @@ def backbone_from_tensors(tensors: dict[str, np.ndarray | torch.Tensor], meta: s
     CorruptFileError."""
     try:
         spec = BackboneSpec(**json.loads(meta))
-        model = build_backbone(BackboneConfig(arch=spec.arch, width=spec.width), spec.num_classes)
+        model = build_backbone(BackboneConfig(arch=spec.arch, width=spec.width, classifier=spec.classifier),
+                               spec.num_classes)
         model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in tensors.items()}, strict=True)
     except Exception as e:  # bad JSON, unknown arch, missing keys, shape mismatches
         raise CorruptFileError(f"backbone tensors do not match their spec ({type(e).__name__}: {e})") from e
     return model.to(torch.device(device)).eval()
 
 
-def load_backbone(path: Path | str, device: torch.device | str = "cpu") -> ImageBackbone:
-    """A saved backbone in eval mode on `device`. Missing, truncated or mismatched files -> CorruptFileError."""
+def load_backbone(path: Path | str, device: torch.device | str = "cpu", classifier: str | None = None) -> ImageBackbone:
+    """A saved backbone in eval mode on `device`. Missing, truncated or mismatched files -> CorruptFileError; a
+    checkpoint whose classifier is not `classifier` (when given) -> FedtinaError: its features and generic rows are
+    on another scale than the config's, and mixing them would go unnoticed."""
     tensors, meta = backbone_tensors(path)
     try:
-        return backbone_from_tensors(tensors, meta, device)
+        model = backbone_from_tensors(tensors, meta, device)
     except CorruptFileError as e:
         raise CorruptFileError(f"backbone checkpoint {path}: {e}; delete it to retrain") from e
+    if classifier is not None and model.classifier != classifier:
+        raise FedtinaError(f"backbone checkpoint {path} has a {model.classifier} classifier but "
+                           f"backbone.classifier={classifier}: delete it to retrain, or set "
+                           f"backbone.classifier={model.classifier}")
+    return model
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -381,7 +436,8 @@ class FeatureBank:
     features: np.ndarray        # float32 [N, d], row i = image i of the dataset
     generic_weight: np.ndarray  # float32 [len(seen), d]
     generic_bias: np.ndarray    # float32 [len(seen)]
-    seen: np.ndarray            # int64 class ids; row i of generic_* is class seen[i]
+    seen: np.ndarray            # int64 class ids of the generic head (split.backbone_classes: the seen classes less
+                                # the novel ones); row i of generic_* is class seen[i]
     backbone_path: Path         # safetensors of the trained backbone (load_backbone)
     meta: dict                  # cache key, dataset, config, training time, ...
 
@@ -390,21 +446,24 @@ class FeatureBank:
         return int(self.features.shape[1])
 
     def generic_row(self, class_id: int) -> tuple[np.ndarray, float]:
-        """(weight row [d], bias) of the generic head for a seen class id; unseen ids raise UnknownClassError."""
+        """(weight row [d], bias) of the generic head for one of its class ids; unseen and novel ids raise
+        UnknownClassError."""
         hits = np.flatnonzero(self.seen == int(class_id))
         if len(hits) == 0:
-            raise UnknownClassError(f"class id {class_id} is not a seen class of the generic model "
-                                    f"({len(self.seen)} seen classes); it has no generic head row")
+            raise UnknownClassError(f"class id {class_id} is not a class of the generic model "
+                                    f"({len(self.seen)} classes); it has no generic head row")
         i = int(hits[0])
         return self.generic_weight[i], float(self.generic_bias[i])
 
 
 def feature_cache_key(ds: ImageDataset, split: "ProtocolSplit", cfg: BackboneConfig) -> str:
     """Readable and unique: dataset name + fingerprint, arch, width, epochs, seed, split key, and a short hash of the
-    remaining training hyper-parameters (batch size, lr, weight decay, precision), so changing them never reuses
-    stale features. The device is not part of it."""
+    remaining training hyper-parameters (batch size, lr, weight decay, precision, the classifier unless it is the
+    legacy linear one, so that keys from before the option stay valid), so changing them never reuses stale
+    features. The device is not part of it."""
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", ds.name)
-    hp = json.dumps([cfg.batch_size, cfg.lr, cfg.weight_decay, getattr(cfg, "precision", "auto"), FORMAT_VERSION])
+    hp = [cfg.batch_size, cfg.lr, cfg.weight_decay, getattr(cfg, "precision", "auto"), FORMAT_VERSION]
+    hp = json.dumps(hp + ([cfg.classifier] if cfg.classifier != LEGACY_CLASSIFIER else []))
     hp = hashlib.sha256(hp.encode()).hexdigest()[:8]
     return f"{name}-{ds.fingerprint}-{cfg.arch}-w{cfg.width}-e{cfg.epochs}-s{cfg.seed}-{split.key}-{hp}"
 
@@ -483,13 +542,13 @@ def _build_bank(ds: ImageDataset, split: "ProtocolSplit", cfg: BackboneConfig, k
     amp = autocast_dtype(device, precision)
     t0 = time.perf_counter()
     if backbone_path.is_file():
-        model = load_backbone(backbone_path, device)  # CorruptFileError naming it when damaged
+        model = load_backbone(backbone_path, device, cfg.classifier)  # CorruptFileError naming it when damaged
         train_s = None
         log(f"features: re-extracting {npz_path} with the cached backbone {backbone_path}")
     else:
         model = train_generic(ds, split, cfg, device, log=log)
         save_backbone(model, backbone_path, cfg.arch, cfg.width,
-                      extra={"seen": [int(c) for c in split.seen], "key": key})
+                      extra={"seen": [int(c) for c in split.backbone_classes], "key": key})
         train_s = round(time.perf_counter() - t0, 2)
     t1 = time.perf_counter()
     features = extract_features(model, ds.images, device, precision=precision)
@@ -498,8 +557,7 @@ def _build_bank(ds: ImageDataset, split: "ProtocolSplit", cfg: BackboneConfig, k
             "backbone": asdict(cfg), "device": str(device), "precision": str(amp or torch.float32),
             "train_s": train_s, "extract_s": round(extract_s, 2), "format_version": FORMAT_VERSION,
             "backbone_sha256": _file_sha256(backbone_path)}
-    bank = FeatureBank(features, model.fc.weight.detach().float().cpu().numpy(),
-                       model.fc.bias.detach().float().cpu().numpy(), np.asarray(split.seen, dtype=np.int64),
+    bank = FeatureBank(features, *model.head_rows(), np.asarray(split.backbone_classes, dtype=np.int64),
                        backbone_path, meta)
     _save_npz(npz_path, features=bank.features, generic_weight=bank.generic_weight, generic_bias=bank.generic_bias,
               seen=bank.seen, meta=np.array(json.dumps(meta)))

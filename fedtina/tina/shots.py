@@ -8,6 +8,9 @@ task's zoo part (seeded by task and n, the same draws for every row; "all" = eve
 * `tina_img` (images only) and `tina_text_img` (names and images): Tina prompted with the n shots, no training.
 * `imprint`: rows = the L2-normalised class means of the shots, scaled to the generic head's mean row norm, zero
   bias (the classic zero-training baseline).
+* `mixed`: the generic rows of the classes that have one, imprinted rows (as `imprint`, with the generic head's mean
+  bias) for the others: unseen and novel classes (`heads.mixed_head`). Its rows share one scale only under
+  `backbone.classifier=cosine`; with a linear generic head the imprinted rows merely take the mean row norm.
 * `local_ft`: the selection head fine-tuned on the shots; `tina_ft`: `tina_text_img`'s head fine-tuned on the same
   shots. Both choose steps / lr / L2 on hold-outs of the shots (`heads.oracle_heads`; keeping the head is a
   candidate); a task with one shot per class has nothing to hold out and keeps `bench.tina_ft`'s recipe.
@@ -22,10 +25,10 @@ import numpy as np
 
 from fedtina.config import BenchConfig
 from fedtina.errors import FedtinaError
-from fedtina.zoo.heads import Head, finetune_heads, oracle_heads
+from fedtina.zoo.heads import Head, finetune_heads, generic_rows, generic_scale, imprint_rows, mixed_head, oracle_heads
 from fedtina.zoo.tasks import BenchTask, score
 
-SHOT_ROWS = ("tina_img", "tina_text_img", "imprint", "local_ft", "tina_ft")
+SHOT_ROWS = ("tina_img", "tina_text_img", "imprint", "mixed", "local_ft", "tina_ft")
 
 
 def draw_shots(y: np.ndarray, k: int, n: int | str, rng: np.random.Generator) -> np.ndarray:
@@ -38,12 +41,8 @@ def draw_shots(y: np.ndarray, k: int, n: int | str, rng: np.random.Generator) ->
 
 
 def imprint_heads(names: list[tuple[str, ...]], data: list[tuple[np.ndarray, np.ndarray]], scale: float) -> list[Head]:
-    heads = []
-    for cls, (x, y) in zip(names, data):
-        means = np.stack([x[y == c].mean(0) for c in range(len(cls))]).astype(np.float32)
-        rows = scale * means / np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
-        heads.append(Head(tuple(cls), rows.astype(np.float32), np.zeros(len(cls), np.float32)))
-    return heads
+    return [Head(tuple(cls), imprint_rows(x, y, len(cls), scale), np.zeros(len(cls), np.float32))
+            for cls, (x, y) in zip(names, data)]
 
 
 def shot_rows(assets, tasks: list[BenchTask], n: int | str, cfg: BenchConfig, selection: list[Head], task_seed: int,
@@ -54,7 +53,8 @@ def shot_rows(assets, tasks: list[BenchTask], n: int | str, cfg: BenchConfig, se
     data = [(t.train_x[d], t.train_y[d]) for t, d in zip(tasks, draws)]
     names = [t.class_names for t in tasks]
     per_set = [[t.train_p[d][t.train_y[d] == c] for c in range(len(t.class_names))] for t, d in zip(tasks, draws)]
-    scale = float(np.linalg.norm(np.asarray(assets.bank.generic_weight), axis=1).mean())
+    scale, bias = generic_scale(assets.bank)
+    generic = generic_rows(assets.bank, assets.dataset.class_names)
     tune = oracle_heads if cfg.tina_ft.select else finetune_heads
     out = {
         "tina_img": timed("tina_img", lambda: assets.tina.generate([list(c) for c in names], shots=per_set,
@@ -62,6 +62,7 @@ def shot_rows(assets, tasks: list[BenchTask], n: int | str, cfg: BenchConfig, se
         "tina_text_img": timed("tina_text_img", lambda: assets.tina.generate([list(c) for c in names],
                                                                              shots=per_set)),
         "imprint": timed("imprint", lambda: imprint_heads(names, data, scale)),
+        "mixed": timed("mixed", lambda: [mixed_head(c, x, y, generic, scale, bias) for c, (x, y) in zip(names, data)]),
         "local_ft": timed("local_ft", lambda: tune(selection, data, cfg.tina_ft)),
     }
     out["tina_ft"] = timed("tina_ft", lambda: tune(out["tina_text_img"], data, cfg.tina_ft))

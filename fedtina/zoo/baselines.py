@@ -41,7 +41,8 @@ def zoo_class_rows(entries) -> dict[str, list[np.ndarray]]:
 
 
 class TextBaselines:
-    """Fit once on the seen classes of `assets`; `heads(rows, task names)` for any task."""
+    """Fit once on the classes with a generic row (the seen ones less the novel ones: `seen`); `heads(rows, task
+    names)` for any task."""
 
     def __init__(self, assets) -> None:
         names = list(assets.dataset.class_names)

@@ -5,7 +5,10 @@ Besides the `Head` itself this module trains heads on frozen backbone features, 
 * `finetune_heads`       fine-tune from given rows (zoo heads, clients, Tina+ft), L2 pull toward the initial rows
 * `train_scratch_heads`  the same from zero rows and without the pull (the `scratch` baseline)
 * `oracle_heads`         per-task hyper-parameters picked on an inner hold-out of the task's own images, then a refit
-* `selection_head`       the generic model's rows for the task's classes (nearest seen name for an unseen class)
+* `selection_head`       the generic model's rows for the task's classes (nearest seen name for a class without
+                         one: unseen, or novel: held out of the generic model)
+* `imprint_rows`, `mixed_head`  class-mean rows on the generic rows' scale (imprinting), alone or for the classes
+                         without a generic row beside the generic rows of the others
 
 Every trainer packs all tasks into one padded tensor (tasks padded to the same number of classes and samples, with
 masks) and runs full-batch Adam with a closed-form gradient, so hundreds of heads train in seconds on a CPU. The
@@ -406,12 +409,50 @@ def oracle_heads(inits: Sequence[Head], data: Sequence[TaskData], base_cfg: Head
 
 
 def generic_rows(bank, class_names: Sequence[str]) -> dict[str, tuple[np.ndarray, np.float32]]:
-    """{class name: (row [d], bias)} of the generic head in a FeatureBank (row i = class bank.seen[i]);
-    `class_names` maps class ids to names."""
+    """{class name: (row [d], bias)} of the generic head in a FeatureBank (row i = class bank.seen[i]: the seen
+    classes less the novel ones, which have no row, as unseen ones); `class_names` maps class ids to names."""
     w, b, seen = np.asarray(bank.generic_weight, np.float32), np.asarray(bank.generic_bias, np.float32), bank.seen
     if w.ndim != 2 or w.shape[0] != len(seen) or b.shape != (len(seen),):
         raise FedtinaError(f"generic head has weight {w.shape} and bias {b.shape} for {len(seen)} seen classes")
     return {class_names[int(c)]: (w[i], b[i]) for i, c in enumerate(seen)}
+
+
+def generic_scale(bank) -> tuple[float, float]:
+    """(mean row norm, mean bias) of the generic head: the scale and offset imprinted rows take to stand beside
+    generic rows in one head (under a cosine classifier every generic row has that norm and a zero bias)."""
+    w, b = np.asarray(bank.generic_weight, np.float64), np.asarray(bank.generic_bias, np.float64)
+    return float(np.linalg.norm(w, axis=1).mean()), float(b.mean())
+
+
+def imprint_rows(x: np.ndarray, y: np.ndarray, k: int, scale: float) -> np.ndarray:
+    """Imprinted rows (Qi et al. 2018) for positions 0..k-1 of labels `y`: each class's mean feature, L2-normalised,
+    times `scale`: float32 [k, d]. A class without an image has no row to imprint: LabelSetError."""
+    x, y = np.asarray(x, np.float32), np.asarray(y)
+    counts = np.bincount(y, minlength=k)
+    if len(counts) > k or (counts[:k] == 0).any():
+        raise LabelSetError(f"imprinting needs an image of every class 0..{k - 1}, got counts {counts.tolist()}")
+    means = np.stack([x[y == c].mean(0) for c in range(k)])
+    return (scale * means / np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def mixed_head(names: Sequence[str], x: np.ndarray, y: np.ndarray,
+               generic_rows: Mapping[str, tuple[np.ndarray, float]], scale: float, bias: float) -> Head:
+    """The generic row and bias of each class that has one, and for the others (unseen, novel) the row imprinted
+    from their images (`x`, labels `y` = positions in `names`) at the generic rows' `scale` and mean `bias`
+    (`generic_scale`). Every class with a generic row: exactly `selection_head(names, generic_rows)`."""
+    names = tuple(names)
+    missing = [j for j, n in enumerate(names) if n not in generic_rows]
+    if not missing:
+        return selection_head(names, generic_rows)
+    have = {n: generic_rows[n] for n in names if n in generic_rows}
+    y = np.asarray(y)
+    keep = np.isin(y, missing)
+    pos = np.full(len(names), -1)
+    pos[missing] = np.arange(len(missing))
+    imprinted = imprint_rows(np.asarray(x)[keep], pos[y[keep]], len(missing), scale)
+    w = np.stack([np.asarray(have[n][0], np.float32) if n in have else imprinted[pos[j]] for j, n in enumerate(names)])
+    b = np.array([have[n][1] if n in have else bias for n in names], np.float32)
+    return Head(names, w, b)
 
 
 def _embed(names: list[str], name_embeddings: NameEmbeddings) -> np.ndarray:

@@ -42,7 +42,7 @@ import safetensors.numpy
 
 from fedtina.config import ZooConfig
 from fedtina.errors import CorruptFileError, FedtinaError, LabelSetError
-from fedtina.zoo.heads import Head, accuracy, finetune_heads, generic_rows, oracle_heads, selection_head
+from fedtina.zoo.heads import Head, accuracy, finetune_heads, generic_rows, generic_scale, mixed_head, oracle_heads
 from fedtina.io import FILE_MODE, cache_lock
 from fedtina.data.split import sample_tasks
 
@@ -480,10 +480,11 @@ def build_zoo(root: str | os.PathLike, bank, split, class_names: Sequence[str], 
     `root` holds a whole zoo or nothing; a temporary directory left by a killed build is replaced.
 
     Tasks: cfg.num_tasks distinct subsets of split.seen, k uniform in [cfg.k_min, cfg.k_max], seeded by cfg.seed.
-    Each head starts from the generic rows of its classes (bank.generic_weight/bias, row i = class bank.seen[i]) and
-    is fine-tuned (cfg.finetune; with cfg.finetune.select, per-task hyper-parameters from `oracle_heads`) on the
-    zoo-part images (split.zoo_idx) of its classes. Metrics: zoo_acc (train), test_acc and generic_test_acc (the
-    un-tuned selection head) on the task's split.test_idx images, n_zoo, n_test.
+    Each head starts from the generic rows of its classes (bank.generic_weight/bias, row i = class bank.seen[i]);
+    a novel class (split.novel: no generic row) starts from its row imprinted from the task's zoo images
+    (`heads.mixed_head`). It is fine-tuned (cfg.finetune; with cfg.finetune.select, per-task hyper-parameters from
+    `oracle_heads`) on the zoo-part images (split.zoo_idx) of its classes. Metrics: zoo_acc (train), test_acc and
+    generic_test_acc (the un-tuned initial head) on the task's split.test_idx images, n_zoo, n_test.
     """
     root = Path(root)
     if not root.exists():
@@ -537,20 +538,20 @@ def _fill(store: ZooStore, bank, split, class_names: Sequence[str], labels: np.n
           log: Callable[[str], None]) -> None:
     """Fine-tune the cfg.num_tasks heads of `build_zoo` and append them to the empty `store`."""
     labels = np.asarray(labels)
-    rows = generic_rows(bank, class_names)
-    missing = [class_names[int(c)] for c in split.seen if class_names[int(c)] not in rows]
-    if missing:
-        raise FedtinaError(f"seen classes without a generic row in the feature bank: {missing[:5]}")
+    if not np.array_equal(np.asarray(bank.seen), split.backbone_classes):
+        raise FedtinaError(f"the feature bank's generic head covers {len(bank.seen)} classes, not the split's "
+                           f"{len(split.backbone_classes)} backbone classes: a bank of another split")
+    rows, (scale, bias) = generic_rows(bank, class_names), generic_scale(bank)
     tasks = sample_tasks(np.asarray(split.seen), cfg.num_tasks, cfg.k_min, cfg.k_max, np.random.default_rng(cfg.seed))
     features = np.asarray(bank.features, np.float32)
     zoo_by, test_by = _images_by_class(split.zoo_idx, labels), _images_by_class(split.test_idx, labels)
     names = [tuple(class_names[c] for c in t) for t in tasks]
-    inits = [selection_head(n, rows) for n in names]
     train = [_task_data(t, zoo_by, features) for t in tasks]
     test = [_task_data(t, test_by, features) for t in tasks]
     for t, (x, _), (xt, _) in zip(names, train, test):
         if len(x) == 0 or len(xt) == 0:
             raise FedtinaError(f"zoo task {list(t)} has {len(x)} zoo images and {len(xt)} test images; need both")
+    inits = [mixed_head(n, x, y, rows, scale, bias) for n, (x, y) in zip(names, train)]
     t0 = time.perf_counter()
     # select: per-task steps/lr/l2 chosen on hold-outs of the task's own zoo images (heads.oracle_heads); a fixed
     # recipe over-fits the few images per class of small datasets and makes zoo heads worse than the generic rows
