@@ -25,9 +25,9 @@ from fedtina.data.split import check_task_size, make_split
 from fedtina.experiments.harness import Result
 from fedtina.tina.generator import TinaGenerator
 from fedtina.tina.shots import SHOT_ROWS, check_shots, run_shots
-from fedtina.zoo.baselines import TextBaselines, novelty, wrong_names
+from fedtina.zoo.baselines import TextBaselines, memorization, novelty, wrong_names
 from fedtina.zoo.heads import Head, accuracy, finetune_heads, oracle_heads, train_scratch_heads
-from fedtina.zoo.tasks import BenchTask, sample_task_sets, score, selection_heads, task_data
+from fedtina.zoo.tasks import BenchTask, class_recall, sample_task_sets, score, selection_heads, task_data
 
 ASSETS = "core"
 log = logging.getLogger("fedtina.experiments.bench")
@@ -99,6 +99,9 @@ def run_bench(assets: Assets, cfg: BenchConfig) -> dict:
             result[row][f"{set_name}_acc"] = float(acc.mean())
             result[row][f"{set_name}_std"] = float(acc.std())
             result[row].setdefault("personalize_s", {})[set_name] = secs
+            if set_name == "ood":   # unseen vs seen classes' recall, apart from the task accuracy
+                recall = class_recall(heads, tasks, assets.split.unseen)
+                result[row].update({f"ood_{key}": v for key, v in recall.items()})
     d = assets.bank.features.shape[1]
     result["k"] = cfg.k
     for row in ROWS:
@@ -106,6 +109,9 @@ def run_bench(assets: Assets, cfg: BenchConfig) -> dict:
         result[row]["generated_params"] = cfg.k * (d + 1) if row.startswith("tina") else 0
     result["novelty"] = novelty(assets, tasks_by_set["id"], heads_by_set["id"]["tina"][0],
                                 heads_by_set["id"]["selection"][0], assets.cfg.zoo.finetune, cfg.seed)
+    if cfg.ood_unseen and len(assets.split.unseen):
+        result["memorization"] = memorization(assets, tasks_by_set["ood"], heads_by_set["ood"]["tina"][0],
+                                              heads_by_set["ood"]["selection"][0], assets.cfg.zoo.finetune, cfg.seed)
     if cfg.shots:
         result["shots"] = run_shots(assets, tasks_by_set, cfg, heads_by_set)
     return result
@@ -118,11 +124,13 @@ def gain_captured(result: dict, set_name: str) -> float:
 
 
 def format_table(result: dict) -> str:
-    lines = [f"{'method':<17} {'ID acc':>15} {'OOD acc':>15} {'personalize s':>14} {'gen. params':>12}"]
+    lines = [f"{'method':<17} {'ID acc':>15} {'OOD acc':>15} {'OOD recall u/s':>15} {'personalize s':>14} "
+             f"{'gen. params':>12}"]
     for row in ROWS:
         r = result[row]
         lines.append(f"{row:<17} {r['id_acc']:>8.3f} ± {r['id_std']:.3f} {r['ood_acc']:>8.3f} ± {r['ood_std']:.3f} "
-                     f"{r['personalize_s']:>14.4f} {r['generated_params']:>12}")
+                     f"{_recall_cell(r):>15} {r['personalize_s']:>14.4f} {r['generated_params']:>12}")
+    lines.append("OOD recall u/s: mean per-class recall of the OOD tasks' unseen / seen classes")
     gap = {s: {r: result[r][f"{s}_acc"] - result["selection"][f"{s}_acc"] for r in ("tina", "oracle")}
            for s in ("id", "ood")}
     lines.append(f"ID: tina - selection {100 * gap['id']['tina']:+.1f} pts, oracle - selection "
@@ -133,14 +141,31 @@ def format_table(result: dict) -> str:
         nv = result["novelty"]
         lines.append(f"novelty (ID): Tina's rows are {nv['to_zoo']:.3f} (median, relative) from the nearest zoo row of "
                      f"their class; two fine-tunes of one task differ by {nv['between_fine_tunes']:.3f}")
+    if "memorization" in result:
+        lines.extend(format_memorization(result["memorization"]))
     lines.append(f"prompt check: tina given other classes' names {100 * result['tina_wrong_names']['id_acc']:.1f} "
                  f"(ID) / {100 * result['tina_wrong_names']['ood_acc']:.1f} (OOD) vs chance "
                  f"{100 / result['k']:.1f}")
     return "\n".join(lines)
 
 
+def _recall_cell(r: dict) -> str:
+    return f"{100 * r['ood_unseen_recall']:.1f} / {100 * r['ood_seen_recall']:.1f}" if "ood_unseen_recall" in r else ""
+
+
+def format_memorization(m: dict) -> list[str]:
+    """The memorization check's lines (zoo.baselines.memorization)."""
+    verdict = "nearer the zoo than" if m["to_zoo"] < m["noise_to_zoo"] else "no nearer the zoo than"
+    return [f"memorization (OOD, unseen classes): Tina's rows are {m['to_zoo']:.3f} (median) from the nearest zoo "
+            f"row of any class, zoo rows + noise (scale {m['noise_scale']:.3f}: the zoo's row-to-other-class gap) "
+            f"{m['noise_to_zoo']:.3f}: ratio {m['ratio']:.2f}, {verdict} a row of a class the zoo lacks",
+            f"memorization (OOD heads): Tina's test mistakes overlap its nearest zoo head's by {m['head_overlap']:.2f} "
+            f"(IoU); two fine-tunes of the task share {m['fine_tune_overlap']:.2f}"]
+
+
 def format_shots(shots: dict[str, dict[str, dict[str, float]]]) -> str:
-    """The shots axis: accuracy (%) per row and n, ID and OOD side by side."""
+    """The shots axis: accuracy (%) per row and n, ID and OOD side by side, then the OOD tasks' per-class recall of
+    unseen / seen classes (%)."""
     ns = list(shots)
     rows = list(dict.fromkeys(r for n in ns for r in shots[n]))
     lines = []
@@ -150,6 +175,10 @@ def format_shots(shots: dict[str, dict[str, dict[str, float]]]) -> str:
             cells = [f"{100 * shots[n][row][f'{set_name}_acc']:.1f} ± {100 * shots[n][row][f'{set_name}_std']:.1f}"
                      if row in shots[n] else "" for n in ns]
             lines.append(f"{row:<14}" + "".join(f"{c:>14}" for c in cells))
+    if any("ood_unseen_recall" in r for n in ns for r in shots[n].values()):
+        lines.append(f"{'OOD recall u/s':<14}" + "".join(f"{'n=' + n:>14}" for n in ns))
+        for row in rows:
+            lines.append(f"{row:<14}" + "".join(f"{_recall_cell(shots[n].get(row, {})):>14}" for n in ns))
     return "\n".join(lines)
 
 

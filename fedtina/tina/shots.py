@@ -12,8 +12,10 @@ task's zoo part (seeded by task and n, the same draws for every row; "all" = eve
   bias) for the others: unseen and novel classes (`heads.mixed_head`). Its rows share one scale only under
   `backbone.classifier=cosine`; with a linear generic head the imprinted rows merely take the mean row norm.
 * `local_ft`: the selection head fine-tuned on the shots; `tina_ft`: `tina_text_img`'s head fine-tuned on the same
-  shots. Both choose steps / lr / L2 on hold-outs of the shots (`heads.oracle_heads`; keeping the head is a
-  candidate); a task with one shot per class has nothing to hold out and keeps `bench.tina_ft`'s recipe.
+  shots; `imprint_ft`: the `imprint` head fine-tuned on the same shots (Qi, Brown & Lowe, CVPR 2018: imprinting then
+  fine-tuning, the upper baseline of zero-training rows). All three use `bench.tina_ft`: with `select`, steps / lr /
+  L2 are chosen on hold-outs of the shots (`heads.oracle_heads`; keeping the head is a candidate), and a task with
+  one shot per class has nothing to hold out and keeps its head (so at n=1 each *_ft row equals its start).
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ import numpy as np
 from fedtina.config import BenchConfig
 from fedtina.errors import FedtinaError
 from fedtina.zoo.heads import Head, finetune_heads, generic_rows, generic_scale, imprint_rows, mixed_head, oracle_heads
-from fedtina.zoo.tasks import BenchTask, score
+from fedtina.zoo.tasks import BenchTask, class_recall, score
 
-SHOT_ROWS = ("tina_img", "tina_text_img", "imprint", "mixed", "local_ft", "tina_ft")
+SHOT_ROWS = ("tina_img", "tina_text_img", "imprint", "mixed", "local_ft", "tina_ft", "imprint_ft")
 
 
 def draw_shots(y: np.ndarray, k: int, n: int | str, rng: np.random.Generator) -> np.ndarray:
@@ -66,6 +68,7 @@ def shot_rows(assets, tasks: list[BenchTask], n: int | str, cfg: BenchConfig, se
         "local_ft": timed("local_ft", lambda: tune(selection, data, cfg.tina_ft)),
     }
     out["tina_ft"] = timed("tina_ft", lambda: tune(out["tina_text_img"], data, cfg.tina_ft))
+    out["imprint_ft"] = timed("imprint_ft", lambda: tune(out["imprint"], data, cfg.tina_ft))
     return out
 
 
@@ -81,9 +84,9 @@ def _n_key(n: int | str) -> int:
 
 def run_shots(assets, task_sets: dict[str, list[BenchTask]], cfg: BenchConfig,
               base_rows: dict[str, dict[str, tuple[list[Head], float]]]) -> dict[str, dict[str, dict[str, float]]]:
-    """{"<n>": {row: {id_acc, id_std, ood_acc, ood_std, personalize_s}}} for n in "0" (selection, tina) and
-    cfg.shots, plus oracle under "all"; `base_rows[set]` holds the benchmark's own heads (selection, tina,
-    oracle) for the same tasks."""
+    """{"<n>": {row: {id_acc, id_std, ood_acc, ood_std, ood_unseen_recall, ood_seen_recall, personalize_s}}} for
+    n in "0" (selection, tina) and cfg.shots, plus oracle under "all"; `base_rows[set]` holds the benchmark's own
+    heads (selection, tina, oracle) for the same tasks. The recalls: `tasks.class_recall` on the OOD tasks."""
     check_shots(list(cfg.shots))
     out: dict[str, dict[str, dict[str, float]]] = {}
 
@@ -91,6 +94,8 @@ def run_shots(assets, task_sets: dict[str, list[BenchTask]], cfg: BenchConfig,
         acc = score(heads, tasks)
         r = out.setdefault(n, {}).setdefault(row, {})
         r[f"{set_name}_acc"], r[f"{set_name}_std"] = float(acc.mean()), float(acc.std())
+        if set_name == "ood":
+            r.update({f"ood_{key}": v for key, v in class_recall(heads, tasks, assets.split.unseen).items()})
         r["personalize_s"] = r.get("personalize_s", 0.0) + secs / len(task_sets)
 
     for set_name, tasks in task_sets.items():
@@ -108,6 +113,7 @@ def run_shots(assets, task_sets: dict[str, list[BenchTask]], cfg: BenchConfig,
 
             rows = shot_rows(assets, tasks, n, cfg, base["selection"][0], cfg.seed, timed)
             secs["tina_ft"] += secs["tina_text_img"]   # generation + tuning
+            secs["imprint_ft"] += secs["imprint"]
             for row, heads in rows.items():
                 put(str(n), row, set_name, heads, secs[row], tasks)
         if "all" in [str(n) for n in cfg.shots]:

@@ -63,3 +63,16 @@ def selection_heads(assets: Any, tasks: list[BenchTask]) -> list[Head]:
 def score(heads: list[Head], tasks: list[BenchTask]) -> np.ndarray:
     """Each head's accuracy on its task's test-part images."""
     return np.array([accuracy(h, t.test_x, t.test_y) for h, t in zip(heads, tasks)])
+
+
+def class_recall(heads: list[Head], tasks: list[BenchTask], unseen) -> dict[str, float]:
+    """Mean per-class recall on the tasks' test-part images over the (task, class) pairs of unseen classes (class ids
+    in `unseen`) and over those of seen classes: an OOD task's accuracy mixes both, and the unseen classes are the
+    ones whose rows cannot be recalled from the zoo. nan for a group with no test image."""
+    unseen, recall = set(np.asarray(unseen).tolist()), {"unseen": [], "seen": []}
+    for h, t in zip(heads, tasks):
+        hit = h.predict(t.test_x) == t.test_y
+        for c, cid in enumerate(t.class_ids):
+            if (t.test_y == c).any():
+                recall["unseen" if cid in unseen else "seen"].append(float(hit[t.test_y == c].mean()))
+    return {f"{group}_recall": float(np.mean(v)) if v else float("nan") for group, v in recall.items()}
