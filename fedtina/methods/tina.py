@@ -4,8 +4,8 @@ Clients arrive in `rounds` cohorts; per cohort one batched generation, then (wit
 per labelled client that scores the received head and fine-tunes it on the client's labels (`evaluate.head` for the
 others), the upload (an echo, the sent head unchanged, is counted and dropped), the server's gate, the accepted heads
 appended to the run's zoo with their evidence, and a Tina refresh every `refresh_every` accepted heads, adopted only
-when it does not lower Tina's accuracy on the server's probe set (fedtina/tina/probe.py), else rolled back. New clients arrive after the last cohort and are served by
-generation alone (then fine-tuned, without upload). A checkpoint follows every cohort; a resumed run continues
+when it does not lower Tina's accuracy on the server's probe set (fedtina/tina/probe.py), else rolled back. New
+clients arrive after the last cohort and are served by generation alone (then fine-tuned, without upload). A checkpoint follows every cohort; a resumed run continues
 after the last one, with that point's zoo and Tina. Results: `tina` (the generated head) and `tina_ft`.
 """
 
@@ -126,11 +126,11 @@ def refresh_tina(fed: Federation, service: TinaService, state: TinaState, rnd: i
                       detail=f"{opts.refresh_steps} steps on {n} heads: {verdict}{probe}")
     fed.progress("tina", rnd, fed.spec.rounds, f"Tina refreshed on {n} zoo heads ({opts.refresh_steps} steps, "
                  f"{t.wall_s:.1f} s): {verdict}{probe}")
-    if not decision.adopted:
-        log.warning("[tina] round %d: the refresh lowered Tina's probe accuracy (%.3f -> %.3f): rolled back", rnd,
-                    decision.before, decision.after)
     if decision.adopted:
         state.checkpoint = str(cohort_path)
+    else:
+        log.warning("[tina] round %d: the refresh lowered Tina's probe accuracy (%.3f -> %.3f): rolled back", rnd,
+                    decision.before, decision.after)
     if service.probe is not None:
         state.probe = service.probe_now
     return decision
