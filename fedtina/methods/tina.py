@@ -5,8 +5,9 @@ per labelled client that scores the received head and fine-tunes it on the clien
 others), the upload (an echo, the sent head unchanged, is counted and dropped), the server's gate, the accepted heads
 appended to the run's zoo with their evidence, and a Tina refresh every `refresh_every` accepted heads, adopted only
 when it does not lower Tina's accuracy on the server's probe set (fedtina/tina/probe.py), else rolled back. New
-clients arrive after the last cohort and are served by generation alone (then fine-tuned, without upload). A checkpoint follows every cohort; a resumed run continues
-after the last one, with that point's zoo and Tina. Results: `tina` (the generated head) and `tina_ft`.
+clients arrive after the last cohort and are served by generation alone (then fine-tuned, without upload). A
+checkpoint follows every cohort; a resumed run continues after the last one, with that point's zoo and Tina.
+Results: `tina` (the generated head) and `tina_ft`.
 """
 
 from __future__ import annotations
