@@ -148,17 +148,23 @@ def train_rival(entries: Sequence[Any], encoder: Any, cfg: TinaConfig, shots: Ma
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.train_steps))
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     mix = (cfg.prompt_text, cfg.prompt_images, cfg.prompt_both)
-    for step in range(cfg.train_steps):
-        ep = data.episode(cfg.batch_size, cfg.max_classes, cfg.subset_prob, gen, mix)
-        rows = net(known, feats, has_feats, data.text[ep.names], ep.images, ep.use_images, data.visible(ep))
-        err = ((rows - data.class_mean) / data.class_std - ep.tokens) ** 2 * ep.mask[..., None]
-        loss = err.sum() / (ep.mask.sum() * err.shape[-1]).clamp_min(1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        if log is not None and (step + 1) % cfg.log_every == 0:
-            log(f"gidaris step {step + 1}/{cfg.train_steps} loss {loss.item():.4f}")
+    threads_before = torch.get_num_threads()
+    if device.type == "cpu" and cfg.cpu_threads > 0:
+        torch.set_num_threads(cfg.cpu_threads)
+    try:
+        for step in range(cfg.train_steps):
+            ep = data.episode(cfg.batch_size, cfg.max_classes, cfg.subset_prob, gen, mix)
+            rows = net(known, feats, has_feats, data.text[ep.names], ep.images, ep.use_images, data.visible(ep))
+            err = ((rows - data.class_mean) / data.class_std - ep.tokens) ** 2 * ep.mask[..., None]
+            loss = err.sum() / (ep.mask.sum() * err.shape[-1]).clamp_min(1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            if log is not None and (step + 1) % cfg.log_every == 0:
+                log(f"gidaris step {step + 1}/{cfg.train_steps} loss {loss.item():.4f}")
+    finally:
+        torch.set_num_threads(threads_before)
     return GidarisGenerator(net, known, feats, has_feats, encoder, device)
