@@ -148,8 +148,9 @@ def test_the_gidaris_rival_trains_and_generates_on_toy_data(world):
     untrained = train_rival(entries, FakeEncoder(), dataclasses.replace(cfg, train_steps=0), shots=seen_shots)
     rival = train_rival(entries, FakeEncoder(), cfg, shots=seen_shots)
     known = [names[:4], names[4:8]]
-    err = {k: np.mean([((h.weight - 3 * rows[[names.index(n) for n in s]]) ** 2).mean()
-                       for h, s in zip(r.generate(known), known)]) for k, r in (("before", untrained), ("after", rival))}
+    true = [3 * rows[[names.index(n) for n in s]] for s in known]
+    err = {k: np.mean([((h.weight - t) ** 2).mean() for h, t in zip(r.generate(known), true)])
+           for k, r in (("before", untrained), ("after", rival))}
     assert err["after"] < 0.5 * err["before"], err    # training sharpens the name attention onto the own row
     unseen = [names[SEEN:SEEN + 4]]
     (h,) = rival.generate(unseen, shots=[[shots[n][:5] for n in unseen[0]]])

@@ -82,7 +82,8 @@ def _n_key(n: int | str) -> int:
 
 
 def run_shots(assets, task_sets: dict[str, list[BenchTask]], cfg: BenchConfig,
-              base_rows: dict[str, dict[str, tuple[list[Head], float]]], rival) -> dict[str, dict[str, dict[str, float]]]:
+              base_rows: dict[str, dict[str, tuple[list[Head], float]]],
+              rival) -> dict[str, dict[str, dict[str, float]]]:
     """{"<n>": {row: {id_acc, id_std, ood_acc, ood_std, personalize_s}}} for n in "0" (selection, gidaris, tina)
     and cfg.shots, plus oracle under "all"; `base_rows[set]` holds the benchmark's own heads (selection, gidaris,
     tina, oracle) for the same tasks; `rival`: the bench's GidarisGenerator."""

@@ -136,7 +136,8 @@ class ZooTensors:
         unknown = sorted(set(novel or ()) - set(names))
         if unknown:
             raise FedtinaError(f"novel pool: classes {unknown[:5]} have no zoo row")
-        self.candidate = torch.tensor([n in set(novel) if novel else True for n in names], dtype=torch.bool)
+        pool = set(novel or names)
+        self.candidate = torch.tensor([n in pool for n in names], dtype=torch.bool)   # may be fake-novel
         self.class_mean = torch.from_numpy(np.asarray(layout.class_mean, np.float32))
         self.class_std = torch.from_numpy(np.asarray(layout.class_std, np.float32))
 
