@@ -15,9 +15,9 @@ from fedtina.errors import FedtinaError
 from fedtina.tina import TinaTrainer
 from fedtina.tina.base import KnownRows
 from fedtina.tina.rival import train_rival
-from fedtina.tina.train import ZooTensors, check_objective, load_checkpoint, save_checkpoint
+from fedtina.tina.train import ZooTensors, check_objective, load_checkpoint, refresh, save_checkpoint
 from test_prompts import SEEN, _cos, _world
-from test_tina import D, FakeEncoder, tiny_cfg
+from test_tina import D, FakeEncoder, FakeEntry, tiny_cfg
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +158,18 @@ def test_the_gidaris_rival_trains_and_generates_on_toy_data(world):
     assert _cos(h.weight, rows[SEEN:SEEN + 4]).mean() > 0.8     # images carry the rows of classes it never saw
     with pytest.raises(FedtinaError, match="shots of label set 0"):
         rival.generate(unseen, shots=[[None]])
+
+
+def test_a_refresh_knows_the_classes_the_grown_zoo_brought(world):
+    names, rows, seen_shots, _, entries = world
+    gen = TinaTrainer(entries, FakeEncoder(), tiny_cfg(base="auto", train_steps=20), log=None,
+                      shots=seen_shots).fit()
+    new = names[SEEN]                                      # a class no zoo head held
+    upload = FakeEntry((new, names[0]), {"head.weight": 3 * rows[[SEEN, 0]], "head.bias": np.zeros(2, np.float32)})
+    assert new not in gen.known.names
+    grown = refresh(gen, entries + [upload], steps=2, shots=seen_shots)
+    assert new in grown.known.names and grown.cfg.base == "auto"
+    (before,), _ = gen.baselines([(new,)], None)
+    (after,), _ = grown.baselines([(new,)], None)
+    cos = [float(_cos(b[:, :D], rows[[SEEN]])[0]) for b in (before, after)]
+    assert cos[1] > cos[0] + 0.4, cos   # its own row now weighs in its name mix
