@@ -13,7 +13,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -103,12 +103,23 @@ def zoo_key(cfg: CoreConfig, ds: ImageDataset, split: ProtocolSplit) -> str:
     return f"{feature_cache_key(ds, split, cfg.backbone)}-n{z.num_tasks}-k{z.k_min}_{z.k_max}s{z.seed}-{digest}"
 
 
+def novel_classes(ds: ImageDataset, split: ProtocolSplit) -> list[str]:
+    """The split's novel classes (`protocol.novel_share`): zoo classes the generic model never trained on, the
+    preferred fake-novel classes of a base=auto Tina (fedtina/tina/train.py)."""
+    return [ds.class_names[int(c)] for c in split.novel]
+
+
 def tina_key(tina_cfg: TinaConfig, encoder: CachedTextEncoder, num_entries: int,
-             descriptions: dict[str, str] | None = None, image_prompts: str = "backbone") -> str:
-    """Every TinaConfig field that changes the trained weights, hashed (device, logging and threads do not), the
-    class descriptions when Tina trains on them, and the image prompts' features when they are not the backbone's."""
-    skip = ("device", "log_every", "cpu_threads")
+             descriptions: dict[str, str] | None = None, image_prompts: str = "backbone",
+             novel: Sequence[str] = ()) -> str:
+    """Every TinaConfig field that changes the trained weights, hashed (device, logging and threads do not; the
+    base=auto fields and novel pool only when base is on, so a Tina without a baseline keeps the key it had before
+    them), the class descriptions when Tina trains on them, and the image prompts' features when they are not the
+    backbone's."""
+    skip = ("device", "log_every", "cpu_threads") + (("base", "hidden_share") if tina_cfg.base == "none" else ())
     fields = {k: v for k, v in asdict(tina_cfg).items() if k not in skip}
+    if tina_cfg.base != "none" and novel:
+        fields["novel"] = sorted(novel)
     if tina_cfg.prompt_sentences > 0:
         fields["descriptions"] = sorted((descriptions or {}).items())
     if image_prompts != "backbone":
@@ -125,13 +136,14 @@ def load_or_train_tina(cfg: CoreConfig, tina_cfg: TinaConfig, encoder: CachedTex
 
     tina = None
     descriptions = load_descriptions(cfg.dataset.descriptions, ds.class_names) if tina_cfg.prompt_sentences else {}
-    path = (cfg.cache_path / "tina" / zoo_dir.name /
-            f"{tina_key(tina_cfg, encoder, len(zoo), descriptions, cfg.encoder.image_prompts)}.safetensors")
+    novel = novel_classes(ds, split)
+    key = tina_key(tina_cfg, encoder, len(zoo), descriptions, cfg.encoder.image_prompts, novel)
+    path = cfg.cache_path / "tina" / zoo_dir.name / f"{key}.safetensors"
     if not path.exists():
         with cache_lock(path):
             if not path.exists():  # another process may have trained it while we waited
-                tina = train_tina(zoo.entries(), encoder, tina_cfg, log=log,
-                                  shots=zoo_shots(ds, split, features), descriptions=descriptions)
+                tina = train_tina(zoo.entries(), encoder, tina_cfg, log=log, shots=zoo_shots(ds, split, features),
+                                  descriptions=descriptions, novel=novel or None)
                 save_checkpoint(path, tina)
                 log(f"[tina] trained and saved {path}")
     if tina is None:

@@ -27,7 +27,8 @@ def _skewed_task(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarr
 
 
 class _Tina:
-    """A stand-in generator for the shots rows: zero rows (the imprint rows do not depend on it)."""
+    """A stand-in generator (Tina's and the rival's) for the shots rows: zero rows (the imprint rows do not depend
+    on it)."""
 
     def generate(self, names, shots=None, use_names=True, seed=0):
         return [Head(tuple(c), np.zeros((len(c), 2), np.float32), np.zeros(len(c), np.float32)) for c in names]
@@ -48,7 +49,7 @@ def test_imprint_ft_fine_tunes_the_imprinted_head_and_beats_it_on_an_easy_task()
     (x, y), (tx, ty) = _skewed_task(rng, 20), _skewed_task(rng, 200)
     task = BenchTask((3, 7), ("a", "b"), x, y, tx, ty, x)
     selection = [Head(("a", "b"), np.eye(2, dtype=np.float32), np.zeros(2, np.float32))]
-    rows = shot_rows(_shots_assets(), [task], 10, BenchConfig(), selection, 0, lambda _row, fn: fn())
+    rows = shot_rows(_shots_assets(), [task], 10, BenchConfig(), selection, 0, lambda _row, fn: fn(), _Tina())
     assert set(rows) == set(SHOT_ROWS)
     (imp,), (tuned,) = rows["imprint"], rows["imprint_ft"]
     assert not np.allclose(imp.weight, tuned.weight) or not np.allclose(imp.bias, tuned.bias)
@@ -62,8 +63,9 @@ def test_run_shots_reports_imprint_ft_and_ood_recall_at_every_n():
     tasks = [BenchTask((3, 7), ("a", "b"), x, y, tx, ty, x)]
     head = Head(("a", "b"), np.eye(2, dtype=np.float32), np.zeros(2, np.float32))
     base = {row: ([head], 0.0) for row in ("selection", "tina", "oracle")}
+    base["gidaris"] = ([head], 0.0)
     shots = run_shots(_shots_assets(), {"id": tasks, "ood": tasks}, BenchConfig(shots=[1, 3]),
-                      {"id": base, "ood": base})
+                      {"id": base, "ood": base}, _Tina())
     for n in ("1", "3"):
         r = shots[n]["imprint_ft"]
         assert {"id_acc", "ood_acc", "ood_unseen_recall", "ood_seen_recall"} <= set(r) and r["personalize_s"] >= 0

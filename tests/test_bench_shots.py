@@ -176,13 +176,13 @@ def test_novel_classes_and_cosine_rows_through_the_pipeline(tmp_path):
     assert ref.global_head().k == len(names) and ref.selection(tuple(sorted(novel)[:2])).k == 2
     assert plausible_row_norm([], bank.generic_weight) == pytest.approx(scale)
 
-    class Echo:   # stands in for Tina: the mixed row does not read it
+    class Echo:   # stands in for Tina and the rival: the mixed row does not read them
         def generate(self, label_sets, shots=None, use_names=True):
             return [Head(tuple(n), np.zeros((len(n), bank.dim), np.float32), np.zeros(len(n), np.float32))
                     for n in label_sets]
 
     mixed = shot_rows(SimpleNamespace(tina=Echo(), bank=bank, dataset=assets.dataset), tasks, 2, bench, selection,
-                      0, lambda _row, fn: fn())["mixed"]
+                      0, lambda _row, fn: fn(), Echo())["mixed"]
     for t, h in zip(tasks, mixed):
         np.testing.assert_allclose(np.linalg.norm(h.weight, axis=1), scale, rtol=1e-4)   # one scale
         for j, n in enumerate(t.class_names):

@@ -64,7 +64,7 @@ def test_bench_shots_axis_has_every_row_at_every_n(report, tmp_path):
 
     shots = report["shots"]
     assert list(shots) == ["0", "1", "2", "5", "10", "all"]
-    assert set(shots["0"]) == {"selection", "tina"} and "oracle" in shots["all"]
+    assert set(shots["0"]) == {"selection", "gidaris", "tina"} and "oracle" in shots["all"]
     for n in ("1", "2", "5", "10", "all"):
         assert set(SHOT_ROWS) <= set(shots[n]), n
         for row in SHOT_ROWS:

@@ -213,8 +213,14 @@ def test_clip_image_prompts_through_the_pipeline(tmp_path, monkeypatch):
     bench = BenchConfig(num_tasks=3, k=3, ood_unseen=1)
     tasks = [task_data(assets, ids) for ids in sample_task_sets(assets, bench)["ood"]]
     assert all(t.train_p.shape == (len(t.train_y), 24) for t in tasks)
-    rows = shot_rows(assets, tasks, 2, bench, selection_heads(assets, tasks), 0, lambda _row, fn: fn())
-    assert all(h.weight.shape == (3, assets.bank.features.shape[1]) for h in rows["tina_img"])
+    from dataclasses import replace
+
+    from fedtina.assets import zoo_shots
+    from fedtina.tina.rival import train_rival
+    rival = train_rival(assets.zoo.entries(), assets.encoder, replace(assets.cfg.tina, train_steps=5),
+                        shots=zoo_shots(assets.dataset, assets.split, assets.bank.features))
+    rows = shot_rows(assets, tasks, 2, bench, selection_heads(assets, tasks), 0, lambda _row, fn: fn(), rival)
+    assert all(h.weight.shape == (3, assets.bank.features.shape[1]) for h in rows["tina_img"] + rows["gidaris"])
 
     for overrides, match in [(("encoder.image_prompts=clip",), "needs encoder=clip"),
                              (("encoder.image_prompts=dino",), "encoder.image_prompts='dino' is invalid"),

@@ -18,12 +18,13 @@ from typing import Callable
 
 import numpy as np
 
-from fedtina.assets import Assets
+from fedtina.assets import Assets, novel_classes, zoo_shots
 from fedtina.config import BenchConfig, HeadTrainConfig, core_config, from_dict
 from fedtina.data import load_dataset
 from fedtina.data.split import check_task_size, make_split
 from fedtina.experiments.harness import Result
 from fedtina.tina.generator import TinaGenerator
+from fedtina.tina.rival import GidarisGenerator, train_rival
 from fedtina.tina.shots import SHOT_ROWS, check_shots, run_shots
 from fedtina.zoo.baselines import TextBaselines, memorization, novelty, wrong_names
 from fedtina.zoo.heads import Head, accuracy, finetune_heads, oracle_heads, train_scratch_heads
@@ -32,15 +33,16 @@ from fedtina.zoo.tasks import BenchTask, class_recall, sample_task_sets, score, 
 ASSETS = "core"
 log = logging.getLogger("fedtina.experiments.bench")
 
-ROWS = ("selection", "ridge", "soft_selection", "retrieval", "tina", "tina_regress", "tina_best_of_n",
+ROWS = ("selection", "ridge", "soft_selection", "retrieval", "gidaris", "tina", "tina_regress", "tina_best_of_n",
         "tina_mean_of_n", "tina_wrong_names", "tina_ft", "oracle", "scratch")
 
 
-def personalize(assets: Assets, tasks: list[BenchTask], cfg: BenchConfig,
-                regress: TinaGenerator) -> dict[str, tuple[list[Head], float]]:
+def personalize(assets: Assets, tasks: list[BenchTask], cfg: BenchConfig, regress: TinaGenerator,
+                rival: GidarisGenerator) -> dict[str, tuple[list[Head], float]]:
     """Every row's heads for `tasks`, with the wall time per task of producing them: each method runs batched over
     all tasks at once, and the time is divided by the number of tasks (amortized, as a server would serve them).
-    ``regress``: Tina's network trained by plain regression on the same zoo (the tina_regress row)."""
+    ``regress``: Tina's network trained by plain regression on the same zoo (the tina_regress row); ``rival``: the
+    Gidaris & Komodakis generator trained on Tina's episodes (fedtina/tina/rival.py; the gidaris row, names only)."""
     data = [(t.train_x, t.train_y) for t in tasks]
     out: dict[str, tuple[list[Head], float]] = {}
 
@@ -54,6 +56,7 @@ def personalize(assets: Assets, tasks: list[BenchTask], cfg: BenchConfig,
     text = TextBaselines(assets)
     for row in ("ridge", "soft_selection", "retrieval"):
         timed(row, lambda: [getattr(text, row)(t.class_names) for t in tasks])
+    timed("gidaris", lambda: rival.generate([t.class_names for t in tasks]))
     timed("tina", lambda: assets.tina.generate([list(t.class_names) for t in tasks]))
     timed("tina_regress", lambda: regress.generate([list(t.class_names) for t in tasks]))
     timed("tina_best_of_n", lambda: samples_of_tina(assets, tasks, cfg.samples, pick="best"))
@@ -90,10 +93,13 @@ def run_bench(assets: Assets, cfg: BenchConfig) -> dict:
     result: dict[str, dict] = {row: {} for row in ROWS}
     tasks_by_set, heads_by_set = {}, {}
     regress = assets.tina_variant(log.info, objective="regress")   # does the diffusion matter?
+    rival = train_rival(assets.zoo.entries(), assets.encoder, assets.cfg.tina, log=log.info,   # it imprints: backbone
+                        shots=zoo_shots(assets.dataset, assets.split, assets.bank.features),  # features, always
+                        novel=novel_classes(assets.dataset, assets.split) or None)
     for set_name, class_sets in task_sets.items():
         tasks = tasks_by_set[set_name] = [task_data(assets, ids) for ids in class_sets]
         log.info("[bench] %s: %d tasks of k=%d", set_name.upper(), len(tasks), cfg.k)
-        heads_by_set[set_name] = personalize(assets, tasks, cfg, regress)
+        heads_by_set[set_name] = personalize(assets, tasks, cfg, regress, rival)
         for row, (heads, secs) in heads_by_set[set_name].items():
             acc = score(heads, tasks)
             result[row][f"{set_name}_acc"] = float(acc.mean())
@@ -106,14 +112,14 @@ def run_bench(assets: Assets, cfg: BenchConfig) -> dict:
     result["k"] = cfg.k
     for row in ROWS:
         result[row]["personalize_s"] = float(np.mean(list(result[row]["personalize_s"].values())))
-        result[row]["generated_params"] = cfg.k * (d + 1) if row.startswith("tina") else 0
+        result[row]["generated_params"] = cfg.k * (d + 1) if row.startswith("tina") or row == "gidaris" else 0
     result["novelty"] = novelty(assets, tasks_by_set["id"], heads_by_set["id"]["tina"][0],
                                 heads_by_set["id"]["selection"][0], assets.cfg.zoo.finetune, cfg.seed)
     if cfg.ood_unseen and len(assets.split.unseen):
         result["memorization"] = memorization(assets, tasks_by_set["ood"], heads_by_set["ood"]["tina"][0],
                                               heads_by_set["ood"]["selection"][0], assets.cfg.zoo.finetune, cfg.seed)
     if cfg.shots:
-        result["shots"] = run_shots(assets, tasks_by_set, cfg, heads_by_set)
+        result["shots"] = run_shots(assets, tasks_by_set, cfg, heads_by_set, rival)
     return result
 
 

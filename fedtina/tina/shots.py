@@ -6,6 +6,7 @@ task's zoo part (seeded by task and n, the same draws for every row; "all" = eve
 
 * `selection`, `tina` (name only) use no image (n = 0); `oracle` fine-tunes on every zoo-part image.
 * `tina_img` (images only) and `tina_text_img` (names and images): Tina prompted with the n shots, no training.
+* `gidaris`: the Gidaris & Komodakis rival (fedtina/tina/rival.py) given the shots' backbone features (n = 0: names).
 * `imprint`: rows = the L2-normalised class means of the shots, scaled to the generic head's mean row norm, zero
   bias (the classic zero-training baseline).
 * `mixed`: the generic rows of the classes that have one, imprinted rows (as `imprint`, with the generic head's mean
@@ -30,7 +31,7 @@ from fedtina.errors import FedtinaError
 from fedtina.zoo.heads import Head, finetune_heads, generic_rows, generic_scale, imprint_rows, mixed_head, oracle_heads
 from fedtina.zoo.tasks import BenchTask, class_recall, score
 
-SHOT_ROWS = ("tina_img", "tina_text_img", "imprint", "mixed", "local_ft", "tina_ft", "imprint_ft")
+SHOT_ROWS = ("tina_img", "tina_text_img", "gidaris", "imprint", "mixed", "local_ft", "tina_ft", "imprint_ft")
 
 
 def draw_shots(y: np.ndarray, k: int, n: int | str, rng: np.random.Generator) -> np.ndarray:
@@ -48,7 +49,7 @@ def imprint_heads(names: list[tuple[str, ...]], data: list[tuple[np.ndarray, np.
 
 
 def shot_rows(assets, tasks: list[BenchTask], n: int | str, cfg: BenchConfig, selection: list[Head], task_seed: int,
-              timed: Callable[[str, Callable[[], list[Head]]], list[Head]]) -> dict[str, list[Head]]:
+              timed: Callable[[str, Callable[[], list[Head]]], list[Head]], rival) -> dict[str, list[Head]]:
     """Every shots row's heads for `tasks` at n shots per class (see the module docstring)."""
     draws = [draw_shots(t.train_y, len(t.class_names), n, np.random.default_rng([task_seed, i, _n_key(n)]))
              for i, t in enumerate(tasks)]
@@ -63,6 +64,8 @@ def shot_rows(assets, tasks: list[BenchTask], n: int | str, cfg: BenchConfig, se
                                                                    use_names=False)),
         "tina_text_img": timed("tina_text_img", lambda: assets.tina.generate([list(c) for c in names],
                                                                              shots=per_set)),
+        "gidaris": timed("gidaris", lambda: rival.generate(names, shots=[[x[y == c] for c in range(len(cls))]
+                                                                         for cls, (x, y) in zip(names, data)])),
         "imprint": timed("imprint", lambda: imprint_heads(names, data, scale)),
         "mixed": timed("mixed", lambda: [mixed_head(c, x, y, generic, scale, bias) for c, (x, y) in zip(names, data)]),
         "local_ft": timed("local_ft", lambda: tune(selection, data, cfg.tina_ft)),
@@ -83,10 +86,12 @@ def _n_key(n: int | str) -> int:
 
 
 def run_shots(assets, task_sets: dict[str, list[BenchTask]], cfg: BenchConfig,
-              base_rows: dict[str, dict[str, tuple[list[Head], float]]]) -> dict[str, dict[str, dict[str, float]]]:
+              base_rows: dict[str, dict[str, tuple[list[Head], float]]],
+              rival) -> dict[str, dict[str, dict[str, float]]]:
     """{"<n>": {row: {id_acc, id_std, ood_acc, ood_std, ood_unseen_recall, ood_seen_recall, personalize_s}}} for
-    n in "0" (selection, tina) and cfg.shots, plus oracle under "all"; `base_rows[set]` holds the benchmark's own
-    heads (selection, tina, oracle) for the same tasks. The recalls: `tasks.class_recall` on the OOD tasks."""
+    n in "0" (selection, gidaris, tina) and cfg.shots, plus oracle under "all"; `base_rows[set]` holds the
+    benchmark's own heads (selection, gidaris, tina, oracle) for the same tasks; `rival`: the bench's
+    GidarisGenerator. The recalls: `tasks.class_recall` on the OOD tasks."""
     check_shots(list(cfg.shots))
     out: dict[str, dict[str, dict[str, float]]] = {}
 
@@ -100,7 +105,7 @@ def run_shots(assets, task_sets: dict[str, list[BenchTask]], cfg: BenchConfig,
 
     for set_name, tasks in task_sets.items():
         base = base_rows[set_name]
-        for row in ("selection", "tina"):
+        for row in ("selection", "gidaris", "tina"):
             put("0", row, set_name, *base[row], tasks)
         for n in cfg.shots:
             secs: dict[str, float] = {}
@@ -111,7 +116,7 @@ def run_shots(assets, task_sets: dict[str, list[BenchTask]], cfg: BenchConfig,
                 secs[row] = (time.perf_counter() - t0) / len(tasks)
                 return heads
 
-            rows = shot_rows(assets, tasks, n, cfg, base["selection"][0], cfg.seed, timed)
+            rows = shot_rows(assets, tasks, n, cfg, base["selection"][0], cfg.seed, timed, rival)
             secs["tina_ft"] += secs["tina_text_img"]   # generation + tuning
             secs["imprint_ft"] += secs["imprint"]
             for row, heads in rows.items():

@@ -45,6 +45,22 @@ def zoo_class_rows(entries) -> dict[str, list[np.ndarray]]:
     return rows
 
 
+def softmix(sim: np.ndarray, temperature: float) -> np.ndarray:
+    """Row-wise softmax of cosine similarities [n, S] at `temperature`: the weights of a similarity-weighted mix."""
+    z = sim / temperature
+    w = np.exp(z - z.max(1, keepdims=True))
+    return w / w.sum(1, keepdims=True)
+
+
+def fit_temperature(emb: np.ndarray, targets: np.ndarray) -> float:
+    """The temperature of `TEMPERATURE_GRID` whose mix of the other classes' `targets` [S, D] best predicts each
+    class's own (leave-one-class-out squared error); `emb` [S, E] are the classes' unit name embeddings."""
+    sim = emb @ emb.T
+    np.fill_diagonal(sim, -np.inf)                      # leave the class itself out
+    errs = [float((((softmix(sim, t) @ targets) - targets) ** 2).mean()) for t in TEMPERATURE_GRID]
+    return TEMPERATURE_GRID[int(np.argmin(errs))]
+
+
 class TextBaselines:
     """Fit once on the classes with a generic row (the seen ones less the novel ones: `seen`); `heads(rows, task
     names)` for any task."""
@@ -57,7 +73,7 @@ class TextBaselines:
         self.targets = np.stack([np.append(*rows[n]) for n in self.seen]).astype(np.float64)    # [S, d + 1]
         self.emb = _unit(np.asarray(self.encoder.embed_names(self.seen), np.float64))
         self.ridge_map, self.ridge_lambda = self._fit_ridge()
-        self.temperature = self._fit_temperature()
+        self.temperature = fit_temperature(self.emb, self.targets)
         self.bank = {n: np.mean(v, axis=0) for n, v in zoo_class_rows(assets.zoo.entries()).items()}
 
     def _fit_ridge(self) -> tuple[np.ndarray, float]:
@@ -72,18 +88,6 @@ class TextBaselines:
                 best = (err, lam, np.linalg.solve(A, X.T @ self.targets))
         return best[2], best[1]
 
-    def _fit_temperature(self) -> float:
-        sim = self.emb @ self.emb.T
-        np.fill_diagonal(sim, -np.inf)                      # leave the class itself out
-        errs = [float((((self._mix(sim, t) @ self.targets) - self.targets) ** 2).mean()) for t in TEMPERATURE_GRID]
-        return TEMPERATURE_GRID[int(np.argmin(errs))]
-
-    @staticmethod
-    def _mix(sim: np.ndarray, temperature: float) -> np.ndarray:
-        z = sim / temperature
-        w = np.exp(z - z.max(1, keepdims=True))
-        return w / w.sum(1, keepdims=True)
-
     def _head(self, names: Sequence[str], rows: np.ndarray) -> Head:
         rows = np.asarray(rows, np.float32)
         return Head(tuple(names), rows[:, :-1].copy(), rows[:, -1].copy())
@@ -94,7 +98,7 @@ class TextBaselines:
 
     def soft_selection(self, names: Sequence[str]) -> Head:
         sim = _unit(np.asarray(self.encoder.embed_names(list(names)), np.float64)) @ self.emb.T
-        return self._head(names, self._mix(sim, self.temperature) @ self.targets)
+        return self._head(names, softmix(sim, self.temperature) @ self.targets)
 
     def retrieval(self, names: Sequence[str]) -> Head:
         known = list(self.bank)
