@@ -298,7 +298,9 @@ def _run(tiny, out, *overrides, plan=None):
 
     cache, assets = tiny
     cfg = _compose(cache, "clients=7", "rounds=1", "partition.new_share=0", "checks.max_acc_drop=1.0",
-                   "method.names=[tina,selection,local_ft,fedavg,fedavg_ft,fedper]", *overrides)
+                   "method.names=[tina,selection,local_ft,fedavg,fedavg_ft,fedper]",
+                   "head_ft.select=false",   # honest clients move their heads: their uploads reach the zoo
+                   *overrides)
     out.mkdir(parents=True)
     if plan:
         (out / "hostile.json").write_text(json.dumps(plan))
