@@ -9,9 +9,10 @@ import torch
 import fedtina.zoo.heads as heads_mod
 from fedtina.config import HeadTrainConfig
 from fedtina.errors import FedtinaError, LabelSetError, UnknownClassError
-from fedtina.zoo.heads import (Head, OracleGrid, _check_tasks, _grad, _objective, _pack, _pull_terms, accuracy,
-                           finetune_heads, generic_rows, generic_scale, imprint_rows, mixed_head, oracle_heads,
-                           oracle_search, selection_head, stratified_split, train_scratch_heads)
+from fedtina.zoo.heads import (Head, OracleGrid, RowScale, _check_tasks, _grad, _objective, _pack, _pull_terms,
+                               accuracy, finetune_heads, generic_rows, generic_scale, imprint_missing, imprint_rows,
+                               mixed_head, oracle_heads, oracle_search, selection_head, stratified_split,
+                               train_scratch_heads)
 
 D = 16
 
@@ -176,40 +177,71 @@ def test_generic_rows_from_bank():
     assert rows["c"][1] == np.float32(0.3)
 
 
-def test_mixed_head_keeps_generic_rows_and_imprints_the_others_on_their_scale():
-    """Toy world on unit features (a cosine generic head): 4 classes have generic rows of norm 6, 2 (unseen or novel)
-    have none. The mixed head keeps the 4 rows as they are, imprints the 2 at norm 6 with the generic mean bias,
-    classifies every cluster, and is selection's head when every class has a generic row."""
+def test_mixed_head_keeps_generic_rows_and_imprints_the_others_centred_on_their_scale():
+    """Toy world: 4 classes have generic rows of norm 6, 2 (unseen or novel) have none. The mixed head keeps the 4
+    rows as they are, imprints the 2 from their centred means at norm 6 with the bias that gives them the generic
+    rows' mean logit at the centre, and is selection's head when every class has a generic row."""
     rng = np.random.default_rng(0)
     centres = np.eye(6, D, dtype=np.float32)
     x = centres[np.repeat(np.arange(6), 10)] + 0.05 * rng.standard_normal((60, D)).astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
     y = np.repeat(np.arange(6), 10)
     names = [f"c{i}" for i in range(6)]
-    rows = {names[i]: (6 * centres[i], np.float32(0.0)) for i in range(4)}
-    bank = type("Bank", (), {"generic_weight": 6 * centres[:4], "generic_bias": np.zeros(4, np.float32),
-                             "seen": np.arange(4)})
-    scale, bias = generic_scale(bank)
-    assert scale == pytest.approx(6.0) and bias == 0.0
+    rows = {names[i]: (6 * centres[i], np.float32(0.5)) for i in range(4)}
+    bank = type("Bank", (), {"generic_weight": 6 * centres[:4], "generic_bias": np.full(4, 0.5, np.float32),
+                             "features": x})
+    scale = generic_scale(bank, np.flatnonzero(y < 4))                # trained on the 4 classes' images
+    np.testing.assert_allclose(scale.center, x[y < 4].mean(0), rtol=1e-5)
+    assert scale.norm == pytest.approx(6.0)
+    assert scale.offset == pytest.approx(float(np.mean(6 * centres[:4] @ scale.center + 0.5)), rel=1e-5)
     order = ["c4", "c1", "c5", "c0"]                                  # positions: labels follow this order
     pos = np.array([order.index(n) if n in order else -1 for n in names])
     keep = pos[y] >= 0
-    head = mixed_head(order, x[keep], pos[y[keep]], rows, scale, bias=0.25)
+    head = mixed_head(order, x[keep], pos[y[keep]], rows, scale)
     np.testing.assert_array_equal(head.weight[[1, 3]], 6 * centres[[1, 0]])
     for j, c in ((0, 4), (2, 5)):
-        m = x[y == c].mean(0)
+        m = x[y == c].mean(0) - scale.center
         np.testing.assert_allclose(head.weight[j], 6 * m / np.linalg.norm(m), rtol=1e-5)
-    assert head.bias.tolist() == [0.25, 0.0, 0.25, 0.0]
+        assert head.weight[j] @ scale.center + head.bias[j] == pytest.approx(scale.offset, abs=1e-5)
+    assert head.bias[[1, 3]].tolist() == [0.5, 0.5]
     np.testing.assert_allclose(np.linalg.norm(head.weight, axis=1), 6.0, rtol=1e-5)   # one scale
     assert accuracy(head, x[keep], pos[y[keep]]) == 1.0
     known = ["c2", "c0"]
-    sel, mix = selection_head(known, rows), mixed_head(known, x[:2], np.array([0, 1]), rows, scale, 0.25)
+    sel, mix = selection_head(known, rows), mixed_head(known, x[:2], np.array([0, 1]), rows, scale)
     np.testing.assert_array_equal(sel.weight, mix.weight)
     np.testing.assert_array_equal(sel.bias, mix.bias)
     with pytest.raises(LabelSetError, match="an image of every class"):
-        mixed_head(["c4", "c5"], x[y == 4], np.zeros(10, int), rows, scale, bias)   # no image of c5
+        mixed_head(["c4", "c5"], x[y == 4], np.zeros(10, int), rows, scale)   # no image of c5
     np.testing.assert_allclose(imprint_rows(x[y == 4], np.zeros(10, int), 1, 2.0)[0],
                                2 * x[y == 4].mean(0) / np.linalg.norm(x[y == 4].mean(0)), rtol=1e-5)
+
+
+def test_centred_imprinted_rows_do_not_steal_the_trained_rows_images():
+    """ReLU-like features share a large common component. A linear head trained on 6 classes, plus 2 new classes'
+    rows imprinted from 5 images each: raw imprinted rows (unit class mean at the trained norm, the trained mean
+    bias) take most of the trained classes' images; centred ones (RowScale) leave them and still find their own."""
+    rng = np.random.default_rng(1)
+    k, d, n = 8, 24, 40
+    protos = np.abs(rng.standard_normal((k, d))).astype(np.float32) + 3.0           # positive, a shared offset
+    y = np.repeat(np.arange(k), n)
+    x = np.maximum(protos[y] + 0.8 * rng.standard_normal((k * n, d)).astype(np.float32), 0)
+    trained = np.flatnonzero(y < 6)
+    init = Head(tuple(f"c{i}" for i in range(6)), np.zeros((6, d), np.float32), np.zeros(6, np.float32))
+    head = finetune_heads([init], [(x[trained], y[trained])], HeadTrainConfig(steps=300, lr=0.05, l2_to_init=0.0))[0]
+    scale = RowScale.of(head.weight, head.bias, x[trained])
+    shots = np.concatenate([np.flatnonzero(y == c)[:5] for c in (6, 7)])
+    names = head.class_names + ("c6", "c7")
+    padded = Head(names, np.vstack([head.weight, np.zeros((2, d), np.float32)]),
+                  np.concatenate([head.bias, np.zeros(2, np.float32)]))
+    centred = imprint_missing(padded, [6, 7], x[shots], y[shots], scale)
+    raw_w = imprint_rows(x[shots], y[shots] - 6, 2, scale.norm)
+    raw = Head(names, np.vstack([head.weight, raw_w]), np.concatenate([head.bias, np.full(2, head.bias.mean())]))
+    old = np.flatnonzero(y < 6)
+    new = np.setdiff1d(np.flatnonzero(y >= 6), shots)
+    assert accuracy(head, x[old], y[old]) > 0.9                                       # the trained rows work
+    assert accuracy(raw, x[old], y[old]) < 0.5                                        # raw rows steal their images
+    assert accuracy(centred, x[old], y[old]) > 0.8
+    assert accuracy(centred, x[new], y[new]) > 0.8
+    assert imprint_missing(head, [], x, y, scale) is head
 
 
 def test_stratified_split_keeps_every_class_in_train():

@@ -435,8 +435,9 @@ def test_build_zoo_rejects_bank_without_generic_rows_for_seen(tmp_path):
 
 
 def test_zoo_heads_over_novel_classes_start_from_imprinted_rows(tmp_path, monkeypatch):
-    """Novel classes (seen, no generic row): the zoo still holds heads over them; each starts from its class mean on
-    the generic rows' scale (and mean bias), beside the generic rows of the other classes."""
+    """Novel classes (seen, no generic row): the zoo still holds heads over them; each starts from its class mean
+    centred on the generic model's training features, on the generic rows' scale, beside the generic rows of the
+    other classes (heads.RowScale)."""
     bank, split, names, labels = fake_assets()
     split.seen, split.novel = np.arange(10), np.array([8, 9])
     split.unseen = np.zeros(0, np.int64)
@@ -446,15 +447,17 @@ def test_zoo_heads_over_novel_classes_start_from_imprinted_rows(tmp_path, monkey
     with_novel = [e for e in entries if {"class 8", "class 9"} & set(e.class_names)]
     assert with_novel and len(starts) == len(entries)
     scale = np.linalg.norm(bank.generic_weight, axis=1).mean()
+    center = bank.features[split.backbone_idx].mean(0)
+    offset = (bank.generic_weight @ center + bank.generic_bias).mean()
     for head in starts:
         for j, n in enumerate(head.class_names):
             c = names.index(n)
             if c < 8:
                 np.testing.assert_array_equal(head.weight[j], bank.generic_weight[c])
                 continue
-            zoo_x = bank.features[split.zoo_idx[labels[split.zoo_idx] == c]].mean(0)
-            np.testing.assert_allclose(head.weight[j], scale * zoo_x / np.linalg.norm(zoo_x), rtol=1e-5)
-            assert head.bias[j] == pytest.approx(bank.generic_bias.mean())
+            zoo_x = bank.features[split.zoo_idx[labels[split.zoo_idx] == c]].mean(0) - center
+            np.testing.assert_allclose(head.weight[j], scale * zoo_x / np.linalg.norm(zoo_x), rtol=1e-4, atol=1e-6)
+            assert head.bias[j] == pytest.approx(offset - head.weight[j] @ center, rel=1e-4, abs=1e-5)
 
 
 def test_build_zoo_is_deterministic(tmp_path):

@@ -9,9 +9,8 @@ task's zoo part (seeded by task and n, the same draws for every row; "all" = eve
 * `gidaris`: the Gidaris & Komodakis rival (fedtina/tina/rival.py) given the shots' backbone features (n = 0: names).
 * `imprint`: rows = the L2-normalised class means of the shots, scaled to the generic head's mean row norm, zero
   bias (the classic zero-training baseline).
-* `mixed`: the generic rows of the classes that have one, imprinted rows (as `imprint`, with the generic head's mean
-  bias) for the others: unseen and novel classes (`heads.mixed_head`). Its rows share one scale only under
-  `backbone.classifier=cosine`; with a linear generic head the imprinted rows merely take the mean row norm.
+* `mixed`: the generic rows of the classes that have one, imprinted rows for the others (unseen and novel
+  classes), centred and scaled to stand beside the generic rows (`heads.mixed_head`, `heads.RowScale`).
 * `local_ft`: the selection head fine-tuned on the shots; `tina_ft`: `tina_text_img`'s head fine-tuned on the same
   shots; `imprint_ft`: the `imprint` head fine-tuned on the same shots (Qi, Brown & Lowe, CVPR 2018: imprinting then
   fine-tuning, the upper baseline of zero-training rows). All three use `bench.tina_ft`: with `select`, steps / lr /
@@ -56,7 +55,7 @@ def shot_rows(assets, tasks: list[BenchTask], n: int | str, cfg: BenchConfig, se
     data = [(t.train_x[d], t.train_y[d]) for t, d in zip(tasks, draws)]
     names = [t.class_names for t in tasks]
     per_set = [[t.train_p[d][t.train_y[d] == c] for c in range(len(t.class_names))] for t, d in zip(tasks, draws)]
-    scale, bias = generic_scale(assets.bank)
+    scale = generic_scale(assets.bank, assets.split.backbone_idx)
     generic = generic_rows(assets.bank, assets.dataset.class_names)
     tune = oracle_heads if cfg.tina_ft.select else finetune_heads
     out = {
@@ -66,8 +65,8 @@ def shot_rows(assets, tasks: list[BenchTask], n: int | str, cfg: BenchConfig, se
                                                                              shots=per_set)),
         "gidaris": timed("gidaris", lambda: rival.generate(names, shots=[[x[y == c] for c in range(len(cls))]
                                                                          for cls, (x, y) in zip(names, data)])),
-        "imprint": timed("imprint", lambda: imprint_heads(names, data, scale)),
-        "mixed": timed("mixed", lambda: [mixed_head(c, x, y, generic, scale, bias) for c, (x, y) in zip(names, data)]),
+        "imprint": timed("imprint", lambda: imprint_heads(names, data, scale.norm)),
+        "mixed": timed("mixed", lambda: [mixed_head(c, x, y, generic, scale) for c, (x, y) in zip(names, data)]),
         "local_ft": timed("local_ft", lambda: tune(selection, data, cfg.tina_ft)),
     }
     out["tina_ft"] = timed("tina_ft", lambda: tune(out["tina_text_img"], data, cfg.tina_ft))

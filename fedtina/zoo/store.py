@@ -541,7 +541,7 @@ def _fill(store: ZooStore, bank, split, class_names: Sequence[str], labels: np.n
     if not np.array_equal(np.asarray(bank.seen), split.backbone_classes):
         raise FedtinaError(f"the feature bank's generic head covers {len(bank.seen)} classes, not the split's "
                            f"{len(split.backbone_classes)} backbone classes: a bank of another split")
-    rows, (scale, bias) = generic_rows(bank, class_names), generic_scale(bank)
+    rows, scale = generic_rows(bank, class_names), generic_scale(bank, split.backbone_idx)
     tasks = sample_tasks(np.asarray(split.seen), cfg.num_tasks, cfg.k_min, cfg.k_max, np.random.default_rng(cfg.seed))
     features = np.asarray(bank.features, np.float32)
     zoo_by, test_by = _images_by_class(split.zoo_idx, labels), _images_by_class(split.test_idx, labels)
@@ -551,7 +551,7 @@ def _fill(store: ZooStore, bank, split, class_names: Sequence[str], labels: np.n
     for t, (x, _), (xt, _) in zip(names, train, test):
         if len(x) == 0 or len(xt) == 0:
             raise FedtinaError(f"zoo task {list(t)} has {len(x)} zoo images and {len(xt)} test images; need both")
-    inits = [mixed_head(n, x, y, rows, scale, bias) for n, (x, y) in zip(names, train)]
+    inits = [mixed_head(n, x, y, rows, scale) for n, (x, y) in zip(names, train)]
     t0 = time.perf_counter()
     # select: per-task steps/lr/l2 chosen on hold-outs of the task's own zoo images (heads.oracle_heads); a fixed
     # recipe over-fits the few images per class of small datasets and makes zoo heads worse than the generic rows
