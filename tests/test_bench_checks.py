@@ -39,9 +39,10 @@ def _shots_assets() -> SimpleNamespace:
     names = {3: "a", 7: "b"}
     return SimpleNamespace(tina=_Tina(), bank=SimpleNamespace(generic_weight=np.eye(2, dtype=np.float32)[:1],
                                                               generic_bias=np.zeros(1, np.float32),
-                                                              seen=np.array([3])),
+                                                              seen=np.array([3]),
+                                                              features=np.array([[1, 0], [0.9, 0.1]], np.float32)),
                            dataset=SimpleNamespace(class_names=[names.get(i, f"c{i}") for i in range(8)]),
-                           split=SimpleNamespace(unseen=np.array([7])))
+                           split=SimpleNamespace(unseen=np.array([7]), backbone_idx=np.array([0, 1])))
 
 
 def test_imprint_ft_fine_tunes_the_imprinted_head_and_beats_it_on_an_easy_task():
