@@ -13,7 +13,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 
@@ -105,21 +105,16 @@ def zoo_key(cfg: CoreConfig, ds: ImageDataset, split: ProtocolSplit) -> str:
 
 def novel_classes(ds: ImageDataset, split: ProtocolSplit) -> list[str]:
     """The split's novel classes (`protocol.novel_share`): zoo classes the generic model never trained on, the
-    preferred fake-novel classes of a base=auto Tina (fedtina/tina/train.py)."""
+    preferred fake-novel classes of the Gidaris rival (fedtina/tina/rival.py)."""
     return [ds.class_names[int(c)] for c in split.novel]
 
 
 def tina_key(tina_cfg: TinaConfig, encoder: CachedTextEncoder, num_entries: int,
-             descriptions: dict[str, str] | None = None, image_prompts: str = "backbone",
-             novel: Sequence[str] = ()) -> str:
-    """Every TinaConfig field that changes the trained weights, hashed (device, logging and threads do not; the
-    base=auto fields and novel pool only when base is on, so a Tina without a baseline keeps the key it had before
-    them), the class descriptions when Tina trains on them, and the image prompts' features when they are not the
-    backbone's."""
-    skip = ("device", "log_every", "cpu_threads") + (("base", "hidden_share") if tina_cfg.base == "none" else ())
+             descriptions: dict[str, str] | None = None, image_prompts: str = "backbone") -> str:
+    """Every TinaConfig field that changes the trained weights, hashed (device, logging and threads do not), the
+    class descriptions when Tina trains on them, and the image prompts' features when they are not the backbone's."""
+    skip = ("device", "log_every", "cpu_threads")
     fields = {k: v for k, v in asdict(tina_cfg).items() if k not in skip}
-    if tina_cfg.base != "none" and novel:
-        fields["novel"] = sorted(novel)
     if tina_cfg.prompt_sentences > 0:
         fields["descriptions"] = sorted((descriptions or {}).items())
     if image_prompts != "backbone":
@@ -136,14 +131,13 @@ def load_or_train_tina(cfg: CoreConfig, tina_cfg: TinaConfig, encoder: CachedTex
 
     tina = None
     descriptions = load_descriptions(cfg.dataset.descriptions, ds.class_names) if tina_cfg.prompt_sentences else {}
-    novel = novel_classes(ds, split)
-    key = tina_key(tina_cfg, encoder, len(zoo), descriptions, cfg.encoder.image_prompts, novel)
+    key = tina_key(tina_cfg, encoder, len(zoo), descriptions, cfg.encoder.image_prompts)
     path = cfg.cache_path / "tina" / zoo_dir.name / f"{key}.safetensors"
     if not path.exists():
         with cache_lock(path):
             if not path.exists():  # another process may have trained it while we waited
                 tina = train_tina(zoo.entries(), encoder, tina_cfg, log=log, shots=zoo_shots(ds, split, features),
-                                  descriptions=descriptions, novel=novel or None)
+                                  descriptions=descriptions)
                 save_checkpoint(path, tina)
                 log(f"[tina] trained and saved {path}")
     if tina is None:

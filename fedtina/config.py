@@ -170,12 +170,6 @@ class TinaConfig:
                                       # on the prompt: one forward pass, no noise; the bench's tina_regress)
     prompt_sentences: float = bounded(0.0, UNIT)  # P(a text prompt in training is the class's description instead of
                                                   # its name; needs dataset.descriptions)
-    base: str = "none"                # none | auto: Tina generates a correction to a baseline row (fedtina/tina/base.py):
-                                      # the imprinted class mean of a class's example images, else a name-similarity
-                                      # mix of the zoo's rows; trained on fake-novel episodes (hidden_share)
-    hidden_share: float = bounded(0.5, UNIT)  # base=auto: P(a class token of a training task is fake-novel: no row of
-                                              # its class reaches Tina, not even through the mix); drawn among the
-                                              # novel pool's classes when there is one, else among all
 
 
 @dataclass
@@ -190,6 +184,9 @@ class BenchConfig:
     shots: list = field(default_factory=lambda: [1, 2, 5, 10, "all"])   # labelled images per class from each task's
                                       # zoo part (fedtina/tina/shots.py); [] = off
     samples: int = bounded(8, POSITIVE)  # tina_best_of_n / tina_mean_of_n: generation seeds per task
+    rival_hidden_share: float = bounded(0.5, UNIT)  # the gidaris row's training (fedtina/tina/rival.py): P(a class
+                                      # token of a training task is fake-novel: its known row never reaches the rival);
+                                      # drawn among the novel classes (protocol.novel_share) when there are any
 
 
 @dataclass

@@ -71,9 +71,6 @@ def validate_core_config(cfg: dict[str, Any]) -> None:
         raise FedtinaError(f"tina.d_model={tina.d_model} is not divisible by tina.num_heads={tina.num_heads}")
     one_of("tina.prediction", tina.prediction, PREDICTIONS)
     check_objective(tina)
-    if tina.base == "auto" and core.encoder.image_prompts != "backbone":
-        raise FedtinaError(f"tina.base=auto imprints image prompts as rows: it needs encoder.image_prompts=backbone "
-                           f"(got {core.encoder.image_prompts!r})")
     if tina.prompt_sentences > 0 and not core.dataset.descriptions:
         raise FedtinaError("tina.prompt_sentences > 0 trains on class descriptions: set dataset.descriptions "
                            "('generated' for shapes, or a file of 'name<TAB>sentence' lines)")

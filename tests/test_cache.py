@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from fedtina.assets import build_assets, zoo_key
+from fedtina.assets import build_assets, tina_key, zoo_key
 from fedtina.config import (BackboneConfig, CoreConfig, DatasetConfig, EncoderConfig, HeadTrainConfig, TinaConfig,
                             ZooConfig)
 from fedtina.errors import CorruptFileError
@@ -93,6 +93,18 @@ def test_zoo_key_covers_every_field_that_changes_the_zoo():
     # where it runs and what comes after the zoo are not part of it
     assert zoo_key(replace(cfg, backbone=replace(cfg.backbone, device="cuda"),
                            tina=replace(cfg.tina, train_steps=5)), ds, split) == key
+
+
+def test_tina_key_is_the_one_cached_tinas_were_saved_under():
+    """Pinned (the key before the removed `tina.base` option, which kept it too): a default Tina cached then still
+    loads. Where it trains and how it logs are not part of the key; the other fields, the zoo's size and the image
+    prompts' features are."""
+    enc, cfg = SimpleNamespace(id="fake-encoder"), TinaConfig()
+    assert tina_key(cfg, enc, 600) == "fake-encoder-n600-671ea944c5cf"
+    assert tina_key(replace(cfg, device="cuda", log_every=7, cpu_threads=1), enc, 600) == tina_key(cfg, enc, 600)
+    keys = {tina_key(c, enc, 600) for c in (cfg, replace(cfg, lr=2e-3), replace(cfg, depth=2))} | \
+        {tina_key(cfg, enc, 601), tina_key(cfg, enc, 600, image_prompts="clip")}
+    assert len(keys) == 5
 
 
 def test_another_num_tasks_is_another_zoo(built, copy):

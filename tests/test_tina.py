@@ -416,7 +416,8 @@ def test_checkpoint_errors(trained, tmp_path):
 
 
 def test_checkpoint_with_keys_this_version_lacks_loads(trained, tmp_path):
-    """Checkpoints saved before the residual mode was removed hold its config keys and layout statistics."""
+    """Checkpoints saved before the residual mode and the base option were removed hold their config keys and layout
+    statistics."""
     from safetensors import safe_open
     from safetensors.torch import save_file
     _, gen = trained
@@ -426,7 +427,7 @@ def test_checkpoint_with_keys_this_version_lacks_loads(trained, tmp_path):
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     tensors["layout.residual_mean"] = torch.zeros(2, D + 1)
     tensors["layout.residual_std"] = torch.ones(2, D + 1)
-    config = {**json.loads(meta["config"]), "residual": False, "borrow_prob": 0.3}
+    config = {**json.loads(meta["config"]), "residual": False, "borrow_prob": 0.3, "base": "none", "hidden_share": 0.5}
     old = tmp_path / "old.safetensors"
     save_file(tensors, str(old), metadata={**meta, "config": json.dumps(config), "sha256": _tensor_digest(tensors)})
     loaded = load_checkpoint(old, FakeEncoder())

@@ -218,6 +218,7 @@ def test_clip_image_prompts_through_the_pipeline(tmp_path, monkeypatch):
     from fedtina.assets import zoo_shots
     from fedtina.tina.rival import train_rival
     rival = train_rival(assets.zoo.entries(), assets.encoder, replace(assets.cfg.tina, train_steps=5),
+                        hidden_share=bench.rival_hidden_share,
                         shots=zoo_shots(assets.dataset, assets.split, assets.bank.features))
     rows = shot_rows(assets, tasks, 2, bench, selection_heads(assets, tasks), 0, lambda _row, fn: fn(), rival)
     assert all(h.weight.shape == (3, assets.bank.features.shape[1]) for h in rows["tina_img"] + rows["gidaris"])

@@ -95,7 +95,7 @@ def run_bench(assets: Assets, cfg: BenchConfig) -> dict:
     regress = assets.tina_variant(log.info, objective="regress")   # does the diffusion matter?
     rival = train_rival(assets.zoo.entries(), assets.encoder, assets.cfg.tina, log=log.info,   # it imprints: backbone
                         shots=zoo_shots(assets.dataset, assets.split, assets.bank.features),  # features, always
-                        novel=novel_classes(assets.dataset, assets.split) or None)
+                        novel=novel_classes(assets.dataset, assets.split) or None, hidden_share=cfg.rival_hidden_share)
     for set_name, class_sets in task_sets.items():
         tasks = tasks_by_set[set_name] = [task_data(assets, ids) for ids in class_sets]
         log.info("[bench] %s: %d tasks of k=%d", set_name.upper(), len(tasks), cfg.k)

@@ -12,11 +12,6 @@ Generation is **order-invariant**: the initial noise of each class token comes f
 hash of (seed, class name), the network has no positional encoding and DDIM with eta = 0 is deterministic, so
 permuting a label set permutes the generated rows (up to float round-off) and the same (set, seed) always gives the
 same head.
-
-A Tina trained with ``base="auto"`` (`fedtina.tina.base`) holds the zoo's known rows: each class gets a baseline row
-(its imprinted example images, else a name-similarity mix of the known rows, both functions of the class alone, so
-order invariance holds), told to the network beside the prompt, and the sampled tokens are the correction added to
-it: row = baseline + correction * the layout's class std, so a zero correction gives the baseline row exactly.
 """
 
 from __future__ import annotations
@@ -34,7 +29,6 @@ from fedtina.data.descriptions import as_text_prompt
 from fedtina.device import pick_device
 from fedtina.errors import FedtinaError, LabelSetError
 from fedtina.zoo.heads import Head
-from fedtina.tina.base import KnownRows, conditioning
 from fedtina.tina.diffusion import DDIMSampler, NoiseSchedule
 from fedtina.tina.layout import ParamLayout
 from fedtina.tina.model import TinaNet
@@ -54,17 +48,12 @@ def token_noise(seed: int, key: str, rows: int, width: int) -> np.ndarray:
 
 
 class TinaGenerator:
-    """A trained Tina network (EMA weights) + its layout + the text encoder it was trained with (+ the known rows of
-    a base=auto Tina)."""
+    """A trained Tina network (EMA weights) + its layout + the text encoder it was trained with."""
 
     def __init__(self, model: TinaNet, layout: ParamLayout, encoder: Any, cfg: TinaConfig,
-                 device: torch.device | str | None = None, image_dim: int | None = None,
-                 known: KnownRows | None = None) -> None:
-        if (cfg.base == "auto") != (known is not None):
-            raise FedtinaError(f"a Tina with base={cfg.base!r} needs known rows exactly when base is 'auto'")
+                 device: torch.device | str | None = None, image_dim: int | None = None) -> None:
         self.cfg = cfg
         self.device = torch.device(device) if device is not None else pick_device(cfg.device)
-        self.known = known.to(self.device) if known is not None else None
         self.model = model.to(self.device).eval()
         self.layout = layout
         self.encoder = encoder
@@ -119,49 +108,22 @@ class TinaGenerator:
             said.append([n if t is None else as_text_prompt(t) for n, t in zip(names, given)])
         unique = sorted({t for s in said for t in s})
         table = dict(zip(unique, np.asarray(self.encoder.embed_names(unique), dtype=np.float32)))
-        out = []
-        for b, (images, has_images) in enumerate(self.images(sets, shots)):
-            text = torch.from_numpy(np.stack([table[t] for t in said[b]]))
-            out.append(compose(text, torch.from_numpy(images), torch.from_numpy(use_names | ~has_images),
-                               torch.from_numpy(has_images)).numpy())
-        return out
-
-    def images(self, sets: list[tuple[str, ...]], shots: Shots | None) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per label set: unit image embeddings [k, d] (zeros for a class without shots) and which classes have them."""
-        if shots is not None and len(shots) != len(sets):
-            raise FedtinaError(f"shots: {len(shots)} entries for {len(sets)} label sets")
+        d = self.image_dim
         out = []
         for b, names in enumerate(sets):
             per = shots[b] if shots is not None else None
             if per is not None and len(per) != len(names):
                 raise FedtinaError(f"shots of label set {b}: {len(per)} entries for {len(names)} classes")
-            images = np.zeros((len(names), self.image_dim), np.float32)
+            images = np.zeros((len(names), d), np.float32)
             has_images = np.zeros(len(names), bool)
             for j, name in enumerate(names):
                 if per is not None and per[j] is not None:
-                    images[j] = image_embedding(per[j], self.image_dim, f"image prompt of {name!r} (label set {b})")
+                    images[j] = image_embedding(per[j], d, f"image prompt of {name!r} (label set {b})")
                     has_images[j] = True
-            out.append((images, has_images))
+            text = torch.from_numpy(np.stack([table[t] for t in said[b]]))
+            out.append(compose(text, torch.from_numpy(images), torch.from_numpy(use_names | ~has_images),
+                               torch.from_numpy(has_images)).numpy())
         return out
-
-    def baselines(self, sets: list[tuple[str, ...]], shots: Shots | None) -> tuple[np.ndarray, np.ndarray]:
-        """A base=auto Tina's baseline rows: raw class tokens [B, K, T] and top name similarities [B, K] (padding
-        0), from the known rows (`fedtina.tina.base`): the imprinted shots, else the mix of the known rows."""
-        B, K, T = len(sets), max(len(s) for s in sets), self.layout.token_dim
-        unique = sorted({n for s in sets for n in s})
-        emb = dict(zip(unique, np.asarray(self.encoder.embed_names(unique), dtype=np.float32)))
-        name_emb = np.zeros((B, K, self.encoder.dim), np.float32)
-        images = np.zeros((B, K, self.image_dim), np.float32)
-        has_images = np.zeros((B, K), bool)
-        for b, (names, (img, has)) in enumerate(zip(sets, self.images(sets, shots))):
-            name_emb[b, :len(names)] = [emb[n] for n in names]
-            images[b, :len(names)], has_images[b, :len(names)] = img, has
-        dev = self.device
-        with torch.inference_mode():
-            base, top = self.known.baseline(torch.from_numpy(name_emb).to(dev), torch.from_numpy(images).to(dev),
-                                            torch.from_numpy(has_images).to(dev))
-        real = np.arange(K)[None] < np.array([len(s) for s in sets])[:, None]
-        return base.cpu().numpy() * real[..., None], top.cpu().numpy() * real
 
     def generate_params(self, label_sets: Sequence[Sequence[str]], steps: int | None = None, seed: int = 0,
                         eta: float = 0.0, shots: Shots | None = None, use_names: bool = True,
@@ -193,12 +155,6 @@ class TinaGenerator:
         dev = self.device
         noise_t = torch.from_numpy(noise).to(dev)
         prompt_t, mask_t = torch.from_numpy(prompt).to(dev), torch.from_numpy(mask).to(dev)
-        base = None
-        if self.known is not None:   # the network also reads each class's baseline; it samples the correction
-            base, top = self.baselines(sets, shots)
-            base_norm = self.layout.normalize_class(base) * mask[:, G:, None]
-            cond = conditioning(prompt_t[:, G:], torch.from_numpy(base_norm).to(dev), torch.from_numpy(top).to(dev))
-            prompt_t = torch.cat([cond.new_zeros(B, G, cond.shape[-1]), cond], dim=1)
         with torch.inference_mode():
             if self.cfg.objective == "regress":   # no diffusion: one forward pass from zeros (tina/train.py)
                 t_last = torch.full((B,), self.cfg.timesteps - 1, dtype=torch.long, device=dev)
@@ -207,12 +163,7 @@ class TinaGenerator:
                 x0 = sampler.sample(self.model, prompt_t, mask_t, noise_t[0],
                                     step_noise=noise_t[1:] if draws > 1 else None)
         x0 = x0.float().cpu().numpy()
-        if base is None:
-            return [self.layout.decode(x0[b, G:G + len(names)], x0[b, :G]) for b, names in enumerate(sets)]
-        std = self.layout.class_std.astype(np.float32)
-        return [self.layout.params_from_tokens(base[b, :len(names)] + x0[b, G:G + len(names)] * std,
-                                               self.layout.denormalize_global(x0[b, :G]))
-                for b, names in enumerate(sets)]
+        return [self.layout.decode(x0[b, G:G + len(names)], x0[b, :G]) for b, names in enumerate(sets)]
 
     def generate(self, label_sets: Sequence[Sequence[str]], steps: int | None = None, seed: int = 0,
                  eta: float = 0.0, shots: Shots | None = None, use_names: bool = True,

@@ -4,13 +4,18 @@ forgetting): a class's row is a learned scaling of its class mean plus attention
     with example images:  row = phi_avg * imprint(z) + phi_img * attend(z; known classes' mean features)
     named only:           row = phi_txt * attend(e; known classes' name embeddings)
 
-z: the unit mean of the images' features (the image prompt), imprinted as in `fedtina.tina.base`; e: the class
-name's embedding; attend(q; keys) = sum_j softmax_j(tau cos(W_q q, W_k key_j)) row_j over the known classes j (their
-mean zoo rows, weight and bias). The phi are per-coordinate scalings of [weight | bias]; W_q, W_k start as the
-identity, tau at the known rows' mix temperature, phi_avg at 1 on the weights, so an untrained rival gives the imprinted
-row with images and the `soft_selection`-like mix without. It trains on Tina's episodes (`ZooTensors.episode`, the
-same fake-novel classes: their rows are dropped from every attention), by regression of the zoo rows in the layout's
-normalised space, with TinaConfig's steps, batch, learning rate and seed.
+z: the unit mean of the images' features (the image prompt), imprinted: scaled to the zoo rows' mean norm, bias 0 (the
+shots axis's `imprint` row, on the zoo's scale); e: the class name's embedding; attend(q; keys) = sum_j softmax_j(tau
+cos(W_q q, W_k key_j)) row_j over the known classes j (`KnownRows`: their mean zoo rows, weight and bias). The phi
+are per-coordinate scalings of [weight | bias]; W_q, W_k start as the identity, tau at the temperature of a
+name-similarity mix of the known rows (fit leave-one-class-out, as the `soft_selection` row), phi_avg at 1 on the
+weights, so an untrained rival gives the imprinted row with images and the `soft_selection`-like mix without.
+
+It trains on Tina's episodes (`ZooTensors.episode`), by regression of the zoo rows in the layout's normalised space,
+with TinaConfig's steps, batch, learning rate and seed, and made **fake-novel**: in each training task, every class
+token is hidden with P(`hidden_share`), drawn among the `novel` pool's classes (the protocol's novel classes) when
+there is one, else among all; a hidden class's known row, name and mean features are dropped from every attention of
+that task (`visible`), so the rival learns to make rows of classes it cannot look up.
 """
 
 from __future__ import annotations
@@ -24,11 +29,81 @@ from torch import nn
 from fedtina.config import TinaConfig
 from fedtina.device import pick_device
 from fedtina.errors import FedtinaError
-from fedtina.tina.base import KnownRows, unit
 from fedtina.tina.layout import WEIGHT_KEY, ParamLayout
 from fedtina.tina.prompt import image_embedding
-from fedtina.tina.train import ZooTensors
+from fedtina.tina.train import Episode, ZooTensors
+from fedtina.zoo.baselines import TEMPERATURE_GRID, fit_temperature, zoo_class_rows
 from fedtina.zoo.heads import Head
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+class KnownRows:
+    """Per known class (sorted names): its mean zoo row [weight | bias] and its unit name embedding; the temperature
+    of a name mix of those rows, and the zoo rows' mean norm (the imprinted rows')."""
+
+    def __init__(self, names: Sequence[str], rows: torch.Tensor, emb: torch.Tensor, temperature: float,
+                 scale: float) -> None:
+        self.names = tuple(names)
+        self.rows, self.emb = rows.float(), unit(emb.float())
+        if len(self.names) < 1 or self.rows.shape[0] != len(self.names) or self.emb.shape[0] != len(self.names):
+            raise FedtinaError(f"known rows: {len(self.names)} names, rows {tuple(self.rows.shape)}, "
+                               f"embeddings {tuple(self.emb.shape)}")
+        self.temperature, self.scale = float(temperature), float(scale)
+
+    @classmethod
+    def fit(cls, entries: Sequence[Any], encoder: Any) -> "KnownRows":
+        """From zoo entries (class_names, params) and the text encoder that reads the names."""
+        per_class = zoo_class_rows(entries)
+        if not per_class:
+            raise FedtinaError("known rows: the zoo holds no rows")
+        names = sorted(per_class)
+        rows = np.stack([np.mean(per_class[n], axis=0) for n in names])                       # [C, d + 1]
+        emb = np.asarray(encoder.embed_names(names), np.float64)
+        emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        # one known class mixes to itself at any temperature
+        temperature = fit_temperature(emb, rows) if len(names) > 1 else TEMPERATURE_GRID[0]
+        scale = float(np.mean([np.linalg.norm(r[:-1]) for n in names for r in per_class[n]]))
+        return cls(names, torch.from_numpy(rows).float(), torch.from_numpy(emb).float(), temperature, scale)
+
+    def to(self, device: torch.device) -> "KnownRows":
+        self.rows, self.emb = self.rows.to(device), self.emb.to(device)
+        return self
+
+    @property
+    def token_dim(self) -> int:
+        return int(self.rows.shape[1])
+
+    def imprint(self, images: torch.Tensor) -> torch.Tensor:
+        """Unit image embeddings [B, N, d] -> imprinted rows [B, N, d + 1] (norm `scale`, bias 0)."""
+        if images.shape[-1] != self.token_dim - 1:
+            raise FedtinaError(f"imprinted rows need image prompts in the head's feature space "
+                               f"({self.token_dim - 1}-d), got {images.shape[-1]}-d (encoder.image_prompts=clip?)")
+        return torch.cat([self.scale * unit(images), images.new_zeros(*images.shape[:-1], 1)], dim=-1)
+
+
+# ------------------------------------------------------------------ fake-novel episodes
+def novel_pool(names: Sequence[str], novel: Collection[str] | None) -> torch.Tensor:
+    """[C] bool over the known classes `names`: those that may be fake-novel (the `novel` pool; None: all)."""
+    unknown = sorted(set(novel or ()) - set(names))
+    if unknown:
+        raise FedtinaError(f"novel pool: classes {unknown[:5]} have no zoo row")
+    pool = set(novel or names)
+    return torch.tensor([n in pool for n in names], dtype=torch.bool)
+
+
+def hide(ep: Episode, pool: torch.Tensor, share: float, gen: torch.Generator) -> torch.Tensor:
+    """[B, K] bool: the episode's fake-novel class tokens, each with P(`share`) among the `pool` classes."""
+    drawn = torch.rand(ep.names.shape, generator=gen, device=ep.names.device) < share
+    return drawn & pool[ep.names] & ep.mask
+
+
+def visible(names: torch.Tensor, hidden: torch.Tensor, num_known: int) -> torch.Tensor:
+    """[B, C] bool: the known classes task b may read, every class but its fake-novel ones."""
+    count = torch.zeros(names.shape[0], num_known, device=names.device)
+    return count.scatter_add_(1, names, hidden.to(count.dtype)) == 0
 
 
 class Attend(nn.Module):
@@ -107,8 +182,8 @@ class GidarisGenerator:
                     images[b, j] = image_embedding(per[j], d, f"image prompt of {name!r} (label set {b})")
                     use_images[b, j] = True
         t = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
-        visible = torch.ones(B, len(self.known.names), dtype=torch.bool, device=self.device)
-        rows = self.net(self.known, self.feats, self.has_feats, t(emb), t(images), t(use_images), visible)
+        every = torch.ones(B, len(self.known.names), dtype=torch.bool, device=self.device)   # no class is hidden
+        rows = self.net(self.known, self.feats, self.has_feats, t(emb), t(images), t(use_images), every)
         rows = rows.float().cpu().numpy()
         return [Head(names, rows[b, :len(names), :d].copy(), rows[b, :len(names), d].copy())
                 for b, names in enumerate(sets)]
@@ -126,20 +201,21 @@ def mean_features(names: Sequence[str], shots: Mapping[str, np.ndarray] | None,
     return torch.from_numpy(feats), torch.from_numpy(has)
 
 
-def train_rival(entries: Sequence[Any], encoder: Any, cfg: TinaConfig, shots: Mapping[str, np.ndarray] | None = None,
-                novel: Collection[str] | None = None,
+def train_rival(entries: Sequence[Any], encoder: Any, cfg: TinaConfig, *, hidden_share: float,
+                shots: Mapping[str, np.ndarray] | None = None, novel: Collection[str] | None = None,
                 log: Callable[[str], Any] | None = None) -> GidarisGenerator:
-    """Fit the rival on zoo entries with Tina's episodes (see the module docstring); `shots`: {class name: zoo-part
-    backbone features} (image prompts and the image attention's keys); `novel`: the preferred fake-novel classes."""
+    """Fit the rival on zoo entries with Tina's episodes made fake-novel (see the module docstring); `shots`: {class
+    name: zoo-part backbone features} (image prompts and the image attention's keys); `novel`: the preferred
+    fake-novel classes; `hidden_share`: P(a class token is fake-novel) (`BenchConfig.rival_hidden_share`)."""
     entries = list(entries)
     if not entries:
         raise FedtinaError("cannot train the Gidaris rival on an empty zoo")
     device = pick_device(cfg.device)
     d = np.asarray(entries[0].params[WEIGHT_KEY]).shape[-1]
     layout = ParamLayout(d).fit(e.params for e in entries)
-    known = KnownRows.fit(entries, encoder)
-    data = ZooTensors(entries, encoder, layout, shots, cfg.max_shots, image_dim=d, known=known,
-                      hidden_share=cfg.hidden_share, novel=novel).to(device)
+    known = KnownRows.fit(entries, encoder).to(device)
+    data = ZooTensors(entries, encoder, layout, shots, cfg.max_shots, image_dim=d).to(device)
+    pool = novel_pool(known.names, novel).to(device)
     feats, has_feats = mean_features(known.names, shots, d)
     feats, has_feats = feats.to(device), has_feats.to(device)
     torch.manual_seed(cfg.seed)
@@ -154,7 +230,8 @@ def train_rival(entries: Sequence[Any], encoder: Any, cfg: TinaConfig, shots: Ma
     try:
         for step in range(cfg.train_steps):
             ep = data.episode(cfg.batch_size, cfg.max_classes, cfg.subset_prob, gen, mix)
-            rows = net(known, feats, has_feats, data.text[ep.names], ep.images, ep.use_images, data.visible(ep))
+            readable = visible(ep.names, hide(ep, pool, hidden_share, gen), len(known.names))
+            rows = net(known, feats, has_feats, data.text[ep.names], ep.images, ep.use_images, readable)
             err = ((rows - data.class_mean) / data.class_std - ep.tokens) ** 2 * ep.mask[..., None]
             loss = err.sum() / (ep.mask.sum() * err.shape[-1]).clamp_min(1)
             opt.zero_grad(set_to_none=True)

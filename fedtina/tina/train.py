@@ -23,7 +23,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Collection, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -36,7 +36,6 @@ from fedtina.device import pick_device
 from fedtina.errors import CorruptFileError, FedtinaError
 from fedtina.io import atomic_write
 from fedtina.progress import Meter
-from fedtina.tina.base import BASES, KnownRows, conditioning, conditioning_dim
 from fedtina.tina.diffusion import PREDICTIONS, NoiseSchedule, training_loss
 from fedtina.tina.generator import TinaGenerator
 from fedtina.tina.layout import WEIGHT_KEY, GlobalSegment, ParamLayout
@@ -47,14 +46,13 @@ CHECKPOINT_FORMAT = "fedtina.tina/2"   # 2: class prompts (text | images | both)
 
 
 def build_model(cfg: TinaConfig, layout: ParamLayout, text_dim: int, image_dim: int) -> TinaNet:
-    width = prompt_dim(text_dim, image_dim) + (conditioning_dim(layout.token_dim) if cfg.base == "auto" else 0)
-    return TinaNet(layout.token_dim, width, d_model=cfg.d_model, depth=cfg.depth,
+    return TinaNet(layout.token_dim, prompt_dim(text_dim, image_dim), d_model=cfg.d_model, depth=cfg.depth,
                    num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, num_global_tokens=layout.num_global_tokens)
 
 
 class Batch(NamedTuple):
-    """A training batch; ``prompt`` [B,N,P] per class token (`fedtina.tina.prompt`; with a baseline, followed by
-    its `conditioning`); ``x0``: normalised tokens, or with a baseline the class tokens' correction to it."""
+    """A training batch: normalised tokens ``x0`` [B,N,T], a prompt [B,N,P] per token (`fedtina.tina.prompt`),
+    the real-token mask."""
 
     x0: torch.Tensor
     prompt: torch.Tensor
@@ -62,9 +60,10 @@ class Batch(NamedTuple):
 
 
 class Episode(NamedTuple):
-    """A batch of training tasks before it becomes Tina's input, [B, K] per class token: zoo entry ``idx`` [B], class
+    """A batch of training tasks (Tina's input once `ZooTensors.batch` composes it; the Gidaris rival's as it is),
+    [B, K] per class token: zoo entry ``idx`` [B], class
     name indices, real-token mask, normalised target tokens [B, K, T], text embeddings (the name's, or its
-    description's), unit image embeddings [B, K, d], which prompt parts are used, and the fake-novel tokens."""
+    description's), unit image embeddings [B, K, d] and which prompt parts are used."""
 
     idx: torch.Tensor
     names: torch.Tensor
@@ -74,7 +73,6 @@ class Episode(NamedTuple):
     images: torch.Tensor
     use_text: torch.Tensor
     use_images: torch.Tensor
-    hidden: torch.Tensor
 
 
 class ZooTensors:
@@ -84,10 +82,7 @@ class ZooTensors:
     def __init__(self, entries: Sequence[Any], encoder: Any, layout: ParamLayout,
                  shots: Mapping[str, np.ndarray] | None = None,
                  max_shots: int = 16, descriptions: Mapping[str, str] | None = None,
-                 sentence_prob: float = 0.0, image_dim: int | None = None, known: KnownRows | None = None,
-                 hidden_share: float = 0.0, novel: Collection[str] | None = None) -> None:
-        """``known``: the known rows behind a base=auto Tina's baselines (None: no baseline); fake-novel tokens are
-        drawn with P(``hidden_share``) among the ``novel`` pool's classes (None: among all)."""
+                 sentence_prob: float = 0.0, image_dim: int | None = None) -> None:
         if not entries:
             raise FedtinaError("cannot train Tina on an empty zoo")
         ks = [len(e.class_names) for e in entries]
@@ -130,24 +125,15 @@ class ZooTensors:
         self.names = names
         self.image_dim = int(image_dim or layout.feature_dim)   # width of the image prompts' features
         self.shots = ShotBank(shots, names, self.image_dim, max_shots) if shots is not None else None
-        self.known, self.hidden_share = known, float(hidden_share)
-        if known is not None and list(known.names) != names:
-            raise FedtinaError("known rows: their classes are not the zoo's (fit them on the same entries)")
-        unknown = sorted(set(novel or ()) - set(names))
-        if unknown:
-            raise FedtinaError(f"novel pool: classes {unknown[:5]} have no zoo row")
-        pool = set(novel or names)
-        self.candidate = torch.tensor([n in pool for n in names], dtype=torch.bool)   # may be fake-novel
         self.class_mean = torch.from_numpy(np.asarray(layout.class_mean, np.float32))
         self.class_std = torch.from_numpy(np.asarray(layout.class_std, np.float32))
 
     def to(self, device: torch.device) -> "ZooTensors":
-        for attr in ("tokens", "name_idx", "glob", "k", "text", "sentences", "has_sentence", "candidate",
-                     "class_mean", "class_std"):
+        for attr in ("tokens", "name_idx", "glob", "k", "text", "sentences", "has_sentence", "class_mean",
+                     "class_std"):
             setattr(self, attr, getattr(self, attr).to(device))
-        for part in (self.shots, self.known):
-            if part is not None:
-                part.to(device)
+        if self.shots is not None:
+            self.shots.to(device)
         return self
 
     def sample(self, batch_size: int, max_classes: int, subset_prob: float, gen: torch.Generator,
@@ -159,8 +145,7 @@ class ZooTensors:
     def episode(self, batch_size: int, max_classes: int, subset_prob: float, gen: torch.Generator,
                 mix: tuple[float, float, float] = (1.0, 0.0, 0.0)) -> Episode:
         """`batch_size` random zoo tasks (a random sub-task with P(subset_prob)), classes in random order, prompts
-        drawn from `mix`, fake-novel tokens drawn only when there are known rows (so a Tina without a baseline
-        draws exactly the random numbers it always did)."""
+        drawn from `mix`."""
         dev = self.tokens.device
         M, Kz = self.name_idx.shape
         idx = torch.randint(0, M, (batch_size,), generator=gen, device=dev)
@@ -177,28 +162,12 @@ class ZooTensors:
         names = torch.gather(self.name_idx[idx], 1, perm)
         mask = torch.arange(K, device=dev)[None] < k[:, None]
         text, images, use_text, use_images = self._prompts(names, mix, gen)
-        hidden = torch.zeros_like(mask)
-        if self.known is not None:
-            drawn = torch.rand(names.shape, generator=gen, device=dev) < self.hidden_share
-            hidden = drawn & self.candidate[names] & mask
-        return Episode(idx, names, mask, tokens * mask[..., None], text, images, use_text, use_images, hidden)
-
-    def visible(self, ep: Episode) -> torch.Tensor:
-        """[B, C] bool: the known classes episode b may read, every class but its fake-novel ones."""
-        hidden = torch.zeros(ep.names.shape[0], len(self.names), device=ep.names.device)
-        return hidden.scatter_add_(1, ep.names, ep.hidden.to(hidden.dtype)) == 0
+        return Episode(idx, names, mask, tokens * mask[..., None], text, images, use_text, use_images)
 
     def batch(self, ep: Episode) -> Batch:
-        """Tina's input for an episode: prompts composed; with known rows, the baselines (made without the
-        fake-novel classes' rows) appended to the prompts and subtracted from the targets."""
-        m = ep.mask[..., None]
-        prompt = compose(ep.text, ep.images, ep.use_text, ep.use_images) * m
+        """Tina's input for an episode: prompts composed, global tokens first."""
+        prompt = compose(ep.text, ep.images, ep.use_text, ep.use_images) * ep.mask[..., None]
         x0 = ep.tokens
-        if self.known is not None:
-            base, top = self.known.baseline(self.text[ep.names], ep.images, ep.use_images, self.visible(ep))
-            base_norm = (base - self.class_mean) / self.class_std
-            prompt = conditioning(prompt, base_norm * m, top * ep.mask)
-            x0 = (ep.tokens - base_norm) * m
         G = self.glob.shape[1]
         if G:
             B = len(ep.idx)
@@ -242,8 +211,6 @@ def check_objective(cfg: TinaConfig) -> None:
         raise FedtinaError(f"TinaConfig.objective must be one of {OBJECTIVES}, got {cfg.objective!r}")
     if cfg.objective == "regress" and cfg.prediction != "x0":
         raise FedtinaError("TinaConfig.objective=regress predicts the head itself: it needs prediction=x0")
-    if cfg.base not in BASES:
-        raise FedtinaError(f"TinaConfig.base must be one of {BASES}, got {cfg.base!r}")
 
 
 class TinaTrainer:
@@ -252,13 +219,11 @@ class TinaTrainer:
     def __init__(self, entries: Sequence[Any], encoder: Any, cfg: TinaConfig,
                  global_segments: Sequence[GlobalSegment] = (), log: Callable[[str], Any] | None = print,
                  init: TinaGenerator | None = None, shots: Mapping[str, np.ndarray] | None = None,
-                 descriptions: Mapping[str, str] | None = None, novel: Collection[str] | None = None) -> None:
+                 descriptions: Mapping[str, str] | None = None) -> None:
         """``init``: warm start from a trained generator's weights, keeping its layout and normalisation statistics
         (refitting them would change what the weights mean); ``global_segments`` is then taken from it.
         ``shots``: {class name: zoo-part image features [n, d]} for image prompts (None: text prompts only).
-        ``descriptions``: {class name: sentence}, the text prompt of a class token with P(cfg.prompt_sentences).
-        ``novel``: the zoo classes the backbone never trained on, the preferred fake-novel classes of a base=auto
-        Tina (None: any class may be fake-novel). Its known rows are fitted on `entries`, also on a warm start."""
+        ``descriptions``: {class name: sentence}, the text prompt of a class token with P(cfg.prompt_sentences)."""
         check_objective(cfg)
         entries = list(entries)
         if not entries:
@@ -279,13 +244,8 @@ class TinaTrainer:
                                f"{self.image_dim}-d")
         if cfg.prompt_sentences > 0 and not descriptions:
             raise FedtinaError("TinaConfig.prompt_sentences > 0 needs class descriptions (dataset.descriptions)")
-        self.known = KnownRows.fit(entries, encoder) if cfg.base == "auto" else None
-        if self.known is not None and shots is not None and self.image_dim != self.layout.feature_dim:
-            raise FedtinaError(f"TinaConfig.base=auto imprints image prompts as rows: they must be the head's "
-                               f"{self.layout.feature_dim}-d features, got {self.image_dim}-d (encoder.image_prompts)")
         self.data = ZooTensors(entries, encoder, self.layout, shots, cfg.max_shots, descriptions,
-                               cfg.prompt_sentences, self.image_dim, self.known, cfg.hidden_share,
-                               novel).to(self.device)
+                               cfg.prompt_sentences, self.image_dim).to(self.device)
         self.mix = (cfg.prompt_text, cfg.prompt_images, cfg.prompt_both)
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg, self.layout, int(encoder.dim), self.image_dim).to(self.device)
@@ -384,21 +344,19 @@ class TinaTrainer:
     def generator(self) -> TinaGenerator:
         """A TinaGenerator over (a copy of) the current EMA weights."""
         return TinaGenerator(copy.deepcopy(self.ema).eval(), self.layout, self.encoder, self.cfg, device=self.device,
-                             image_dim=self.image_dim, known=self.known)
+                             image_dim=self.image_dim)
 
 
 def train_tina(entries: Sequence[Any], encoder: Any, cfg: TinaConfig, log: Callable[[str], Any] | None = print,
                global_segments: Sequence[GlobalSegment] = (), init: TinaGenerator | None = None,
                shots: Mapping[str, np.ndarray] | None = None,
-               descriptions: Mapping[str, str] | None = None,
-               novel: Collection[str] | None = None) -> TinaGenerator:
+               descriptions: Mapping[str, str] | None = None) -> TinaGenerator:
     """Train Tina on zoo entries (`ZooEntry`: class_names, params with head.weight/head.bias) -> TinaGenerator.
     ``init``: continue from a trained generator (same architecture; its layout statistics are kept).
     ``shots``: {class name: zoo-part image features} behind image prompts (None: text prompts only).
-    ``descriptions``: {class name: sentence} for training on descriptions (cfg.prompt_sentences).
-    ``novel``: the preferred fake-novel classes of a base=auto Tina (`TinaTrainer`)."""
+    ``descriptions``: {class name: sentence} for training on descriptions (cfg.prompt_sentences)."""
     return TinaTrainer(entries, encoder, cfg, global_segments=global_segments, log=log, init=init,
-                       shots=shots, descriptions=descriptions, novel=novel).fit()
+                       shots=shots, descriptions=descriptions).fit()
 
 
 def refresh(tina: TinaGenerator, entries: Sequence[Any], steps: int, shots: Mapping[str, np.ndarray] | None = None,
@@ -423,11 +381,7 @@ def save_checkpoint(path: str | Path, generator: TinaGenerator) -> Path:
     tensors.update({f"layout.{k}": torch.from_numpy(np.ascontiguousarray(v))
                     for k, v in generator.layout.state_tensors().items()})
     enc = generator.encoder
-    known = {}
-    if generator.known is not None:   # a base=auto Tina's known rows
-        known_tensors, known["known"] = generator.known.state()
-        tensors.update({f"known.{k}": v for k, v in known_tensors.items()})
-    meta = {**known,
+    meta = {
         "format": CHECKPOINT_FORMAT,
         "config": json.dumps(dataclasses.asdict(generator.cfg)),
         "layout": json.dumps(generator.layout.spec()),
@@ -493,10 +447,6 @@ def load_checkpoint(path: str | Path, encoder: Any, device: str | None = None) -
         if missing:
             raise KeyError(f"layout tensors {sorted(missing)}")
         layout = ParamLayout.from_spec(spec, layout_t)
-        known = None
-        if cfg.base == "auto":
-            known = KnownRows.from_state({k[len("known."):]: v for k, v in tensors.items()
-                                          if k.startswith("known.")}, meta["known"])
     except (SafetensorError, OSError, ValueError, KeyError, TypeError, FedtinaError) as err:
         raise CorruptFileError(f"Tina checkpoint {path} is corrupt ({type(err).__name__}: {err}); "
                                f"delete it and retrain") from err
@@ -515,4 +465,4 @@ def load_checkpoint(path: str | Path, encoder: Any, device: str | None = None) -
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise CorruptFileError(f"Tina checkpoint {path} does not match its config ({err}); delete it and retrain") from err
-    return TinaGenerator(model, layout, encoder, cfg, device=device, image_dim=image_dim, known=known)
+    return TinaGenerator(model, layout, encoder, cfg, device=device, image_dim=image_dim)
