@@ -112,9 +112,12 @@ def novel_classes(ds: ImageDataset, split: ProtocolSplit) -> list[str]:
 def tina_key(tina_cfg: TinaConfig, encoder: CachedTextEncoder, num_entries: int,
              descriptions: dict[str, str] | None = None, image_prompts: str = "backbone") -> str:
     """Every TinaConfig field that changes the trained weights, hashed (device, logging and threads do not), the
-    class descriptions when Tina trains on them, and the image prompts' features when they are not the backbone's."""
+    checkpoint format (a cached Tina of an older format is not found, so it is retrained, not misread), the class
+    descriptions when Tina trains on them, and the image prompts' features when they are not the backbone's."""
+    from fedtina.tina.train import CHECKPOINT_FORMAT
+
     skip = ("device", "log_every", "cpu_threads")
-    fields = {k: v for k, v in asdict(tina_cfg).items() if k not in skip}
+    fields = {k: v for k, v in asdict(tina_cfg).items() if k not in skip} | {"format": CHECKPOINT_FORMAT}
     if tina_cfg.prompt_sentences > 0:
         fields["descriptions"] = sorted((descriptions or {}).items())
     if image_prompts != "backbone":

@@ -12,6 +12,9 @@ import torch
 
 from fedtina.errors import FedtinaError
 from fedtina.tina import TinaTrainer
+from fedtina.tina.generator import TinaGenerator
+from fedtina.tina.train import load_checkpoint, save_checkpoint
+from fedtina.zoo.heads import centered_rows
 from fedtina.tina.prompt import ShotBank, compose, image_embedding, prompt_dim, sample_kinds
 from test_tina import D, FakeEncoder, FakeEntry, tiny_cfg
 
@@ -45,8 +48,14 @@ def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
+def _generating(gen: TinaGenerator) -> TinaGenerator:
+    """`gen` without its imprinted rows: every row generated."""
+    return TinaGenerator(gen.model, gen.layout, gen.encoder, gen.cfg, image_dim=gen.image_dim, known=gen.known)
+
+
 def test_image_prompts_tell_tina_the_rows_of_classes_it_never_saw(world):
     names, rows, shots, gen = world
+    gen = _generating(gen)
     unseen = [names[SEEN + i: SEEN + i + 4] for i in (0, 4)]
     few = [[shots[n][:5] for n in s] for s in unseen]
     text = gen.generate(unseen)
@@ -72,6 +81,38 @@ def test_one_batch_mixes_prompt_kinds_per_class_and_stays_order_invariant(world)
     (p,) = gen.generate([[s[i] for i in order]], shots=[[mixed[i] for i in order]])
     np.testing.assert_allclose(p.weight, h.weight[order], atol=2e-4)
     np.testing.assert_allclose(p.bias, h.bias[order], atol=2e-4)
+
+
+def test_a_class_no_zoo_head_holds_gets_its_imprinted_row_on_the_zoo_scale(world, tmp_path):
+    """With images, a class Tina never trained on gets the imprinted row centred and scaled on the zoo's rows
+    (heads.centered_rows); a zoo class, or a class named only, keeps its generated row. A checkpoint keeps both."""
+    names, _, shots, gen = world
+    seen_x = np.concatenate([shots[n] for n in names[:SEEN]])
+    assert gen.known == frozenset(names[:SEEN])
+    np.testing.assert_allclose(gen.row_scale.center, seen_x.mean(0), rtol=1e-4, atol=1e-6)
+    s = [names[0], names[SEEN], names[SEEN + 1]]              # a zoo class, an unseen one with images, one without
+    prompts = [[shots[s[0]][:3], shots[s[1]][:5], None]]
+    (h,) = gen.generate([s], shots=prompts)
+    (r,) = _generating(gen).generate([s], shots=prompts)
+    np.testing.assert_array_equal(h.weight[[0, 2]], r.weight[[0, 2]])
+    np.testing.assert_array_equal(h.bias[[0, 2]], r.bias[[0, 2]])
+    w, b = centered_rows(shots[s[1]][:5], np.zeros(5, int), 1, gen.row_scale)
+    np.testing.assert_allclose(h.weight[1], w[0], rtol=1e-5)
+    assert h.bias[1] == pytest.approx(b[0], rel=1e-5)
+    assert not np.allclose(h.weight[1], r.weight[1], atol=1e-2)
+    loaded = load_checkpoint(save_checkpoint(tmp_path / "t.safetensors", gen), gen.encoder)
+    assert loaded.known == gen.known and loaded.row_scale.norm == gen.row_scale.norm
+    (l,) = loaded.generate([s], shots=prompts)
+    np.testing.assert_allclose(l.weight, h.weight, atol=1e-5)
+
+
+def test_no_imprinted_rows_from_image_prompts_in_another_space():
+    """Image prompts of another width than the heads' features (CLIP's image tower) cannot be imprinted as rows."""
+    names, _, shots, entries = _world(1)
+    wide = {n: np.hstack([x, x[:, :4]]) for n, x in shots.items() if n in names[:SEEN]}
+    gen = TinaTrainer(entries, FakeEncoder(), tiny_cfg(train_steps=2), log=None, shots=wide).fit()
+    assert gen.image_dim == D + 4 and gen.row_scale is None and gen.known == frozenset(names[:SEEN])
+    assert TinaTrainer(entries, FakeEncoder(), tiny_cfg(train_steps=2), log=None).fit().row_scale is None
 
 
 def test_image_prompt_errors_name_the_class(world):

@@ -8,6 +8,12 @@ by its name too unless `use_names=False`; a class without shots always by its na
 description instead of the name (`texts`, e.g. "a shape with three corners, coloured red"); the name still keys the
 class's noise. Tinas trained with ``objective="regress"`` skip the sampler: one forward pass from zeros.
 
+A class Tina was never trained on (its name is in no zoo head: `known`) that comes with example images gets its
+imprinted row instead of a generated one, centred and scaled to stand beside the generated rows (`RowScale`, fit
+on the zoo's rows and images). Generated rows do not carry to such classes: on Caltech-101's unseen classes with 5
+images per class they recall 37% of the images against 61% for these imprinted rows, while for the zoo's classes the
+generated rows are better (68% vs 62%). A class named only keeps its generated row: there is nothing to imprint.
+
 Generation is **order-invariant**: the initial noise of each class token comes from a generator seeded by a stable
 hash of (seed, class name), the network has no positional encoding and DDIM with eta = 0 is deterministic, so
 permuting a label set permutes the generated rows (up to float round-off) and the same (set, seed) always gives the
@@ -28,7 +34,7 @@ from fedtina.config import LimitsConfig, TinaConfig
 from fedtina.data.descriptions import as_text_prompt
 from fedtina.device import pick_device
 from fedtina.errors import FedtinaError, LabelSetError
-from fedtina.zoo.heads import Head
+from fedtina.zoo.heads import Head, RowScale, imprint_missing
 from fedtina.tina.diffusion import DDIMSampler, NoiseSchedule
 from fedtina.tina.layout import ParamLayout
 from fedtina.tina.model import TinaNet
@@ -48,10 +54,13 @@ def token_noise(seed: int, key: str, rows: int, width: int) -> np.ndarray:
 
 
 class TinaGenerator:
-    """A trained Tina network (EMA weights) + its layout + the text encoder it was trained with."""
+    """A trained Tina network (EMA weights) + its layout + the text encoder it was trained with; `known`: the classes
+    of the zoo it was trained on, `row_scale`: where imprinted rows of the others sit (None: never imprint, e.g.
+    image prompts in another space than the head's)."""
 
     def __init__(self, model: TinaNet, layout: ParamLayout, encoder: Any, cfg: TinaConfig,
-                 device: torch.device | str | None = None, image_dim: int | None = None) -> None:
+                 device: torch.device | str | None = None, image_dim: int | None = None,
+                 known: Sequence[str] = (), row_scale: RowScale | None = None) -> None:
         self.cfg = cfg
         self.device = torch.device(device) if device is not None else pick_device(cfg.device)
         self.model = model.to(self.device).eval()
@@ -59,6 +68,10 @@ class TinaGenerator:
         self.encoder = encoder
         self.image_dim = int(image_dim or layout.feature_dim)   # image prompts: backbone features, or CLIP's
         self.schedule = NoiseSchedule(cfg.timesteps, cfg.schedule)
+        self.known = frozenset(known)
+        if row_scale is not None and len(row_scale.center) != layout.feature_dim:
+            raise FedtinaError(f"row scale of {len(row_scale.center)}-d features for {layout.feature_dim}-d heads")
+        self.row_scale = row_scale
 
     @property
     def max_classes(self) -> int:
@@ -163,7 +176,24 @@ class TinaGenerator:
                 x0 = sampler.sample(self.model, prompt_t, mask_t, noise_t[0],
                                     step_noise=noise_t[1:] if draws > 1 else None)
         x0 = x0.float().cpu().numpy()
-        return [self.layout.decode(x0[b, G:G + len(names)], x0[b, :G]) for b, names in enumerate(sets)]
+        params = [self.layout.decode(x0[b, G:G + len(names)], x0[b, :G]) for b, names in enumerate(sets)]
+        return [self.imprint_unknown(names, p, shots[b] if shots is not None else None)
+                for b, (names, p) in enumerate(zip(sets, params))]
+
+    def imprint_unknown(self, names: tuple[str, ...], params: dict[str, np.ndarray],
+                        shots: Sequence[np.ndarray | None] | None) -> dict[str, np.ndarray]:
+        """`params` with the rows of the classes Tina was never trained on that come with images imprinted (see the
+        module docstring)."""
+        if self.row_scale is None or shots is None:
+            return params
+        missing = [j for j, (n, x) in enumerate(zip(names, shots)) if n not in self.known and x is not None]
+        if not missing:
+            return params
+        per = [np.asarray(shots[j], np.float32).reshape(-1, self.layout.feature_dim) for j in missing]
+        x, y = np.concatenate(per), np.repeat(missing, [len(p) for p in per])
+        head = imprint_missing(Head(names, params["head.weight"], params["head.bias"]), missing, x, y,
+                               self.row_scale)
+        return {**params, "head.weight": head.weight, "head.bias": head.bias}
 
     def generate(self, label_sets: Sequence[Sequence[str]], steps: int | None = None, seed: int = 0,
                  eta: float = 0.0, shots: Shots | None = None, use_names: bool = True,

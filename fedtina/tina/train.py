@@ -38,11 +38,12 @@ from fedtina.io import atomic_write
 from fedtina.progress import Meter
 from fedtina.tina.diffusion import PREDICTIONS, NoiseSchedule, training_loss
 from fedtina.tina.generator import TinaGenerator
-from fedtina.tina.layout import WEIGHT_KEY, GlobalSegment, ParamLayout
+from fedtina.tina.layout import BIAS_KEY, WEIGHT_KEY, GlobalSegment, ParamLayout
 from fedtina.tina.model import TinaNet
 from fedtina.tina.prompt import ShotBank, compose, prompt_dim, sample_kinds
+from fedtina.zoo.heads import RowScale
 
-CHECKPOINT_FORMAT = "fedtina.tina/2"   # 2: class prompts (text | images | both) instead of text only
+CHECKPOINT_FORMAT = "fedtina.tina/3"   # 2: class prompts (text | images | both); 3: the zoo's classes and row scale
 
 
 def build_model(cfg: TinaConfig, layout: ParamLayout, text_dim: int, image_dim: int) -> TinaNet:
@@ -258,6 +259,7 @@ class TinaTrainer:
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.params, self.ema_params = list(self.model.parameters()), list(self.ema.parameters())
         self.schedule = NoiseSchedule(cfg.timesteps, cfg.schedule)
+        self.known, self.row_scale = zoo_row_scale(entries, shots, self.layout.feature_dim, self.image_dim)
         # fused on CUDA (one kernel for every tensor); on the CPU the default loop: fused there measured 3x faster
         # but not bit-identical, and CPU training must stay reproducible bit for bit (the cached Tina, the runs)
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -344,7 +346,20 @@ class TinaTrainer:
     def generator(self) -> TinaGenerator:
         """A TinaGenerator over (a copy of) the current EMA weights."""
         return TinaGenerator(copy.deepcopy(self.ema).eval(), self.layout, self.encoder, self.cfg, device=self.device,
-                             image_dim=self.image_dim)
+                             image_dim=self.image_dim, known=self.known, row_scale=self.row_scale)
+
+
+def zoo_row_scale(entries: Sequence[Any], shots: Mapping[str, np.ndarray] | None, feature_dim: int,
+                  image_dim: int) -> tuple[tuple[str, ...], RowScale | None]:
+    """The zoo's classes, and the RowScale of its rows over its images (`fedtina.tina.generator`: where a class no
+    zoo head holds gets its imprinted row); no scale without image prompts in the heads' feature space."""
+    known = tuple(sorted({n for e in entries for n in e.class_names}))
+    feats = [np.asarray(x, np.float32) for x in (shots or {}).values() if len(x)]
+    if not feats or image_dim != feature_dim:
+        return known, None
+    weight = np.concatenate([np.asarray(e.params[WEIGHT_KEY], np.float32) for e in entries])
+    bias = np.concatenate([np.asarray(e.params[BIAS_KEY], np.float32) for e in entries])
+    return known, RowScale.of(weight, bias, np.concatenate(feats))
 
 
 def train_tina(entries: Sequence[Any], encoder: Any, cfg: TinaConfig, log: Callable[[str], Any] | None = print,
@@ -380,6 +395,9 @@ def save_checkpoint(path: str | Path, generator: TinaGenerator) -> Path:
     tensors = {f"model.{k}": v.detach().float().cpu().contiguous() for k, v in generator.model.state_dict().items()}
     tensors.update({f"layout.{k}": torch.from_numpy(np.ascontiguousarray(v))
                     for k, v in generator.layout.state_tensors().items()})
+    scale = generator.row_scale
+    if scale is not None:
+        tensors["row_scale.center"] = torch.from_numpy(np.ascontiguousarray(scale.center, np.float32))
     enc = generator.encoder
     meta = {
         "format": CHECKPOINT_FORMAT,
@@ -389,6 +407,8 @@ def save_checkpoint(path: str | Path, generator: TinaGenerator) -> Path:
         "encoder_dim": str(int(enc.dim)),
         "image_dim": str(int(generator.image_dim)),
         "text_template": json.dumps(getattr(enc, "template", None)),
+        "known": json.dumps(sorted(generator.known)),
+        "row_scale": json.dumps(None if scale is None else {"norm": scale.norm, "offset": scale.offset}),
         "sha256": _tensor_digest(tensors),
     }
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), fsync=True)
@@ -447,6 +467,9 @@ def load_checkpoint(path: str | Path, encoder: Any, device: str | None = None) -
         if missing:
             raise KeyError(f"layout tensors {sorted(missing)}")
         layout = ParamLayout.from_spec(spec, layout_t)
+        known, scale = json.loads(meta["known"]), json.loads(meta["row_scale"])
+        if scale is not None:
+            scale = RowScale(tensors["row_scale.center"].numpy(), float(scale["norm"]), float(scale["offset"]))
     except (SafetensorError, OSError, ValueError, KeyError, TypeError, FedtinaError) as err:
         raise CorruptFileError(f"Tina checkpoint {path} is corrupt ({type(err).__name__}: {err}); "
                                f"delete it and retrain") from err
@@ -465,4 +488,5 @@ def load_checkpoint(path: str | Path, encoder: Any, device: str | None = None) -
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise CorruptFileError(f"Tina checkpoint {path} does not match its config ({err}); delete it and retrain") from err
-    return TinaGenerator(model, layout, encoder, cfg, device=device, image_dim=image_dim)
+    return TinaGenerator(model, layout, encoder, cfg, device=device, image_dim=image_dim, known=known,
+                         row_scale=scale)
