@@ -106,6 +106,23 @@ def test_a_class_no_zoo_head_holds_gets_its_imprinted_row_on_the_zoo_scale(world
     np.testing.assert_allclose(l.weight, h.weight, atol=1e-5)
 
 
+def test_a_refresh_on_uploads_of_new_classes_keeps_imprinting_them(world):
+    """A warm start (the federation's refresh) on a zoo grown by heads over unseen classes keeps the classes and row
+    scale it started with: a class a few uploads brought still gets its imprinted row when it comes with images."""
+    names, rows, shots, gen = world
+    new = FakeEntry((names[SEEN], names[0]), {"head.weight": 3 * rows[[SEEN, 0]],
+                                              "head.bias": np.zeros(2, np.float32)})
+    seen_shots = {n: shots[n] for n in names[:SEEN]}
+    grown = TinaTrainer([new] * 20, FakeEncoder(), tiny_cfg(train_steps=2), log=None, shots=seen_shots)
+    assert names[SEEN] in grown.known                               # trained from scratch, it would know it
+    warm = TinaTrainer([new] * 20, FakeEncoder(), gen.cfg, log=None, init=gen, shots=seen_shots)
+    assert warm.known == gen.known and warm.row_scale is gen.row_scale
+    refreshed = warm.fit(steps=2)
+    (h,) = refreshed.generate([[names[SEEN]]], shots=[[shots[names[SEEN]][:5]]])
+    w, _ = centered_rows(shots[names[SEEN]][:5], np.zeros(5, int), 1, gen.row_scale)
+    np.testing.assert_allclose(h.weight[0], w[0], rtol=1e-5)
+
+
 def test_no_imprinted_rows_from_image_prompts_in_another_space():
     """Image prompts of another width than the heads' features (CLIP's image tower) cannot be imprinted as rows."""
     names, _, shots, entries = _world(1)

@@ -222,7 +222,8 @@ class TinaTrainer:
                  init: TinaGenerator | None = None, shots: Mapping[str, np.ndarray] | None = None,
                  descriptions: Mapping[str, str] | None = None) -> None:
         """``init``: warm start from a trained generator's weights, keeping its layout and normalisation statistics
-        (refitting them would change what the weights mean); ``global_segments`` is then taken from it.
+        (refitting them would change what the weights mean) and its known classes and row scale;
+        ``global_segments`` is then taken from it.
         ``shots``: {class name: zoo-part image features [n, d]} for image prompts (None: text prompts only).
         ``descriptions``: {class name: sentence}, the text prompt of a class token with P(cfg.prompt_sentences)."""
         check_objective(cfg)
@@ -259,7 +260,10 @@ class TinaTrainer:
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.params, self.ema_params = list(self.model.parameters()), list(self.ema.parameters())
         self.schedule = NoiseSchedule(cfg.timesteps, cfg.schedule)
-        self.known, self.row_scale = zoo_row_scale(entries, shots, self.layout.feature_dim, self.image_dim)
+        # a warm start (a federation's refresh) keeps which classes get imprinted rows: a class the uploads brought
+        # has a few rows at most, and generated rows did not carry to classes the prepared zoo lacked
+        self.known, self.row_scale = (init.known, init.row_scale) if init is not None else \
+            zoo_row_scale(entries, shots, self.layout.feature_dim, self.image_dim)
         # fused on CUDA (one kernel for every tensor); on the CPU the default loop: fused there measured 3x faster
         # but not bit-identical, and CPU training must stay reproducible bit for bit (the cached Tina, the runs)
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay,
