@@ -11,7 +11,7 @@ class's noise. Tinas trained with ``objective="regress"`` skip the sampler: one 
 A class Tina was never trained on (its name is in no zoo head: `known`) that comes with example images gets its
 imprinted row instead of a generated one, centred and scaled to stand beside the generated rows (`RowScale`, fit
 on the zoo's rows and images). Generated rows do not carry to such classes: on Caltech-101's unseen classes with 5
-images per class they recall 37% of the images against 61% for these imprinted rows, while for the zoo's classes the
+images per class they recall 37% of the images against 62% for these imprinted rows, while for the zoo's classes the
 generated rows are better (68% vs 62%). A class named only keeps its generated row: there is nothing to imprint.
 
 Generation is **order-invariant**: the initial noise of each class token comes from a generator seeded by a stable
