@@ -11,7 +11,7 @@ import pytest
 from fedtina.config import BenchConfig, HeadTrainConfig
 from fedtina.errors import FedtinaError
 from fedtina.experiments.bench import format_memorization, format_shots
-from fedtina.tina.shots import SHOT_ROWS, run_shots, shot_rows
+from fedtina.tina.shots import SHOT_ROWS, moved, run_shots, shot_rows
 from fedtina.zoo.baselines import memorization, nearest_zoo_head, zoo_class_gap
 from fedtina.zoo.heads import Head, accuracy
 from fedtina.zoo.tasks import BenchTask, class_recall
@@ -72,7 +72,23 @@ def test_run_shots_reports_imprint_ft_and_ood_recall_at_every_n():
         assert {"id_acc", "ood_acc", "ood_unseen_recall", "ood_seen_recall"} <= set(r) and r["personalize_s"] >= 0
     # one shot per class leaves nothing to hold out: the selected fine-tune keeps the imprinted head
     assert shots["1"]["imprint_ft"]["ood_acc"] == shots["1"]["imprint"]["ood_acc"]
-    assert "OOD recall u/s" in format_shots(shots)
+    for row in ("local_ft", "tina_ft", "imprint_ft"):
+        assert shots["1"][row]["ood_moved"] == 0.0 and np.isnan(shots["1"][row]["ood_moved_gain"])
+    assert "OOD recall u/s" in format_shots(shots) and "OOD ft moved" in format_shots(shots)
+
+
+def test_moved_counts_changed_heads_and_their_gain_only():
+    """Two tasks: the fine-tune keeps the first head (bit for bit) and fixes the second; the share moved is 1/2 and
+    the gain is the second task's alone."""
+    rng = np.random.default_rng(2)
+    (x, y), (tx, ty) = _skewed_task(rng, 6), _skewed_task(rng, 20)
+    task = BenchTask((3, 7), ("a", "b"), x, y, tx, ty, x)
+    good = Head(("a", "b"), np.array([[-1, 0], [1, 0]], np.float32), np.array([2, -2], np.float32))   # x < 2: a
+    bad = Head(("a", "b"), np.array([[1, 0], [-1, 0]], np.float32), np.array([-2, 2], np.float32))
+    out = moved([good, bad], [good, Head(good.class_names, good.weight.copy(), good.bias.copy())], [task, task])
+    assert out["moved"] == 0.5
+    assert out["moved_gain"] == pytest.approx(accuracy(good, tx, ty) - accuracy(bad, tx, ty))
+    assert accuracy(good, tx, ty) > 0.9 > 0.1 > accuracy(bad, tx, ty)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -185,7 +185,20 @@ def format_shots(shots: dict[str, dict[str, dict[str, float]]]) -> str:
         lines.append(f"{'OOD recall u/s':<14}" + "".join(f"{'n=' + n:>14}" for n in ns))
         for row in rows:
             lines.append(f"{row:<14}" + "".join(f"{_recall_cell(shots[n].get(row, {})):>14}" for n in ns))
+    if any("ood_moved" in r for n in ns for r in shots[n].values()):
+        lines.append(f"{'OOD ft moved':<14}" + "".join(f"{'n=' + n:>14}" for n in ns))
+        for row in [r for r in rows if any("ood_moved" in shots[n].get(r, {}) for n in ns)]:
+            lines.append(f"{row:<14}" + "".join(f"{_moved_cell(shots[n].get(row, {})):>14}" for n in ns))
+        lines.append("OOD ft moved: share of tasks whose head the hold-out-picked fine-tune changed (%) / their mean "
+                     "accuracy change (pts)")
     return "\n".join(lines)
+
+
+def _moved_cell(r: dict) -> str:
+    if "ood_moved" not in r:
+        return ""
+    gain = r["ood_moved_gain"]
+    return f"{100 * r['ood_moved']:.0f} / {'-' if gain != gain else f'{100 * gain:+.1f}'}"
 
 
 def format_report(report: dict) -> str:

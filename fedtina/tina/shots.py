@@ -15,7 +15,8 @@ task's zoo part (seeded by task and n, the same draws for every row; "all" = eve
   shots; `imprint_ft`: the `imprint` head fine-tuned on the same shots (Qi, Brown & Lowe, CVPR 2018: imprinting then
   fine-tuning, the upper baseline of zero-training rows). All three use `bench.tina_ft`: with `select`, steps / lr /
   L2 are chosen on hold-outs of the shots (`heads.oracle_heads`; keeping the head is a candidate), and a task with
-  one shot per class has nothing to hold out and keeps its head (so at n=1 each *_ft row equals its start).
+  one shot per class has nothing to hold out and keeps its head (so at n=1 each *_ft row equals its start). Each
+  also reports the share of tasks whose head the search changed and their mean accuracy change (`moved`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from fedtina.zoo.heads import Head, finetune_heads, generic_rows, generic_scale,
 from fedtina.zoo.tasks import BenchTask, class_recall, score
 
 SHOT_ROWS = ("tina_img", "tina_text_img", "gidaris", "imprint", "mixed", "local_ft", "tina_ft", "imprint_ft")
+FT_STARTS = {"local_ft": "selection", "tina_ft": "tina_text_img", "imprint_ft": "imprint"}   # fine-tune -> its start
 
 
 def draw_shots(y: np.ndarray, k: int, n: int | str, rng: np.random.Generator) -> np.ndarray:
@@ -74,6 +76,15 @@ def shot_rows(assets, tasks: list[BenchTask], n: int | str, cfg: BenchConfig, se
     return out
 
 
+def moved(starts: list[Head], tuned: list[Head], tasks: list[BenchTask]) -> dict[str, float]:
+    """What a hold-out-picked fine-tune did: `moved`, the share of tasks whose head it changed (the others kept
+    their start), and `moved_gain`, the mean accuracy change on those tasks (nan when none moved)."""
+    changed = np.array([not (np.array_equal(a.weight, b.weight) and np.array_equal(a.bias, b.bias))
+                        for a, b in zip(starts, tuned)])
+    gain = score(tuned, tasks) - score(starts, tasks)
+    return {"moved": float(changed.mean()), "moved_gain": float(gain[changed].mean()) if changed.any() else float("nan")}
+
+
 def check_shots(shots: list) -> None:
     bad = [n for n in shots if n != "all" and (isinstance(n, bool) or not isinstance(n, int) or n < 1)]
     if bad or len(set(map(str, shots))) != len(shots):
@@ -88,7 +99,8 @@ def run_shots(assets, task_sets: dict[str, list[BenchTask]], cfg: BenchConfig,
               base_rows: dict[str, dict[str, tuple[list[Head], float]]],
               rival) -> dict[str, dict[str, dict[str, float]]]:
     """{"<n>": {row: {id_acc, id_std, ood_acc, ood_std, ood_unseen_recall, ood_seen_recall, personalize_s}}} for
-    n in "0" (selection, gidaris, tina) and cfg.shots, plus oracle under "all"; `base_rows[set]` holds the
+    n in "0" (selection, gidaris, tina) and cfg.shots, plus oracle under "all"; the fine-tuned rows also hold
+    `{set}_moved` and `{set}_moved_gain` against their start (`moved`, FT_STARTS); `base_rows[set]` holds the
     benchmark's own heads (selection, gidaris, tina, oracle) for the same tasks; `rival`: the bench's
     GidarisGenerator. The recalls: `tasks.class_recall` on the OOD tasks."""
     check_shots(list(cfg.shots))
@@ -120,6 +132,9 @@ def run_shots(assets, task_sets: dict[str, list[BenchTask]], cfg: BenchConfig,
             secs["imprint_ft"] += secs["imprint"]
             for row, heads in rows.items():
                 put(str(n), row, set_name, heads, secs[row], tasks)
+            for row, start in FT_STARTS.items():
+                starts = base["selection"][0] if start == "selection" else rows[start]
+                out[str(n)][row].update({f"{set_name}_{k}": v for k, v in moved(starts, rows[row], tasks).items()})
         if "all" in [str(n) for n in cfg.shots]:
             put("all", "oracle", set_name, *base["oracle"], tasks)
     return out
