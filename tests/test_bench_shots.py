@@ -181,7 +181,8 @@ def test_novel_classes_and_cosine_rows_through_the_pipeline(tmp_path):
             return [Head(tuple(n), np.zeros((len(n), bank.dim), np.float32), np.zeros(len(n), np.float32))
                     for n in label_sets]
 
-    mixed = shot_rows(SimpleNamespace(tina=Echo(), bank=bank, dataset=assets.dataset, split=split), tasks, 2, bench, selection,
+    world = SimpleNamespace(tina=Echo(), bank=bank, dataset=assets.dataset, split=split)
+    mixed = shot_rows(world, tasks, 2, bench, selection,
                       0, lambda _row, fn: fn(), Echo())["mixed"]
     for t, h in zip(tasks, mixed):
         np.testing.assert_allclose(np.linalg.norm(h.weight, axis=1), scale, rtol=1e-4)   # one scale

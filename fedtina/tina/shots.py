@@ -82,7 +82,8 @@ def moved(starts: list[Head], tuned: list[Head], tasks: list[BenchTask]) -> dict
     changed = np.array([not (np.array_equal(a.weight, b.weight) and np.array_equal(a.bias, b.bias))
                         for a, b in zip(starts, tuned)])
     gain = score(tuned, tasks) - score(starts, tasks)
-    return {"moved": float(changed.mean()), "moved_gain": float(gain[changed].mean()) if changed.any() else float("nan")}
+    return {"moved": float(changed.mean()),
+            "moved_gain": float(gain[changed].mean()) if changed.any() else float("nan")}
 
 
 def check_shots(shots: list) -> None:

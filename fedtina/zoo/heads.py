@@ -495,7 +495,8 @@ def mixed_head(names: Sequence[str], x: np.ndarray, y: np.ndarray,
     names = tuple(names)
     d = len(scale.center)
     rows = [generic_rows.get(n, (np.zeros(d, np.float32), 0.0)) for n in names]
-    head = Head(names, np.stack([np.asarray(r, np.float32) for r, _ in rows]), np.array([b for _, b in rows], np.float32))
+    head = Head(names, np.stack([np.asarray(r, np.float32) for r, _ in rows]),
+                np.array([b for _, b in rows], np.float32))
     return imprint_missing(head, [j for j, n in enumerate(names) if n not in generic_rows], x, y, scale)
 
 
