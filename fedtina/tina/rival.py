@@ -33,7 +33,7 @@ from fedtina.tina.layout import WEIGHT_KEY, ParamLayout
 from fedtina.tina.prompt import image_embedding
 from fedtina.tina.train import Episode, ZooTensors
 from fedtina.zoo.baselines import TEMPERATURE_GRID, fit_temperature, zoo_class_rows
-from fedtina.zoo.heads import Head
+from fedtina.zoo.heads import Head, unit_rows
 
 
 def unit(x: torch.Tensor) -> torch.Tensor:
@@ -61,8 +61,7 @@ class KnownRows:
             raise FedtinaError("known rows: the zoo holds no rows")
         names = sorted(per_class)
         rows = np.stack([np.mean(per_class[n], axis=0) for n in names])                       # [C, d + 1]
-        emb = np.asarray(encoder.embed_names(names), np.float64)
-        emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        emb = unit_rows(np.asarray(encoder.embed_names(names), np.float64))
         # one known class mixes to itself at any temperature
         temperature = fit_temperature(emb, rows) if len(names) > 1 else TEMPERATURE_GRID[0]
         scale = float(np.mean([np.linalg.norm(r[:-1]) for n in names for r in per_class[n]]))

@@ -25,14 +25,10 @@ from typing import Sequence
 import numpy as np
 
 from fedtina.errors import FedtinaError
-from fedtina.zoo.heads import Head, finetune_heads, generic_rows
+from fedtina.zoo.heads import Head, finetune_heads, generic_rows, unit_rows
 
 RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 TEMPERATURE_GRID = (0.02, 0.05, 0.1, 0.2, 0.5)
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def zoo_class_rows(entries) -> dict[str, list[np.ndarray]]:
@@ -71,7 +67,7 @@ class TextBaselines:
         self.seen = [n for n in names if n in rows]
         self.encoder = assets.encoder
         self.targets = np.stack([np.append(*rows[n]) for n in self.seen]).astype(np.float64)    # [S, d + 1]
-        self.emb = _unit(np.asarray(self.encoder.embed_names(self.seen), np.float64))
+        self.emb = unit_rows(np.asarray(self.encoder.embed_names(self.seen), np.float64))
         self.ridge_map, self.ridge_lambda = self._fit_ridge()
         self.temperature = fit_temperature(self.emb, self.targets)
         self.bank = {n: np.mean(v, axis=0) for n, v in zoo_class_rows(assets.zoo.entries()).items()}
@@ -93,22 +89,23 @@ class TextBaselines:
         return Head(tuple(names), rows[:, :-1].copy(), rows[:, -1].copy())
 
     def ridge(self, names: Sequence[str]) -> Head:
-        X = np.hstack([_unit(np.asarray(self.encoder.embed_names(list(names)), np.float64)), np.ones((len(names), 1))])
+        emb = unit_rows(np.asarray(self.encoder.embed_names(list(names)), np.float64))
+        X = np.hstack([emb, np.ones((len(names), 1))])
         return self._head(names, X @ self.ridge_map)
 
     def soft_selection(self, names: Sequence[str]) -> Head:
-        sim = _unit(np.asarray(self.encoder.embed_names(list(names)), np.float64)) @ self.emb.T
+        sim = unit_rows(np.asarray(self.encoder.embed_names(list(names)), np.float64)) @ self.emb.T
         return self._head(names, softmix(sim, self.temperature) @ self.targets)
 
     def retrieval(self, names: Sequence[str]) -> Head:
         known = list(self.bank)
-        emb = _unit(np.asarray(self.encoder.embed_names(known), np.float64))
+        emb = unit_rows(np.asarray(self.encoder.embed_names(known), np.float64))
         out = []
         for n in names:
             if n in self.bank:
                 out.append(self.bank[n])
             else:
-                q = _unit(np.asarray(self.encoder.embed_names([n]), np.float64))
+                q = unit_rows(np.asarray(self.encoder.embed_names([n]), np.float64))
                 out.append(self.bank[known[int(np.argmax(emb @ q[0]))]])
         return self._head(names, np.stack(out))
 

@@ -454,20 +454,21 @@ def _class_means(x: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
     return np.stack([x[y == c].mean(0) for c in range(k)])
 
 
-def _unit(m: np.ndarray) -> np.ndarray:
+def unit_rows(m: np.ndarray) -> np.ndarray:
+    """Each row L2-normalised (a zero row stays zero)."""
     return m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)
 
 
 def imprint_rows(x: np.ndarray, y: np.ndarray, k: int, scale: float) -> np.ndarray:
     """Imprinted rows (Qi et al. 2018) for positions 0..k-1 of labels `y`: each class's mean feature, L2-normalised,
     times `scale`: float32 [k, d]. A class without an image has no row to imprint: LabelSetError."""
-    return (scale * _unit(_class_means(x, y, k))).astype(np.float32)
+    return (scale * unit_rows(_class_means(x, y, k))).astype(np.float32)
 
 
 def centered_rows(x: np.ndarray, y: np.ndarray, k: int, scale: RowScale) -> tuple[np.ndarray, np.ndarray]:
     """Imprinted rows that stand beside trained rows (`RowScale`): (weight [k, d], bias [k]) float32 for positions
     0..k-1 of labels `y`; a class without an image: LabelSetError."""
-    w = scale.norm * _unit(_class_means(x, y, k) - scale.center)
+    w = scale.norm * unit_rows(_class_means(x, y, k) - scale.center)
     return w.astype(np.float32), (scale.offset - w @ scale.center).astype(np.float32)
 
 
@@ -511,7 +512,7 @@ def _embed(names: list[str], name_embeddings: NameEmbeddings) -> np.ndarray:
     if emb.ndim != 2 or len(emb) != len(names):
         raise FedtinaError(f"name embeddings for {len(names)} names have shape {emb.shape}, "
                            f"expected [{len(names)}, dim]")
-    return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    return unit_rows(emb)
 
 
 def selection_head(task_names: Sequence[str], generic_rows: Mapping[str, tuple[np.ndarray, float]],
